@@ -1,0 +1,60 @@
+# podvisor: `make demo` and `make test` work on a fresh Debian 12 machine.
+SHELL := /bin/bash
+CARGO ?= cargo
+OUT := target/release
+AGENT_TARGET := x86_64-unknown-linux-gnu
+AGENT_BIN := target/$(AGENT_TARGET)/release/podvisor-agent
+export PODVISOR_CACHE ?= $(HOME)/.cache/podvisor
+
+.PHONY: all deps build host agent kernel initrd rootfs demo test lint bench clean install
+
+all: build
+
+deps:
+	@scripts/install-deps.sh
+
+# Host binaries, guest kernel and initramfs, and a busybox rootfs, all in $(OUT).
+build: deps host kernel initrd rootfs
+
+host:
+	$(CARGO) build --release --bin podvisor
+
+# The agent is PID 1 of an initramfs with nothing else in it: fully static.
+agent:
+	CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-static" \
+	  $(CARGO) build --release --target $(AGENT_TARGET) -p podvisor-agent
+
+initrd: agent
+	@mkdir -p $(OUT)
+	scripts/mkinitrd.sh $(AGENT_BIN) $(OUT)/podvisor-initrd.cpio
+
+kernel:
+	@mkdir -p $(OUT)
+	@k=$$(guest/kernel/build.sh) && cp -f "$$k" $(OUT)/vmlinux && echo "guest kernel: $$k"
+
+rootfs: deps
+	@mkdir -p $(OUT)
+	@[ -x $(OUT)/rootfs/bin/busybox ] || scripts/busybox-rootfs.sh $(OUT)/rootfs
+
+demo: build
+	$(OUT)/podvisor check
+	@echo '--- podvisor sandbox run -- sh -c "..." (a busybox container in its own micro-VM)'
+	$(OUT)/podvisor sandbox run --timings -- sh -c 'echo "hello from $$(hostname), guest kernel $$(uname -r), host kernel '"$$(uname -r)"'"; id; ls /'
+
+test: build
+	$(CARGO) test --release --workspace -- --test-threads=2
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+
+bench: build
+	bench/sandbox-run.sh
+
+install: build
+	install -D -m 0755 $(OUT)/podvisor /usr/local/bin/podvisor
+	install -D -m 0644 $(OUT)/vmlinux /usr/local/lib/podvisor/vmlinux
+	install -D -m 0644 $(OUT)/podvisor-initrd.cpio /usr/local/lib/podvisor/podvisor-initrd.cpio
+
+clean:
+	$(CARGO) clean

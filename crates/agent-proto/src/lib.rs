@@ -1,0 +1,22 @@
+//! The host↔guest protocol of podvisor: the generated gRPC types and the
+//! constants both sides must agree on. Nothing else crosses the boundary.
+
+#[allow(clippy::all, missing_docs)]
+mod generated {
+    tonic::include_proto!("podvisor.agent.v1");
+}
+
+pub use generated::*;
+
+/// Bumped on every incompatible change of `agent.proto`; the host refuses an
+/// agent that answers with another number.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The name of the virtio-serial port that carries the agent channel.
+pub const AGENT_PORT_NAME: &str = "io.podvisor.agent.0";
+
+/// Kernel command-line keys the host passes to the agent.
+pub mod cmdline {
+    /// The guest's hostname.
+    pub const HOSTNAME: &str = "podvisor.hostname";
+}

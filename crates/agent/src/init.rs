@@ -1,0 +1,60 @@
+//! What PID 1 does before serving: the guest's own filesystems, cgroup
+//! controllers and hostname, from the kernel command line.
+
+use std::ffi::CStr;
+use std::fs;
+
+use nix::mount::{mount, MsFlags};
+
+fn mnt(src: &CStr, target: &str, fstype: &CStr, flags: MsFlags, data: Option<&CStr>) {
+    let _ = fs::create_dir_all(target);
+    if let Err(e) = mount(Some(src), target, Some(fstype), flags, data) {
+        if e != nix::errno::Errno::EBUSY {
+            eprintln!("podvisor-agent: mount {target}: {e}");
+        }
+    }
+}
+
+/// Moves the agent's root from the initramfs onto a fresh tmpfs, as
+/// switch_root does: pivot_root(2), which containers need, refuses to work
+/// while the root is the initramfs.
+pub fn leave_initramfs() -> nix::Result<()> {
+    let new = "/newroot";
+    fs::create_dir_all(new).map_err(|_| nix::errno::Errno::last())?;
+    mount(Some("tmpfs"), new, Some("tmpfs"), MsFlags::MS_NOSUID, Some("mode=0755"))?;
+    // The running binary stays mapped; its file in the initramfs is not
+    // needed any more and would hold memory for nothing.
+    let _ = fs::remove_file("/init");
+    nix::unistd::chdir(new)?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)?;
+    nix::unistd::chroot(".")?;
+    nix::unistd::chdir("/")
+}
+
+/// Mounts /proc, /sys, /dev, /run, /tmp and cgroup2.
+pub fn mount_guest_filesystems() {
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mnt(c"proc", "/proc", c"proc", nosuid, None);
+    mnt(c"sysfs", "/sys", c"sysfs", nosuid, None);
+    mnt(c"devtmpfs", "/dev", c"devtmpfs", MsFlags::MS_NOSUID, Some(c"mode=0755"));
+    mnt(c"devpts", "/dev/pts", c"devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some(c"mode=0620,ptmxmode=0666,gid=5"));
+    mnt(c"shm", "/dev/shm", c"tmpfs", nosuid, Some(c"mode=1777"));
+    mnt(c"tmpfs", "/run", c"tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(c"mode=0755"));
+    mnt(c"tmpfs", "/tmp", c"tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(c"mode=1777"));
+    mnt(c"cgroup2", crate::cgroup::ROOT, c"cgroup2", nosuid, None);
+}
+
+/// The value of `key=value` on the kernel command line.
+pub fn cmdline_value(key: &str) -> Option<String> {
+    let cmdline = fs::read_to_string("/proc/cmdline").ok()?;
+    cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(key)?.strip_prefix('=').map(str::to_string))
+}
+
+/// Milliseconds since the guest booted.
+pub fn uptime_ms() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
+        .unwrap_or(0)
+}

@@ -1,0 +1,433 @@
+//! The gRPC service the host calls: containers, processes and their stdio.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use agent_proto::agent_server::Agent;
+use agent_proto::*;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::cgroup;
+use crate::container::{self, Container, Process, Table};
+use crate::reaper::{Exit, Reaper};
+use crate::spawn::{self, ProcessSpec, Target};
+use crate::stdio;
+
+pub struct AgentService {
+    table: Arc<Table>,
+    reaper: Reaper,
+    ready_ms: u64,
+}
+
+impl AgentService {
+    pub fn new(reaper: Reaper, ready_ms: u64) -> Self {
+        AgentService {
+            table: Arc::default(),
+            reaper,
+            ready_ms,
+        }
+    }
+
+    fn container(&self, id: &str) -> Result<Arc<Container>, Status> {
+        self.table
+            .get(id)
+            .ok_or_else(|| Status::not_found(format!("container {id:?} does not exist")))
+    }
+
+    fn process(&self, id: &str, exec_id: &str) -> Result<Arc<Process>, Status> {
+        self.container(id)?.process(exec_id).ok_or_else(|| {
+            Status::not_found(format!("process {exec_id:?} of container {id:?} does not exist"))
+        })
+    }
+}
+
+fn internal(what: &str) -> impl Fn(std::io::Error) -> Status + '_ {
+    move |e| Status::internal(format!("{what}: {e}"))
+}
+
+fn errno(what: &str) -> impl Fn(nix::errno::Errno) -> Status + '_ {
+    move |e| Status::internal(format!("{what}: {e}"))
+}
+
+fn valid_id(id: &str) -> Result<(), Status> {
+    let ok = !id.is_empty()
+        && id.len() <= 1024
+        && id != "."
+        && id != ".."
+        && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!("invalid id {id:?}")))
+    }
+}
+
+/// Builds the spawn description shared by containers and execs.
+fn process_spec(
+    process: &agent_proto::Process,
+    target: Target,
+    cgroup_dir: &Path,
+    child: &stdio::ChildEnds,
+    hold: bool,
+) -> Result<ProcessSpec, Status> {
+    if process.args.is_empty() {
+        return Err(Status::invalid_argument("process args must not be empty"));
+    }
+    let user = process.user.clone().unwrap_or_default();
+    let rlimits = process
+        .rlimits
+        .iter()
+        .map(|r| {
+            spawn::rlimit_resource(&r.r#type)
+                .map(|res| (res, r.soft, r.hard))
+                .ok_or_else(|| Status::invalid_argument(format!("unknown rlimit {:?}", r.r#type)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(ProcessSpec {
+        target,
+        cgroup_procs: Some(cgroup_dir.join("cgroup.procs")),
+        args: process.args.clone(),
+        env: process.env.clone(),
+        cwd: process.cwd.clone(),
+        uid: user.uid,
+        gid: user.gid,
+        groups: user.additional_gids,
+        rlimits,
+        no_new_privs: process.no_new_privileges,
+        stdio: child.raw(),
+        tty: process.terminal,
+        hold,
+    })
+}
+
+fn open_stdio(process: &agent_proto::Process, devpts: &Path) -> Result<(stdio::HostEnds, stdio::ChildEnds), Status> {
+    if process.terminal {
+        let size = process.console_size.unwrap_or_default();
+        stdio::pty(devpts, size.rows as u16, size.cols as u16).map_err(errno("opening a pty"))
+    } else {
+        stdio::pipes().map_err(errno("creating stdio pipes"))
+    }
+}
+
+/// Runs blocking work (fork, pipe reads) off the async workers.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("agent task failed: {e}")))
+}
+
+fn unmount_container(dir: &Path) {
+    for sub in ["pts", "rootfs"] {
+        let _ = umount2(&dir.join(sub), MntFlags::MNT_DETACH);
+    }
+    let _ = fs::remove_dir_all(dir);
+}
+
+fn mount_container(dir: &Path, tag: &str) -> Result<(), Status> {
+    let rootfs = dir.join("rootfs");
+    let pts = dir.join("pts");
+    fs::create_dir_all(&rootfs).map_err(internal("creating the container directory"))?;
+    fs::create_dir_all(&pts).map_err(internal("creating the container directory"))?;
+    let opts = "trans=virtio,version=9p2000.L,msize=262144,cache=mmap,access=client";
+    mount(Some(tag), &rootfs, Some("9p"), MsFlags::empty(), Some(opts))
+        .map_err(|e| Status::invalid_argument(format!("mounting root filesystem {tag:?}: {e}")))?;
+    mount(
+        Some("devpts"),
+        &pts,
+        Some("devpts"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+    )
+    .map_err(errno("mounting devpts"))?;
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    async fn version(&self, req: Request<VersionRequest>) -> Result<Response<VersionResponse>, Status> {
+        let host = req.into_inner().protocol;
+        if host != agent_proto::PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "host speaks protocol {host}, agent speaks {}",
+                agent_proto::PROTOCOL_VERSION
+            )));
+        }
+        Ok(Response::new(VersionResponse {
+            protocol: agent_proto::PROTOCOL_VERSION,
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            kernel_release: nix::sys::utsname::uname()
+                .map(|u| u.release().to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            ready_ms: self.ready_ms,
+        }))
+    }
+
+    async fn create_container(&self, req: Request<CreateContainerRequest>) -> Result<Response<Empty>, Status> {
+        let req = req.into_inner();
+        let id = req.container_id.clone();
+        valid_id(&id)?;
+        let process = req.process.clone().ok_or_else(|| Status::invalid_argument("process is missing"))?;
+        if self.table.get(&id).is_some() {
+            return Err(Status::already_exists(format!("container {id:?} already exists")));
+        }
+        let dir = container::dir(&id);
+        let cg = cgroup::path(&id);
+        let reaper = self.reaper.clone();
+        let created = blocking(move || -> Result<Container, Status> {
+            mount_container(&dir, &req.rootfs_tag)?;
+            cgroup::create(&cg, req.resources.as_ref()).map_err(internal("creating the container cgroup"))?;
+            let (host, child) = open_stdio(&process, &dir.join("pts"))?;
+            let target = Target::New {
+                rootfs: dir.join("rootfs"),
+                devpts: dir.join("pts"),
+                hostname: req.hostname.clone(),
+                readonly: req.rootfs_readonly,
+            };
+            let spec = process_spec(&process, target, &cg, &child, true)?;
+            let spawned = spawn::spawn(spec, &reaper).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            drop(child);
+            Ok(Container {
+                init: Arc::new(Process {
+                    pid: spawned.pid,
+                    exit: spawned.exit.clone(),
+                    io: host,
+                    held: Mutex::new(Some(spawned)),
+                }),
+                execs: Mutex::default(),
+                cgroup: cg,
+                dir,
+            })
+        })
+        .await?;
+        let container = match created {
+            Ok(c) => c,
+            Err(status) => {
+                let dir = container::dir(&id);
+                let _ = cgroup::remove(&cgroup::path(&id));
+                unmount_container(&dir);
+                return Err(status);
+            }
+        };
+        self.table
+            .containers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, Arc::new(container));
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn start_container(&self, req: Request<ContainerRequest>) -> Result<Response<Empty>, Status> {
+        let id = req.into_inner().container_id;
+        let c = self.container(&id)?;
+        let held = c.init.held.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let mut held = held.ok_or_else(|| Status::failed_precondition(format!("container {id:?} was already started")))?;
+        blocking(move || held.release())
+            .await?
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn remove_container(&self, req: Request<ContainerRequest>) -> Result<Response<Empty>, Status> {
+        let id = req.into_inner().container_id;
+        let c = self.container(&id)?;
+        // Dropping a held process closes its start pipe: it exits unstarted.
+        c.init.held.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let _ = cgroup::kill_all(&c.cgroup);
+        let mut exit = c.init.exit.clone();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), exit.wait_for(|e| e.is_some())).await;
+        let (cg, dir) = (c.cgroup.clone(), c.dir.clone());
+        blocking(move || {
+            let _ = cgroup::remove(&cg);
+            unmount_container(&dir);
+        })
+        .await?;
+        self.table.containers.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn stats_container(&self, req: Request<ContainerRequest>) -> Result<Response<ContainerStats>, Status> {
+        let c = self.container(&req.into_inner().container_id)?;
+        Ok(Response::new(cgroup::stats(&c.cgroup)))
+    }
+
+    async fn update_container(&self, req: Request<UpdateContainerRequest>) -> Result<Response<Empty>, Status> {
+        let req = req.into_inner();
+        let c = self.container(&req.container_id)?;
+        let res = req.resources.unwrap_or_default();
+        cgroup::apply(&c.cgroup, &res).map_err(|e| Status::invalid_argument(format!("updating cgroup: {e}")))?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn exec_process(&self, req: Request<ExecProcessRequest>) -> Result<Response<Empty>, Status> {
+        let req = req.into_inner();
+        valid_id(&req.exec_id)?;
+        let c = self.container(&req.container_id)?;
+        if c.process(&req.exec_id).is_some() {
+            return Err(Status::already_exists(format!("exec {:?} already exists", req.exec_id)));
+        }
+        if c.init.held.lock().unwrap_or_else(|e| e.into_inner()).is_some() || c.init.exited().is_some() {
+            return Err(Status::failed_precondition(format!("container {:?} is not running", req.container_id)));
+        }
+        let process = req.process.ok_or_else(|| Status::invalid_argument("process is missing"))?;
+        let (reaper, c2) = (self.reaper.clone(), Arc::clone(&c));
+        let proc_ = blocking(move || -> Result<Process, Status> {
+            let (host, child) = open_stdio(&process, &c2.devpts())?;
+            let target = Target::Join {
+                init_pid: c2.init.pid.as_raw(),
+            };
+            let spec = process_spec(&process, target, &c2.cgroup, &child, false)?;
+            let spawned = spawn::spawn(spec, &reaper).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            Ok(Process {
+                pid: spawned.pid,
+                exit: spawned.exit.clone(),
+                io: host,
+                held: Mutex::new(None),
+            })
+        })
+        .await??;
+        c.execs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(req.exec_id, Arc::new(proc_));
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn signal_process(&self, req: Request<SignalProcessRequest>) -> Result<Response<Empty>, Status> {
+        let req = req.into_inner();
+        let sig = Signal::try_from(req.signal as i32)
+            .map_err(|_| Status::invalid_argument(format!("invalid signal {}", req.signal)))?;
+        let c = self.container(&req.container_id)?;
+        if req.all {
+            for pid in cgroup::pids(&c.cgroup) {
+                let _ = kill(Pid::from_raw(pid as i32), sig);
+            }
+            return Ok(Response::new(Empty {}));
+        }
+        let p = self.process(&req.container_id, &req.exec_id)?;
+        if p.exited().is_some() {
+            return Err(Status::failed_precondition("process already exited"));
+        }
+        kill(p.pid, sig).map_err(errno("kill"))?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn wait_process(&self, req: Request<ProcessRequest>) -> Result<Response<WaitProcessResponse>, Status> {
+        let req = req.into_inner();
+        let p = self.process(&req.container_id, &req.exec_id)?;
+        let mut exit = p.exit.clone();
+        let status = exit
+            .wait_for(|e| e.is_some())
+            .await
+            .map_err(|_| Status::internal("exit status lost"))?
+            .unwrap_or(Exit::Code(255));
+        let signal = match status {
+            Exit::Signal(s) => s as u32,
+            Exit::Code(_) => 0,
+        };
+        Ok(Response::new(WaitProcessResponse {
+            exit_code: status.status(),
+            signal,
+        }))
+    }
+
+    async fn list_processes(&self, req: Request<ContainerRequest>) -> Result<Response<ListProcessesResponse>, Status> {
+        let c = self.container(&req.into_inner().container_id)?;
+        Ok(Response::new(ListProcessesResponse {
+            pids: cgroup::pids(&c.cgroup),
+        }))
+    }
+
+    async fn write_stdin(&self, req: Request<Streaming<StdinChunk>>) -> Result<Response<Empty>, Status> {
+        let mut stream = req.into_inner();
+        let mut target: Option<Arc<Process>> = None;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            let p = match &target {
+                Some(p) => Arc::clone(p),
+                None => {
+                    let p = self.process(&chunk.container_id, &chunk.exec_id)?;
+                    target = Some(Arc::clone(&p));
+                    p
+                }
+            };
+            let file = p.io.stdin.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let Some(file) = file else {
+                return Err(Status::failed_precondition("stdin is closed"));
+            };
+            if !chunk.data.is_empty() {
+                let data = chunk.data;
+                blocking(move || (&*file).write_all(&data))
+                    .await?
+                    .map_err(|e| Status::aborted(format!("writing stdin: {e}")))?;
+            }
+            // A pty has no separate stdin to close: its main side is the output too.
+            if chunk.close && p.io.pty.is_none() {
+                p.io.stdin.lock().unwrap_or_else(|e| e.into_inner()).take();
+            }
+        }
+        Ok(Response::new(Empty {}))
+    }
+
+    type ReadOutputStream = ReceiverStream<Result<OutputChunk, Status>>;
+
+    async fn read_output(&self, req: Request<ReadOutputRequest>) -> Result<Response<Self::ReadOutputStream>, Status> {
+        let req = req.into_inner();
+        let p = self.process(&req.container_id, &req.exec_id)?;
+        let stderr = req.stream == OutputStream::Stderr as i32;
+        let (tx, rx) = mpsc::channel(8);
+        let file = if stderr && p.io.pty.is_some() {
+            None // a tty merges stderr into stdout: an empty stream
+        } else {
+            Some(p.take_output(stderr).ok_or_else(|| Status::failed_precondition("output is already attached"))?)
+        };
+        if let Some(mut file) = file {
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 32 * 1024];
+                loop {
+                    match file.read(&mut buf) {
+                        // EIO: the pty's last replica closed.
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            let chunk = OutputChunk { data: buf[..n].to_vec() };
+                            if tx.blocking_send(Ok(chunk)).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn resize_tty(&self, req: Request<ResizeTtyRequest>) -> Result<Response<Empty>, Status> {
+        let req = req.into_inner();
+        let p = self.process(&req.container_id, &req.exec_id)?;
+        let pty = p.io.pty.as_ref().ok_or_else(|| Status::failed_precondition("process has no terminal"))?;
+        stdio::resize(pty, req.rows as u16, req.cols as u16).map_err(errno("resizing the terminal"))?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn shutdown(&self, _req: Request<Empty>) -> Result<Response<Empty>, Status> {
+        let table = Arc::clone(&self.table);
+        tokio::spawn(async move {
+            // Let the reply reach the host first.
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            let containers: Vec<_> = table.containers.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+            for c in containers {
+                let _ = cgroup::kill_all(&c.cgroup);
+            }
+            nix::unistd::sync();
+            let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
+        });
+        Ok(Response::new(Empty {}))
+    }
+}

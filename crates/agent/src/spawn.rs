@@ -1,0 +1,610 @@
+//! Starting container processes: fork into the container's namespaces, set up
+//! its root, ids and stdio, then exec. The child runs only syscalls on data
+//! prepared before the fork (the agent is multi-threaded: no allocation there).
+
+use std::ffi::{CStr, CString};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{setns, unshare, CloneFlags};
+use nix::sys::resource::{setrlimit, Resource};
+use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow};
+use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+use nix::unistd::{self, AccessFlags, ForkResult, Gid, Pid, Uid};
+
+use crate::reaper::{ExitWatch, Reaper};
+
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Where the process goes.
+pub enum Target {
+    /// A new container: fresh pid, mount, uts, ipc and cgroup namespaces,
+    /// rooted at `rootfs`.
+    New {
+        rootfs: PathBuf,
+        devpts: PathBuf,
+        hostname: String,
+        readonly: bool,
+    },
+    /// Into the namespaces of a running container's first process.
+    Join { init_pid: i32 },
+}
+
+/// Everything a container process needs, as the service hands it over.
+pub struct ProcessSpec {
+    pub target: Target,
+    pub cgroup_procs: Option<PathBuf>,
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub rlimits: Vec<(Resource, u64, u64)>,
+    pub no_new_privs: bool,
+    /// stdin, stdout, stderr as the child must see them.
+    pub stdio: [RawFd; 3],
+    pub tty: bool,
+    /// Stop before exec until `Spawned::release` (OCI create/start).
+    pub hold: bool,
+}
+
+/// A step of the child's setup, reported back with the errno that failed it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Stage {
+    Ready = 0,
+    Cgroup,
+    Namespaces,
+    Mounts,
+    PivotRoot,
+    Hostname,
+    Session,
+    Stdio,
+    Rlimit,
+    Ids,
+    Cwd,
+    NoNewPrivs,
+    FindExecutable,
+    Exec,
+}
+
+impl Stage {
+    fn from_u32(v: u32) -> Stage {
+        use Stage::*;
+        [
+            Ready,
+            Cgroup,
+            Namespaces,
+            Mounts,
+            PivotRoot,
+            Hostname,
+            Session,
+            Stdio,
+            Rlimit,
+            Ids,
+            Cwd,
+            NoNewPrivs,
+            FindExecutable,
+            Exec,
+        ]
+        .get(v as usize)
+        .copied()
+        .unwrap_or(Exec)
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Stage::Ready => "ready",
+            Stage::Cgroup => "joining the container cgroup",
+            Stage::Namespaces => "entering namespaces",
+            Stage::Mounts => "mounting the container filesystems",
+            Stage::PivotRoot => "pivoting to the container root",
+            Stage::Hostname => "setting the hostname",
+            Stage::Session => "creating a session and controlling terminal",
+            Stage::Stdio => "setting up stdio",
+            Stage::Rlimit => "setting rlimits",
+            Stage::Ids => "setting user and groups",
+            Stage::Cwd => "changing to the working directory",
+            Stage::NoNewPrivs => "setting no_new_privs",
+            Stage::FindExecutable => "finding the executable",
+            Stage::Exec => "exec",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("exec: {0:?}: executable file not found in $PATH")]
+    NotFound(String),
+    #[error("{what} for {cmd:?}: {errno}")]
+    Setup {
+        what: &'static str,
+        cmd: String,
+        errno: Errno,
+    },
+    #[error("container process died during setup")]
+    Died,
+    #[error("{0}: {1}")]
+    Os(&'static str, #[source] Errno),
+}
+
+/// A process that was forked; with `hold`, it waits for `release`.
+pub struct Spawned {
+    pub pid: Pid,
+    pub exit: ExitWatch,
+    start: Option<OwnedFd>,
+    status: OwnedFd,
+    cmd: String,
+}
+
+impl Spawned {
+    /// Lets a held process exec and reports whether the exec worked.
+    pub fn release(&mut self) -> Result<(), SpawnError> {
+        if let Some(start) = self.start.take() {
+            unistd::write(&start, b"s").map_err(|e| SpawnError::Os("releasing container process", e))?;
+        }
+        match read_record(self.status.as_raw_fd()) {
+            None => Ok(()),
+            Some((stage, errno)) => Err(stage_error(stage, errno, &self.cmd)),
+        }
+    }
+}
+
+/// Forks the process described by `spec`. Returns once it is held before exec
+/// (`hold`) or has exec'd.
+pub fn spawn(spec: ProcessSpec, reaper: &Reaper) -> Result<Spawned, SpawnError> {
+    let prepared = Prepared::new(&spec)?;
+    let cmd = spec.args.first().cloned().unwrap_or_default();
+    // pid namespaces apply to the children of the calling thread only, so fork
+    // from a thread of our own.
+    std::thread::scope(|s| {
+        s.spawn(|| spawn_in_thread(&spec, &prepared, reaper, cmd.clone()))
+            .join()
+            .unwrap_or(Err(SpawnError::Died))
+    })
+}
+
+fn spawn_in_thread(
+    spec: &ProcessSpec,
+    prepared: &Prepared,
+    reaper: &Reaper,
+    cmd: String,
+) -> Result<Spawned, SpawnError> {
+    let (status_r, status_w) =
+        unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| SpawnError::Os("pipe", e))?;
+    let (start_r, start_w) =
+        unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| SpawnError::Os("pipe", e))?;
+    let mut join_fds = Vec::new();
+    match &spec.target {
+        Target::New { .. } => unshare(CloneFlags::CLONE_NEWPID)
+            .map_err(|e| SpawnError::Os("creating the pid namespace", e))?,
+        Target::Join { init_pid } => {
+            for ns in ["pid", "ipc", "uts", "cgroup", "mnt"] {
+                let path = format!("/proc/{init_pid}/ns/{ns}");
+                let fd = nix::fcntl::open(path.as_str(), nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC, Mode::empty())
+                    .map_err(|e| SpawnError::Os("opening the container's namespaces", e))?;
+                // SAFETY: `open` just returned this fd and nothing else owns it.
+                join_fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+            setns(&join_fds[0], CloneFlags::CLONE_NEWPID)
+                .map_err(|e| SpawnError::Os("joining the container's pid namespace", e))?;
+        }
+    }
+    let child_ctx = ChildCtx {
+        p: prepared,
+        spec,
+        status_w: status_w.as_raw_fd(),
+        start_r: start_r.as_raw_fd(),
+        join_fds: join_fds.iter().skip(1).map(|f| f.as_raw_fd()).collect(),
+    };
+    let mut guard = reaper.lock();
+    // SAFETY: the child runs `child_main`, which only makes syscalls on data
+    // prepared before the fork and never returns (it execs or _exits).
+    let fork = unsafe { unistd::fork() }.map_err(|e| SpawnError::Os("fork", e))?;
+    let pid = match fork {
+        ForkResult::Child => child_main(&child_ctx),
+        ForkResult::Parent { child } => child,
+    };
+    let exit = Reaper::watch(&mut guard, pid);
+    drop(guard);
+    drop(status_w);
+    drop(start_r);
+    drop(join_fds);
+
+    let record = read_record(status_r.as_raw_fd());
+    if spec.hold {
+        match record {
+            Some((Stage::Ready, _)) => {}
+            Some((stage, errno)) => return Err(stage_error(stage, errno, &cmd)),
+            None => return Err(SpawnError::Died),
+        }
+    } else if let Some((stage, errno)) = record {
+        return Err(stage_error(stage, errno, &cmd));
+    }
+    Ok(Spawned {
+        pid,
+        exit,
+        start: spec.hold.then_some(start_w),
+        status: status_r,
+        cmd,
+    })
+}
+
+fn stage_error(stage: Stage, errno: Errno, cmd: &str) -> SpawnError {
+    if stage == Stage::FindExecutable {
+        SpawnError::NotFound(cmd.to_string())
+    } else {
+        SpawnError::Setup {
+            what: stage.what(),
+            cmd: cmd.to_string(),
+            errno,
+        }
+    }
+}
+
+fn read_record(fd: RawFd) -> Option<(Stage, Errno)> {
+    let mut buf = [0u8; 8];
+    let mut got = 0;
+    while got < buf.len() {
+        match unistd::read(fd, &mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(Errno::EINTR) => continue,
+            Err(_) => break,
+        }
+    }
+    if got < buf.len() {
+        return None;
+    }
+    let stage = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    let errno = i32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    Some((Stage::from_u32(stage), Errno::from_raw(errno)))
+}
+
+/// C strings and pointer arrays built before the fork.
+struct Prepared {
+    /// Owners of what `argv_ptrs` and `envp_ptrs` point to.
+    _argv: Vec<CString>,
+    argv_ptrs: Vec<*const libc::c_char>,
+    _envp: Vec<CString>,
+    envp_ptrs: Vec<*const libc::c_char>,
+    candidates: Vec<CString>,
+    cwd: CString,
+    cgroup_procs: Option<CString>,
+    mounts: Option<RootMounts>,
+    hostname: Option<CString>,
+    groups: Vec<Gid>,
+}
+
+// SAFETY: the raw pointers point into the CStrings owned by the same struct,
+// which is only read, and never outlives them.
+unsafe impl Sync for Prepared {}
+// SAFETY: as above; moving the struct moves the owners of the pointed-to data
+// without moving the heap buffers the pointers refer to.
+unsafe impl Send for Prepared {}
+
+struct RootMounts {
+    rootfs: CString,
+    readonly: bool,
+    devpts: CString,
+    dirs: Vec<(CString, Mode)>,
+    proc_: CString,
+    dev: CString,
+    pts: CString,
+    shm: CString,
+    mqueue: CString,
+    sys: CString,
+    cgroup: CString,
+    nodes: Vec<(CString, u64, u64)>,
+    links: Vec<(CString, CString)>,
+}
+
+fn cstr(s: impl AsRef<[u8]>) -> Result<CString, SpawnError> {
+    CString::new(s.as_ref()).map_err(|_| SpawnError::Os("string with a NUL byte", Errno::EINVAL))
+}
+
+fn path_c(p: &Path) -> Result<CString, SpawnError> {
+    cstr(p.as_os_str().as_encoded_bytes())
+}
+
+impl Prepared {
+    fn new(spec: &ProcessSpec) -> Result<Self, SpawnError> {
+        if spec.args.is_empty() {
+            return Err(SpawnError::Os("process args are empty", Errno::EINVAL));
+        }
+        let argv = spec.args.iter().map(cstr).collect::<Result<Vec<_>, _>>()?;
+        let envp = spec.env.iter().map(cstr).collect::<Result<Vec<_>, _>>()?;
+        let mut argv_ptrs: Vec<_> = argv.iter().map(|c| c.as_ptr()).collect();
+        argv_ptrs.push(std::ptr::null());
+        let mut envp_ptrs: Vec<_> = envp.iter().map(|c| c.as_ptr()).collect();
+        envp_ptrs.push(std::ptr::null());
+
+        let program = &spec.args[0];
+        let candidates = if program.contains('/') {
+            vec![cstr(program)?]
+        } else {
+            let path = spec
+                .env
+                .iter()
+                .find_map(|e| e.strip_prefix("PATH="))
+                .unwrap_or(DEFAULT_PATH);
+            path.split(':')
+                .filter(|d| !d.is_empty())
+                .map(|d| cstr(format!("{}/{program}", d.trim_end_matches('/'))))
+                .collect::<Result<Vec<_>, _>>()?
+        };
+        let cwd = cstr(if spec.cwd.is_empty() { "/" } else { &spec.cwd })?;
+        let cgroup_procs = spec.cgroup_procs.as_deref().map(path_c).transpose()?;
+        let (mounts, hostname) = match &spec.target {
+            Target::New {
+                rootfs,
+                devpts,
+                hostname,
+                readonly,
+            } => {
+                let at = |p: &str| path_c(&rootfs.join(p));
+                let mounts = RootMounts {
+                    rootfs: path_c(rootfs)?,
+                    readonly: *readonly,
+                    devpts: path_c(devpts)?,
+                    dirs: vec![
+                        (at("proc")?, Mode::from_bits_truncate(0o555)),
+                        (at("dev")?, Mode::from_bits_truncate(0o755)),
+                        (at("sys")?, Mode::from_bits_truncate(0o555)),
+                    ],
+                    proc_: at("proc")?,
+                    dev: at("dev")?,
+                    pts: at("dev/pts")?,
+                    shm: at("dev/shm")?,
+                    mqueue: at("dev/mqueue")?,
+                    sys: at("sys")?,
+                    cgroup: at("sys/fs/cgroup")?,
+                    nodes: [("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0)]
+                        .iter()
+                        .map(|(n, maj, min)| Ok((at(&format!("dev/{n}"))?, *maj, *min)))
+                        .collect::<Result<Vec<_>, SpawnError>>()?,
+                    links: [
+                        ("pts/ptmx", "dev/ptmx"),
+                        ("/proc/self/fd", "dev/fd"),
+                        ("/proc/self/fd/0", "dev/stdin"),
+                        ("/proc/self/fd/1", "dev/stdout"),
+                        ("/proc/self/fd/2", "dev/stderr"),
+                    ]
+                    .iter()
+                    .map(|(target, link)| Ok((cstr(target)?, at(link)?)))
+                    .collect::<Result<Vec<_>, SpawnError>>()?,
+                };
+                (Some(mounts), Some(cstr(hostname)?))
+            }
+            Target::Join { .. } => (None, None),
+        };
+        Ok(Prepared {
+            _argv: argv,
+            argv_ptrs,
+            _envp: envp,
+            envp_ptrs,
+            candidates,
+            cwd,
+            cgroup_procs,
+            mounts,
+            hostname,
+            groups: spec.groups.iter().map(|g| Gid::from_raw(*g)).collect(),
+        })
+    }
+}
+
+struct ChildCtx<'a> {
+    p: &'a Prepared,
+    spec: &'a ProcessSpec,
+    status_w: RawFd,
+    start_r: RawFd,
+    join_fds: Vec<RawFd>,
+}
+
+fn report(fd: RawFd, stage: Stage, errno: Errno) {
+    let mut buf = [0u8; 8];
+    buf[..4].copy_from_slice(&(stage as u32).to_le_bytes());
+    buf[4..].copy_from_slice(&(errno as i32).to_le_bytes());
+    // SAFETY: `fd` is the status pipe's write end, open for the child's life.
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let _ = unistd::write(fd, &buf);
+}
+
+fn child_main(ctx: &ChildCtx) -> ! {
+    let (stage, errno) = match child_setup(ctx) {
+        Ok(never) => match never {},
+        Err(failure) => failure,
+    };
+    report(ctx.status_w, stage, errno);
+    exit_now(127)
+}
+
+fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit ends the forked child at once, running no atexit handlers
+    // that could touch state copied from the multi-threaded parent.
+    unsafe { libc::_exit(code) }
+}
+
+enum Never {}
+
+fn at(stage: Stage) -> impl Fn(Errno) -> (Stage, Errno) {
+    move |e| (stage, e)
+}
+
+fn child_setup(ctx: &ChildCtx) -> Result<Never, (Stage, Errno)> {
+    let p = ctx.p;
+    let spec = ctx.spec;
+    let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+    // Rust ignores SIGPIPE; an ignored signal stays ignored across exec.
+    // SAFETY: restoring the default disposition installs no handler.
+    let _ = unsafe { nix::sys::signal::signal(nix::sys::signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl) };
+
+    if let Some(procs) = &p.cgroup_procs {
+        let fd = nix::fcntl::open(procs.as_c_str(), nix::fcntl::OFlag::O_WRONLY, Mode::empty()).map_err(at(Stage::Cgroup))?;
+        // SAFETY: `open` just returned this fd.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        unistd::write(&fd, b"0").map_err(at(Stage::Cgroup))?;
+    }
+    match &p.mounts {
+        Some(m) => {
+            unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWCGROUP)
+                .map_err(at(Stage::Namespaces))?;
+            setup_root(m).map_err(at(Stage::Mounts))?;
+            pivot(&m.rootfs).map_err(at(Stage::PivotRoot))?;
+            if m.readonly {
+                mount(None::<&CStr>, c"/", None::<&CStr>, MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY, None::<&CStr>)
+                    .map_err(at(Stage::Mounts))?;
+            }
+            if let Some(h) = &p.hostname {
+                if !h.is_empty() {
+                    unistd::sethostname(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(h.to_bytes()))
+                        .map_err(at(Stage::Hostname))?;
+                }
+            }
+        }
+        None => {
+            for (fd, flag) in ctx.join_fds.iter().zip([
+                CloneFlags::CLONE_NEWIPC,
+                CloneFlags::CLONE_NEWUTS,
+                CloneFlags::CLONE_NEWCGROUP,
+                CloneFlags::CLONE_NEWNS,
+            ]) {
+                // SAFETY: the fds were opened before the fork and stay open.
+                let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(*fd) };
+                setns(fd, flag).map_err(at(Stage::Namespaces))?;
+            }
+        }
+    }
+
+    unistd::setsid().map_err(at(Stage::Session))?;
+    for (want, fd) in spec.stdio.iter().enumerate() {
+        unistd::dup2(*fd, want as RawFd).map_err(at(Stage::Stdio))?;
+    }
+    if spec.tty {
+        // SAFETY: TIOCSCTTY takes an int argument; fd 0 is the pty's replica.
+        let rc = unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) };
+        if rc < 0 {
+            return Err((Stage::Session, Errno::last()));
+        }
+    }
+    for (resource, soft, hard) in &spec.rlimits {
+        setrlimit(*resource, *soft, *hard).map_err(at(Stage::Rlimit))?;
+    }
+    if unistd::chdir(p.cwd.as_c_str()).is_err() {
+        mkdir_all(&p.cwd).map_err(at(Stage::Cwd))?;
+    }
+    unistd::setgroups(&p.groups).map_err(at(Stage::Ids))?;
+    unistd::setgid(Gid::from_raw(spec.gid)).map_err(at(Stage::Ids))?;
+    unistd::setuid(Uid::from_raw(spec.uid)).map_err(at(Stage::Ids))?;
+    unistd::chdir(p.cwd.as_c_str()).map_err(at(Stage::Cwd))?;
+    if spec.no_new_privs {
+        nix::sys::prctl::set_no_new_privs().map_err(at(Stage::NoNewPrivs))?;
+    }
+
+    let program = p
+        .candidates
+        .iter()
+        .find(|c| unistd::access(c.as_c_str(), AccessFlags::X_OK).is_ok())
+        .ok_or((Stage::FindExecutable, Errno::ENOENT))?;
+
+    if spec.hold {
+        report(ctx.status_w, Stage::Ready, Errno::from_raw(0));
+        let mut b = [0u8; 1];
+        match unistd::read(ctx.start_r, &mut b) {
+            Ok(1) => {}
+            // The host removed the container instead of starting it.
+            _ => exit_now(0),
+        }
+    }
+    // SAFETY: `program`, `argv_ptrs` and `envp_ptrs` are NUL-terminated C
+    // strings and NULL-terminated arrays owned by `Prepared`.
+    unsafe { libc::execve(program.as_ptr(), p.argv_ptrs.as_ptr(), p.envp_ptrs.as_ptr()) };
+    Err((Stage::Exec, Errno::last()))
+}
+
+fn ignore_exists(r: nix::Result<()>) -> nix::Result<()> {
+    match r {
+        Err(Errno::EEXIST) => Ok(()),
+        other => other,
+    }
+}
+
+fn setup_root(m: &RootMounts) -> nix::Result<()> {
+    let none = None::<&CStr>;
+    mount(none, c"/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)?;
+    mount(Some(m.rootfs.as_c_str()), m.rootfs.as_c_str(), none, MsFlags::MS_BIND | MsFlags::MS_REC, none)?;
+    for (dir, mode) in &m.dirs {
+        ignore_exists(unistd::mkdir(dir.as_c_str(), *mode))?;
+    }
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    mount(Some(c"proc"), m.proc_.as_c_str(), Some(c"proc"), nosuid, none)?;
+    mount(Some(c"tmpfs"), m.dev.as_c_str(), Some(c"tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME, Some(c"mode=755,size=65536k"))?;
+    for (node, major, minor) in &m.nodes {
+        ignore_exists(mknod(node.as_c_str(), SFlag::S_IFCHR, Mode::from_bits_truncate(0o666), makedev(*major, *minor)))?;
+        // mknod honours the umask; the nodes must be 0666.
+        nix::sys::stat::fchmodat(None, node.as_c_str(), Mode::from_bits_truncate(0o666), nix::sys::stat::FchmodatFlags::FollowSymlink)?;
+    }
+    for dir in [&m.pts, &m.shm, &m.mqueue] {
+        ignore_exists(unistd::mkdir(dir.as_c_str(), Mode::from_bits_truncate(0o755)))?;
+    }
+    mount(Some(m.devpts.as_c_str()), m.pts.as_c_str(), none, MsFlags::MS_BIND, none)?;
+    mount(Some(c"shm"), m.shm.as_c_str(), Some(c"tmpfs"), nosuid, Some(c"mode=1777,size=65536k"))?;
+    mount(Some(c"mqueue"), m.mqueue.as_c_str(), Some(c"mqueue"), nosuid, none)?;
+    for (target, link) in &m.links {
+        ignore_exists(unistd::symlinkat(target.as_c_str(), None, link.as_c_str()))?;
+    }
+    mount(Some(c"sysfs"), m.sys.as_c_str(), Some(c"sysfs"), nosuid | MsFlags::MS_RDONLY, none)?;
+    mount(Some(c"cgroup2"), m.cgroup.as_c_str(), Some(c"cgroup2"), nosuid | MsFlags::MS_RDONLY, none)?;
+    Ok(())
+}
+
+fn pivot(rootfs: &CStr) -> nix::Result<()> {
+    unistd::chdir(rootfs)?;
+    unistd::pivot_root(c".", c".")?;
+    umount2(c".", MntFlags::MNT_DETACH)?;
+    unistd::chdir(c"/")
+}
+
+/// `mkdir -p` on a fixed buffer (no allocation after fork).
+fn mkdir_all(path: &CStr) -> nix::Result<()> {
+    let bytes = path.to_bytes();
+    let mut buf = [0u8; 4096];
+    if bytes.len() >= buf.len() {
+        return Err(Errno::ENAMETOOLONG);
+    }
+    for end in 1..=bytes.len() {
+        if end == bytes.len() || bytes[end] == b'/' {
+            buf[..end].copy_from_slice(&bytes[..end]);
+            buf[end] = 0;
+            let part = CStr::from_bytes_until_nul(&buf).map_err(|_| Errno::EINVAL)?;
+            ignore_exists(unistd::mkdir(part, Mode::from_bits_truncate(0o755)))?;
+        }
+    }
+    Ok(())
+}
+
+/// Maps an OCI rlimit name to the kernel resource.
+pub fn rlimit_resource(name: &str) -> Option<Resource> {
+    Some(match name {
+        "RLIMIT_AS" => Resource::RLIMIT_AS,
+        "RLIMIT_CORE" => Resource::RLIMIT_CORE,
+        "RLIMIT_CPU" => Resource::RLIMIT_CPU,
+        "RLIMIT_DATA" => Resource::RLIMIT_DATA,
+        "RLIMIT_FSIZE" => Resource::RLIMIT_FSIZE,
+        "RLIMIT_LOCKS" => Resource::RLIMIT_LOCKS,
+        "RLIMIT_MEMLOCK" => Resource::RLIMIT_MEMLOCK,
+        "RLIMIT_MSGQUEUE" => Resource::RLIMIT_MSGQUEUE,
+        "RLIMIT_NICE" => Resource::RLIMIT_NICE,
+        "RLIMIT_NOFILE" => Resource::RLIMIT_NOFILE,
+        "RLIMIT_NPROC" => Resource::RLIMIT_NPROC,
+        "RLIMIT_RSS" => Resource::RLIMIT_RSS,
+        "RLIMIT_RTPRIO" => Resource::RLIMIT_RTPRIO,
+        "RLIMIT_RTTIME" => Resource::RLIMIT_RTTIME,
+        "RLIMIT_SIGPENDING" => Resource::RLIMIT_SIGPENDING,
+        "RLIMIT_STACK" => Resource::RLIMIT_STACK,
+        _ => return None,
+    })
+}

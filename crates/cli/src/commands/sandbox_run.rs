@@ -1,0 +1,304 @@
+//! `podvisor sandbox run`: boot a VM, run one command from a root filesystem
+//! in it with stdio attached, tear everything down, exit with its status.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use agent_proto::{
+    ConsoleSize, ContainerRequest, CreateContainerRequest, OutputStream, ProcessRequest, ResizeTtyRequest,
+    SignalProcessRequest, User,
+};
+use anyhow::Context;
+use clap::Args;
+use hypervisor::{Accel, HostVirt, Share};
+use sandbox::agent::AgentClient;
+use sandbox::assets::GuestAssets;
+use sandbox::{Sandbox, SandboxConfig};
+use tokio::signal::unix::{signal, SignalKind};
+
+use super::CodedError;
+use crate::tty;
+
+const CONTAINER_ID: &str = "main";
+const ROOTFS_TAG: &str = "rootfs";
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Root filesystem of the command (default: the busybox rootfs installed beside podvisor).
+    #[arg(long)]
+    rootfs: Option<PathBuf>,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    memory: u64,
+    /// Virtual CPUs.
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    /// Guest kernel (vmlinux with a PVH entry); default: the one built by `make`.
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Guest initramfs holding podvisor-agent as /init.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Accelerator: kvm or tcg (default: kvm where the host has VMX/SVM).
+    #[arg(long)]
+    accel: Option<Accel>,
+    /// Environment variable KEY=VALUE for the command (repeatable).
+    #[arg(short, long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Working directory of the command.
+    #[arg(short = 'w', long, default_value = "/")]
+    cwd: String,
+    /// UID[:GID] to run the command as.
+    #[arg(short, long, default_value = "0:0")]
+    user: String,
+    /// Give the command a terminal.
+    #[arg(short, long)]
+    tty: bool,
+    /// Guest hostname.
+    #[arg(long, default_value = "podvisor")]
+    hostname: String,
+    /// Seconds the guest may take to boot to a ready agent.
+    #[arg(long)]
+    boot_timeout: Option<u64>,
+    /// Print where the time went (JSON, on stderr) when done.
+    #[arg(long)]
+    timings: bool,
+    /// The command and its arguments.
+    #[arg(trailing_var_arg = true, required = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+fn parse_user(s: &str) -> anyhow::Result<User> {
+    let (uid, gid) = match s.split_once(':') {
+        Some((u, g)) => (u, g),
+        None => (s, s),
+    };
+    let parse = |v: &str| v.parse::<u32>().with_context(|| format!("--user {s:?}: expected UID[:GID] as numbers"));
+    Ok(User {
+        uid: parse(uid)?,
+        gid: parse(gid)?,
+        additional_gids: Vec::new(),
+    })
+}
+
+fn random_id() -> String {
+    let mut b = [0u8; 8];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut b);
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn default_rootfs() -> Option<PathBuf> {
+    sandbox::assets::search_dirs()
+        .into_iter()
+        .map(|d| d.join("rootfs"))
+        .find(|p| p.join("bin").is_dir())
+}
+
+fn environment(args: &RunArgs, user: &User) -> anyhow::Result<Vec<String>> {
+    let home = if user.uid == 0 { "/root" } else { "/" };
+    let mut env = vec![
+        "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
+        format!("HOME={home}"),
+        format!("HOSTNAME={}", args.hostname),
+    ];
+    if args.tty {
+        env.push("TERM=xterm".into());
+    }
+    for kv in &args.env {
+        let key = kv.split_once('=').map(|(k, _)| k).filter(|k| !k.is_empty());
+        let key = key.with_context(|| format!("--env {kv:?}: expected KEY=VALUE"))?;
+        env.retain(|e| !e.starts_with(&format!("{key}=")));
+        env.push(kv.clone());
+    }
+    Ok(env)
+}
+
+pub async fn run(args: RunArgs, root: &Path) -> anyhow::Result<u8> {
+    let user = parse_user(&args.user)?;
+    let env = environment(&args, &user)?;
+    let rootfs = match &args.rootfs {
+        Some(p) => p.clone(),
+        None => default_rootfs().context("no --rootfs given and no default rootfs installed beside podvisor (run `make build`)")?,
+    };
+    if !rootfs.is_dir() {
+        anyhow::bail!("rootfs {} does not exist or is not a directory", rootfs.display());
+    }
+    let assets = GuestAssets::resolve(args.kernel.as_deref(), args.initrd.as_deref())?;
+    let host = HostVirt::detect();
+    let accel = args.accel.unwrap_or_else(|| host.default_accel());
+    if accel == Accel::Kvm && !matches!(host, HostVirt::Kvm { .. }) {
+        anyhow::bail!("--accel kvm asked for, but this host offers {host}");
+    }
+    let boot_timeout = Duration::from_secs(args.boot_timeout.unwrap_or(match accel {
+        Accel::Kvm => 10,
+        Accel::Tcg => 60,
+    }));
+    let id = random_id();
+    tracing::info!(sandbox = %id, %accel, "starting sandbox");
+    let t0 = Instant::now();
+    let config = SandboxConfig {
+        id: id.clone(),
+        root: root.to_path_buf(),
+        memory_mib: args.memory,
+        vcpus: args.vcpus,
+        assets,
+        accel,
+        shares: vec![Share {
+            tag: ROOTFS_TAG.into(),
+            path: rootfs,
+            readonly: false,
+        }],
+        hostname: args.hostname.clone(),
+        boot_timeout,
+    };
+    let mut sb = Sandbox::start(config).await?;
+    let result = run_in(&mut sb, &args, user, env).await;
+    let ran = t0.elapsed();
+    if let Some(why) = sb.vm_exit() {
+        tracing::warn!(sandbox = %id, "{why}");
+    }
+    let timings = sb.timings;
+    sb.destroy().await;
+    if args.timings {
+        let t = serde_json::json!({
+            "accel": accel.to_string(),
+            "vmm_ready_ms": timings.vmm_ready.as_secs_f64() * 1e3,
+            "agent_ready_ms": timings.agent_ready.as_secs_f64() * 1e3,
+            "guest_agent_ready_ms": timings.guest_ready_ms,
+            "process_exit_ms": ran.as_secs_f64() * 1e3,
+            "total_ms": t0.elapsed().as_secs_f64() * 1e3,
+        });
+        eprintln!("{t}");
+    }
+    result
+}
+
+fn signal_forwarder(client: AgentClient, tty: bool) {
+    let kinds = [
+        SignalKind::interrupt(),
+        SignalKind::terminate(),
+        SignalKind::hangup(),
+        SignalKind::quit(),
+        SignalKind::user_defined1(),
+        SignalKind::user_defined2(),
+    ];
+    for kind in kinds {
+        let Ok(mut stream) = signal(kind) else { continue };
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            while stream.recv().await.is_some() {
+                let _ = client
+                    .signal_process(SignalProcessRequest {
+                        container_id: CONTAINER_ID.into(),
+                        exec_id: String::new(),
+                        signal: kind.as_raw_value() as u32,
+                        all: false,
+                    })
+                    .await;
+            }
+        });
+    }
+    if tty {
+        let Ok(mut winch) = signal(SignalKind::window_change()) else { return };
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            while winch.recv().await.is_some() {
+                if let Some((rows, cols)) = tty::size() {
+                    let _ = client
+                        .resize_tty(ResizeTtyRequest {
+                            container_id: CONTAINER_ID.into(),
+                            exec_id: String::new(),
+                            rows: rows.into(),
+                            cols: cols.into(),
+                        })
+                        .await;
+                }
+            }
+        });
+    }
+}
+
+async fn run_in(sb: &mut Sandbox, args: &RunArgs, user: User, env: Vec<String>) -> anyhow::Result<u8> {
+    let mut client = sb.agent.clone();
+    let (rows, cols) = tty::size().unwrap_or((24, 80));
+    let process = agent_proto::Process {
+        args: args.command.clone(),
+        env,
+        cwd: args.cwd.clone(),
+        user: Some(user),
+        terminal: args.tty,
+        console_size: args.tty.then_some(ConsoleSize {
+            rows: rows.into(),
+            cols: cols.into(),
+        }),
+        rlimits: Vec::new(),
+        no_new_privileges: false,
+    };
+    let created = client
+        .create_container(CreateContainerRequest {
+            container_id: CONTAINER_ID.into(),
+            rootfs_tag: ROOTFS_TAG.into(),
+            rootfs_readonly: false,
+            hostname: args.hostname.clone(),
+            process: Some(process),
+            resources: None,
+        })
+        .await;
+    if let Err(status) = created {
+        let msg = status.message().to_string();
+        let code = if msg.contains("executable file not found") { 127 } else { 125 };
+        return Err(CodedError { code, msg }.into());
+    }
+
+    let out = tokio::spawn(sandbox::io::relay_output(
+        client.clone(),
+        CONTAINER_ID.into(),
+        String::new(),
+        OutputStream::Stdout,
+        tokio::io::stdout(),
+    ));
+    let err = tokio::spawn(sandbox::io::relay_output(
+        client.clone(),
+        CONTAINER_ID.into(),
+        String::new(),
+        OutputStream::Stderr,
+        tokio::io::stderr(),
+    ));
+    let stdin = tokio::spawn(sandbox::io::relay_stdin(
+        client.clone(),
+        CONTAINER_ID.into(),
+        String::new(),
+        tokio::io::stdin(),
+    ));
+    let raw = if args.tty { tty::RawMode::enter() } else { None };
+    signal_forwarder(client.clone(), args.tty);
+
+    let request = ContainerRequest {
+        container_id: CONTAINER_ID.into(),
+    };
+    if let Err(status) = client.start_container(request).await {
+        drop(raw);
+        return Err(CodedError {
+            code: 126,
+            msg: status.message().to_string(),
+        }
+        .into());
+    }
+    let waited = client
+        .wait_process(ProcessRequest {
+            container_id: CONTAINER_ID.into(),
+            exec_id: String::new(),
+        })
+        .await;
+    // Output still in flight when the process exited is delivered, unless a
+    // background process keeps the stream open.
+    let drain = Duration::from_secs(3);
+    let _ = tokio::time::timeout(drain, out).await;
+    let _ = tokio::time::timeout(drain, err).await;
+    stdin.abort();
+    drop(raw);
+    let status = waited.map_err(|s| anyhow::anyhow!("waiting for the command: {}", s.message()))?;
+    Ok(status.into_inner().exit_code.clamp(0, 255) as u8)
+}

@@ -1,0 +1,96 @@
+//! The hypervisor driver: what the sandbox manager asks of a VMM (launch a VM
+//! with these devices, pause, resume, stop), and the accelerator choice.
+//! The first driver is QEMU's microvm machine; a builtin VMM can follow.
+
+mod accel;
+pub mod qemu;
+
+use std::path::PathBuf;
+
+pub use accel::{Accel, HostVirt};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HypervisorError {
+    #[error("{0} not found (install Debian's qemu-system-x86)")]
+    Missing(String),
+    #[error("starting {binary}")]
+    Spawn {
+        binary: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("VM exited during start: {0}")]
+    EarlyExit(String),
+    #[error("QMP socket {0} did not appear")]
+    QmpTimeout(PathBuf),
+    #[error("QMP: {0}")]
+    Qmp(String),
+    #[error("QMP I/O")]
+    QmpIo(#[source] std::io::Error),
+    #[error("invalid VM configuration: {0}")]
+    Config(String),
+}
+
+/// A directory the guest mounts over virtio-9p under `tag`.
+#[derive(Clone, Debug)]
+pub struct Share {
+    pub tag: String,
+    pub path: PathBuf,
+    pub readonly: bool,
+}
+
+/// Where guest memory lives.
+#[derive(Clone, Debug, Default)]
+pub enum MemoryBackend {
+    /// Private anonymous memory.
+    #[default]
+    Anonymous,
+    /// A file (on tmpfs or hugetlbfs), mapped shared or private.
+    File { path: PathBuf, shared: bool },
+}
+
+/// Everything a driver needs to launch one VM.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub id: String,
+    pub memory_mib: u64,
+    pub vcpus: u32,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// Extra kernel command-line words (the driver adds console and panic ones).
+    pub kernel_args: Vec<String>,
+    pub shares: Vec<Share>,
+    pub memory: MemoryBackend,
+    pub accel: Accel,
+    /// Unix socket the agent channel is served on (the VMM listens).
+    pub agent_socket: PathBuf,
+    /// The virtio-serial port name the guest agent looks for.
+    pub agent_port_name: String,
+    /// Unix socket for the VMM's control protocol.
+    pub control_socket: PathBuf,
+    /// The guest's serial console goes here.
+    pub console_log: PathBuf,
+    /// The VMM's own stderr goes here.
+    pub vmm_log: PathBuf,
+}
+
+/// A running VM.
+#[allow(async_fn_in_trait)]
+pub trait VirtualMachine {
+    /// The VMM's host process id.
+    fn pid(&self) -> u32;
+    /// Whether the VMM process has exited, and how.
+    fn try_exit(&mut self) -> Option<std::process::ExitStatus>;
+    async fn pause(&mut self) -> Result<(), HypervisorError>;
+    async fn resume(&mut self) -> Result<(), HypervisorError>;
+    /// Asks the VMM to quit, then kills it if it has not within `grace`.
+    async fn stop(&mut self, grace: std::time::Duration);
+}
+
+/// A VMM that can launch VMs.
+#[allow(async_fn_in_trait)]
+pub trait Hypervisor {
+    type Vm: VirtualMachine;
+    /// Starts a VM and returns once its control channel answers.
+    async fn launch(&self, config: &VmConfig) -> Result<Self::Vm, HypervisorError>;
+}

@@ -1,0 +1,59 @@
+//! The host's client of the guest agent: gRPC over the VMM's Unix socket
+//! that carries the virtio-serial port.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use agent_proto::agent_client::AgentClient as Grpc;
+use agent_proto::{VersionRequest, VersionResponse, PROTOCOL_VERSION};
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("connecting to the agent at {path}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("agent did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("agent speaks protocol {agent}, podvisor speaks {host}")]
+    Protocol { agent: u32, host: u32 },
+    #[error("agent: {}", .0.message())]
+    Rpc(#[from] tonic::Status),
+}
+
+pub type AgentClient = Grpc<Channel>;
+
+/// Opens the gRPC channel (lazily: no byte moves until the first call).
+pub fn channel(socket: &Path) -> Result<Channel, AgentError> {
+    let path = socket.to_path_buf();
+    let endpoint = Endpoint::try_from("http://podvisor-agent").map_err(|source| AgentError::Connect {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(endpoint.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+        let path = path.clone();
+        async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+    })))
+}
+
+/// The handshake: waits for the agent to answer and checks its protocol.
+pub async fn handshake(client: &mut AgentClient) -> Result<VersionResponse, AgentError> {
+    let v = client
+        .version(VersionRequest {
+            protocol: PROTOCOL_VERSION,
+        })
+        .await?
+        .into_inner();
+    if v.protocol != PROTOCOL_VERSION {
+        return Err(AgentError::Protocol {
+            agent: v.protocol,
+            host: PROTOCOL_VERSION,
+        });
+    }
+    Ok(v)
+}

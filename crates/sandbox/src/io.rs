@@ -1,0 +1,68 @@
+//! Relaying a guest process's stdio to host file descriptors.
+
+use agent_proto::{OutputStream, ReadOutputRequest, StdinChunk};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::agent::{AgentClient, AgentError};
+
+/// Copies one output stream of a process to `out` until the guest closes it.
+pub async fn relay_output(
+    mut client: AgentClient,
+    container_id: String,
+    exec_id: String,
+    stream: OutputStream,
+    mut out: impl AsyncWrite + Unpin,
+) -> Result<u64, AgentError> {
+    let mut chunks = client
+        .read_output(ReadOutputRequest {
+            container_id,
+            exec_id,
+            stream: stream as i32,
+        })
+        .await?
+        .into_inner();
+    let mut total = 0u64;
+    while let Some(chunk) = chunks.message().await? {
+        total += chunk.data.len() as u64;
+        // The reader on our side may be gone (a closed pipe): keep draining
+        // so the guest process is not blocked on a full pipe.
+        if out.write_all(&chunk.data).await.is_ok() {
+            let _ = out.flush().await;
+        }
+    }
+    Ok(total)
+}
+
+/// Copies `input` to the process's stdin; at EOF closes the process's stdin.
+pub async fn relay_stdin(
+    mut client: AgentClient,
+    container_id: String,
+    exec_id: String,
+    mut input: impl AsyncRead + Unpin + Send + 'static,
+) -> Result<(), AgentError> {
+    let (tx, rx) = mpsc::channel(4);
+    let (cid, eid) = (container_id.clone(), exec_id.clone());
+    let reader = tokio::spawn(async move {
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            let (data, close) = match input.read(&mut buf).await {
+                Ok(0) | Err(_) => (Vec::new(), true),
+                Ok(n) => (buf[..n].to_vec(), false),
+            };
+            let chunk = StdinChunk {
+                container_id: cid.clone(),
+                exec_id: eid.clone(),
+                data,
+                close,
+            };
+            if tx.send(chunk).await.is_err() || close {
+                return;
+            }
+        }
+    });
+    let result = client.write_stdin(ReceiverStream::new(rx)).await;
+    reader.abort();
+    result.map(drop).map_err(AgentError::from)
+}
