@@ -49,7 +49,7 @@ lint:
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
 
 bench: build
-	bench/sandbox-run.sh
+	bench/sandbox_run.py
 
 install: build
 	install -D -m 0755 $(OUT)/podvisor /usr/local/bin/podvisor

@@ -11,7 +11,10 @@ pub const ROOT: &str = "/sys/fs/cgroup";
 
 /// Turns on the controllers containers use. Called once at boot.
 pub fn enable_controllers() -> io::Result<()> {
-    fs::write(Path::new(ROOT).join("cgroup.subtree_control"), "+cpu +memory +pids")
+    fs::write(
+        Path::new(ROOT).join("cgroup.subtree_control"),
+        "+cpu +memory +pids",
+    )
 }
 
 pub fn path(container_id: &str) -> PathBuf {
@@ -33,7 +36,11 @@ pub fn apply(dir: &Path, res: &Resources) -> io::Result<()> {
         let _ = fs::write(dir.join("memory.swap.max"), "0");
     }
     if res.cpu_quota > 0 {
-        let period = if res.cpu_period > 0 { res.cpu_period } else { 100_000 };
+        let period = if res.cpu_period > 0 {
+            res.cpu_period
+        } else {
+            100_000
+        };
         fs::write(dir.join("cpu.max"), format!("{} {period}", res.cpu_quota))?;
     }
     if res.pids_limit > 0 {

@@ -31,7 +31,8 @@ pub fn find_port(name: &str, wait: Duration) -> io::Result<PathBuf> {
     loop {
         if let Ok(entries) = std::fs::read_dir("/sys/class/virtio-ports") {
             for entry in entries.flatten() {
-                let port_name = std::fs::read_to_string(entry.path().join("name")).unwrap_or_default();
+                let port_name =
+                    std::fs::read_to_string(entry.path().join("name")).unwrap_or_default();
                 if port_name.trim() == name {
                     return Ok(PathBuf::from("/dev").join(entry.file_name()));
                 }
@@ -56,16 +57,18 @@ pub fn serve_port(path: PathBuf, sessions: mpsc::UnboundedSender<UnixStream>) ->
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
         .open(&path)?;
     let port = Arc::new(port);
-    thread::Builder::new().name("channel".into()).spawn(move || loop {
-        let (ours, theirs) = match UnixStream::pair() {
-            Ok(pair) => pair,
-            Err(_) => return,
-        };
-        if sessions.send(theirs).is_err() {
-            return;
-        }
-        run_session(&port, ours);
-    })?;
+    thread::Builder::new()
+        .name("channel".into())
+        .spawn(move || loop {
+            let (ours, theirs) = match UnixStream::pair() {
+                Ok(pair) => pair,
+                Err(_) => return,
+            };
+            if sessions.send(theirs).is_err() {
+                return;
+            }
+            run_session(&port, ours);
+        })?;
     Ok(())
 }
 
@@ -117,7 +120,9 @@ fn port_to_local(port: &File, mut local: &UnixStream, ended: &AtomicBool) {
                     return;
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock
+                    || e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => return,
         }
     }
@@ -138,11 +143,16 @@ fn local_to_port(port: &File, mut local: UnixStream, ended: &AtomicBool) {
             match (&*port).write(rest) {
                 Ok(0) => return,
                 Ok(w) => rest = &rest[w..],
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::Interrupted => {
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock
+                        || e.kind() == io::ErrorKind::Interrupted =>
+                {
                     // Without a host the port polls as HUP, never writable.
                     let mut fds = [PollFd::new(port.as_fd(), PollFlags::POLLOUT)];
                     let _ = poll(&mut fds, PollTimeout::from(POLL_MS));
-                    let writable = fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLOUT));
+                    let writable = fds[0]
+                        .revents()
+                        .is_some_and(|r| r.contains(PollFlags::POLLOUT));
                     if !writable {
                         thread::sleep(Duration::from_millis(5));
                     }

@@ -26,7 +26,11 @@ impl Process {
     }
 
     pub fn take_output(&self, stderr: bool) -> Option<File> {
-        let slot = if stderr { &self.io.stderr } else { &self.io.stdout };
+        let slot = if stderr {
+            &self.io.stderr
+        } else {
+            &self.io.stdout
+        };
         slot.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 }
@@ -48,7 +52,11 @@ impl Container {
         if exec_id.is_empty() {
             return Some(Arc::clone(&self.init));
         }
-        self.execs.lock().unwrap_or_else(|e| e.into_inner()).get(exec_id).cloned()
+        self.execs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(exec_id)
+            .cloned()
     }
 }
 
@@ -59,7 +67,11 @@ pub struct Table {
 
 impl Table {
     pub fn get(&self, id: &str) -> Option<Arc<Container>> {
-        self.containers.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
+        self.containers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
     }
 }
 

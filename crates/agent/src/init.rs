@@ -21,7 +21,13 @@ fn mnt(src: &CStr, target: &str, fstype: &CStr, flags: MsFlags, data: Option<&CS
 pub fn leave_initramfs() -> nix::Result<()> {
     let new = "/newroot";
     fs::create_dir_all(new).map_err(|_| nix::errno::Errno::last())?;
-    mount(Some("tmpfs"), new, Some("tmpfs"), MsFlags::MS_NOSUID, Some("mode=0755"))?;
+    mount(
+        Some("tmpfs"),
+        new,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )?;
     // The running binary stays mapped; its file in the initramfs is not
     // needed any more and would hold memory for nothing.
     let _ = fs::remove_file("/init");
@@ -36,11 +42,35 @@ pub fn mount_guest_filesystems() {
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     mnt(c"proc", "/proc", c"proc", nosuid, None);
     mnt(c"sysfs", "/sys", c"sysfs", nosuid, None);
-    mnt(c"devtmpfs", "/dev", c"devtmpfs", MsFlags::MS_NOSUID, Some(c"mode=0755"));
-    mnt(c"devpts", "/dev/pts", c"devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some(c"mode=0620,ptmxmode=0666,gid=5"));
+    mnt(
+        c"devtmpfs",
+        "/dev",
+        c"devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some(c"mode=0755"),
+    );
+    mnt(
+        c"devpts",
+        "/dev/pts",
+        c"devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some(c"mode=0620,ptmxmode=0666,gid=5"),
+    );
     mnt(c"shm", "/dev/shm", c"tmpfs", nosuid, Some(c"mode=1777"));
-    mnt(c"tmpfs", "/run", c"tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(c"mode=0755"));
-    mnt(c"tmpfs", "/tmp", c"tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some(c"mode=1777"));
+    mnt(
+        c"tmpfs",
+        "/run",
+        c"tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(c"mode=0755"),
+    );
+    mnt(
+        c"tmpfs",
+        "/tmp",
+        c"tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(c"mode=1777"),
+    );
     mnt(c"cgroup2", crate::cgroup::ROOT, c"cgroup2", nosuid, None);
 }
 
@@ -57,4 +87,25 @@ pub fn uptime_ms() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
         .map(|t| t.tv_sec() as u64 * 1000 + t.tv_nsec() as u64 / 1_000_000)
         .unwrap_or(0)
+}
+
+/// Steps the guest's wall clock to the host's when they differ by more than
+/// a second (a microvm has no RTC: the guest boots in 1970).
+pub fn set_clock(host_unix_ns: u64) {
+    use nix::time::{clock_gettime, clock_settime, ClockId};
+    if host_unix_ns == 0 {
+        return;
+    }
+    let now = clock_gettime(ClockId::CLOCK_REALTIME)
+        .map(|t| t.tv_sec() as i128 * 1_000_000_000 + t.tv_nsec() as i128)
+        .unwrap_or(0);
+    if (now - host_unix_ns as i128).abs() > 1_000_000_000 {
+        let ts = nix::sys::time::TimeSpec::new(
+            (host_unix_ns / 1_000_000_000) as i64,
+            (host_unix_ns % 1_000_000_000) as i64,
+        );
+        if let Err(e) = clock_settime(ClockId::CLOCK_REALTIME, ts) {
+            eprintln!("podvisor-agent: setting the clock: {e}");
+        }
+    }
 }

@@ -44,7 +44,9 @@ impl AgentService {
 
     fn process(&self, id: &str, exec_id: &str) -> Result<Arc<Process>, Status> {
         self.container(id)?.process(exec_id).ok_or_else(|| {
-            Status::not_found(format!("process {exec_id:?} of container {id:?} does not exist"))
+            Status::not_found(format!(
+                "process {exec_id:?} of container {id:?} does not exist"
+            ))
         })
     }
 }
@@ -62,7 +64,9 @@ fn valid_id(id: &str) -> Result<(), Status> {
         && id.len() <= 1024
         && id != "."
         && id != ".."
-        && id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
     if ok {
         Ok(())
     } else {
@@ -108,7 +112,10 @@ fn process_spec(
     })
 }
 
-fn open_stdio(process: &agent_proto::Process, devpts: &Path) -> Result<(stdio::HostEnds, stdio::ChildEnds), Status> {
+fn open_stdio(
+    process: &agent_proto::Process,
+    devpts: &Path,
+) -> Result<(stdio::HostEnds, stdio::ChildEnds), Status> {
     if process.terminal {
         let size = process.console_size.unwrap_or_default();
         stdio::pty(devpts, size.rows as u16, size.cols as u16).map_err(errno("opening a pty"))
@@ -152,8 +159,13 @@ fn mount_container(dir: &Path, tag: &str) -> Result<(), Status> {
 
 #[tonic::async_trait]
 impl Agent for AgentService {
-    async fn version(&self, req: Request<VersionRequest>) -> Result<Response<VersionResponse>, Status> {
-        let host = req.into_inner().protocol;
+    async fn version(
+        &self,
+        req: Request<VersionRequest>,
+    ) -> Result<Response<VersionResponse>, Status> {
+        let req = req.into_inner();
+        crate::init::set_clock(req.host_time_unix_ns);
+        let host = req.protocol;
         if host != agent_proto::PROTOCOL_VERSION {
             return Err(Status::failed_precondition(format!(
                 "host speaks protocol {host}, agent speaks {}",
@@ -170,20 +182,29 @@ impl Agent for AgentService {
         }))
     }
 
-    async fn create_container(&self, req: Request<CreateContainerRequest>) -> Result<Response<Empty>, Status> {
+    async fn create_container(
+        &self,
+        req: Request<CreateContainerRequest>,
+    ) -> Result<Response<Empty>, Status> {
         let req = req.into_inner();
         let id = req.container_id.clone();
         valid_id(&id)?;
-        let process = req.process.clone().ok_or_else(|| Status::invalid_argument("process is missing"))?;
+        let process = req
+            .process
+            .clone()
+            .ok_or_else(|| Status::invalid_argument("process is missing"))?;
         if self.table.get(&id).is_some() {
-            return Err(Status::already_exists(format!("container {id:?} already exists")));
+            return Err(Status::already_exists(format!(
+                "container {id:?} already exists"
+            )));
         }
         let dir = container::dir(&id);
         let cg = cgroup::path(&id);
         let reaper = self.reaper.clone();
         let created = blocking(move || -> Result<Container, Status> {
             mount_container(&dir, &req.rootfs_tag)?;
-            cgroup::create(&cg, req.resources.as_ref()).map_err(internal("creating the container cgroup"))?;
+            cgroup::create(&cg, req.resources.as_ref())
+                .map_err(internal("creating the container cgroup"))?;
             let (host, child) = open_stdio(&process, &dir.join("pts"))?;
             let target = Target::New {
                 rootfs: dir.join("rootfs"),
@@ -192,7 +213,8 @@ impl Agent for AgentService {
                 readonly: req.rootfs_readonly,
             };
             let spec = process_spec(&process, target, &cg, &child, true)?;
-            let spawned = spawn::spawn(spec, &reaper).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let spawned =
+                spawn::spawn(spec, &reaper).map_err(|e| Status::invalid_argument(e.to_string()))?;
             drop(child);
             Ok(Container {
                 init: Arc::new(Process {
@@ -224,59 +246,99 @@ impl Agent for AgentService {
         Ok(Response::new(Empty {}))
     }
 
-    async fn start_container(&self, req: Request<ContainerRequest>) -> Result<Response<Empty>, Status> {
+    async fn start_container(
+        &self,
+        req: Request<ContainerRequest>,
+    ) -> Result<Response<Empty>, Status> {
         let id = req.into_inner().container_id;
         let c = self.container(&id)?;
         let held = c.init.held.lock().unwrap_or_else(|e| e.into_inner()).take();
-        let mut held = held.ok_or_else(|| Status::failed_precondition(format!("container {id:?} was already started")))?;
+        let mut held = held.ok_or_else(|| {
+            Status::failed_precondition(format!("container {id:?} was already started"))
+        })?;
         blocking(move || held.release())
             .await?
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         Ok(Response::new(Empty {}))
     }
 
-    async fn remove_container(&self, req: Request<ContainerRequest>) -> Result<Response<Empty>, Status> {
+    async fn remove_container(
+        &self,
+        req: Request<ContainerRequest>,
+    ) -> Result<Response<Empty>, Status> {
         let id = req.into_inner().container_id;
         let c = self.container(&id)?;
         // Dropping a held process closes its start pipe: it exits unstarted.
         c.init.held.lock().unwrap_or_else(|e| e.into_inner()).take();
         let _ = cgroup::kill_all(&c.cgroup);
         let mut exit = c.init.exit.clone();
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), exit.wait_for(|e| e.is_some())).await;
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            exit.wait_for(|e| e.is_some()),
+        )
+        .await;
         let (cg, dir) = (c.cgroup.clone(), c.dir.clone());
         blocking(move || {
             let _ = cgroup::remove(&cg);
             unmount_container(&dir);
         })
         .await?;
-        self.table.containers.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        self.table
+            .containers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
         Ok(Response::new(Empty {}))
     }
 
-    async fn stats_container(&self, req: Request<ContainerRequest>) -> Result<Response<ContainerStats>, Status> {
+    async fn stats_container(
+        &self,
+        req: Request<ContainerRequest>,
+    ) -> Result<Response<ContainerStats>, Status> {
         let c = self.container(&req.into_inner().container_id)?;
         Ok(Response::new(cgroup::stats(&c.cgroup)))
     }
 
-    async fn update_container(&self, req: Request<UpdateContainerRequest>) -> Result<Response<Empty>, Status> {
+    async fn update_container(
+        &self,
+        req: Request<UpdateContainerRequest>,
+    ) -> Result<Response<Empty>, Status> {
         let req = req.into_inner();
         let c = self.container(&req.container_id)?;
         let res = req.resources.unwrap_or_default();
-        cgroup::apply(&c.cgroup, &res).map_err(|e| Status::invalid_argument(format!("updating cgroup: {e}")))?;
+        cgroup::apply(&c.cgroup, &res)
+            .map_err(|e| Status::invalid_argument(format!("updating cgroup: {e}")))?;
         Ok(Response::new(Empty {}))
     }
 
-    async fn exec_process(&self, req: Request<ExecProcessRequest>) -> Result<Response<Empty>, Status> {
+    async fn exec_process(
+        &self,
+        req: Request<ExecProcessRequest>,
+    ) -> Result<Response<Empty>, Status> {
         let req = req.into_inner();
         valid_id(&req.exec_id)?;
         let c = self.container(&req.container_id)?;
         if c.process(&req.exec_id).is_some() {
-            return Err(Status::already_exists(format!("exec {:?} already exists", req.exec_id)));
+            return Err(Status::already_exists(format!(
+                "exec {:?} already exists",
+                req.exec_id
+            )));
         }
-        if c.init.held.lock().unwrap_or_else(|e| e.into_inner()).is_some() || c.init.exited().is_some() {
-            return Err(Status::failed_precondition(format!("container {:?} is not running", req.container_id)));
+        if c.init
+            .held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+            || c.init.exited().is_some()
+        {
+            return Err(Status::failed_precondition(format!(
+                "container {:?} is not running",
+                req.container_id
+            )));
         }
-        let process = req.process.ok_or_else(|| Status::invalid_argument("process is missing"))?;
+        let process = req
+            .process
+            .ok_or_else(|| Status::invalid_argument("process is missing"))?;
         let (reaper, c2) = (self.reaper.clone(), Arc::clone(&c));
         let proc_ = blocking(move || -> Result<Process, Status> {
             let (host, child) = open_stdio(&process, &c2.devpts())?;
@@ -284,7 +346,8 @@ impl Agent for AgentService {
                 init_pid: c2.init.pid.as_raw(),
             };
             let spec = process_spec(&process, target, &c2.cgroup, &child, false)?;
-            let spawned = spawn::spawn(spec, &reaper).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let spawned =
+                spawn::spawn(spec, &reaper).map_err(|e| Status::invalid_argument(e.to_string()))?;
             Ok(Process {
                 pid: spawned.pid,
                 exit: spawned.exit.clone(),
@@ -300,7 +363,10 @@ impl Agent for AgentService {
         Ok(Response::new(Empty {}))
     }
 
-    async fn signal_process(&self, req: Request<SignalProcessRequest>) -> Result<Response<Empty>, Status> {
+    async fn signal_process(
+        &self,
+        req: Request<SignalProcessRequest>,
+    ) -> Result<Response<Empty>, Status> {
         let req = req.into_inner();
         let sig = Signal::try_from(req.signal as i32)
             .map_err(|_| Status::invalid_argument(format!("invalid signal {}", req.signal)))?;
@@ -319,7 +385,10 @@ impl Agent for AgentService {
         Ok(Response::new(Empty {}))
     }
 
-    async fn wait_process(&self, req: Request<ProcessRequest>) -> Result<Response<WaitProcessResponse>, Status> {
+    async fn wait_process(
+        &self,
+        req: Request<ProcessRequest>,
+    ) -> Result<Response<WaitProcessResponse>, Status> {
         let req = req.into_inner();
         let p = self.process(&req.container_id, &req.exec_id)?;
         let mut exit = p.exit.clone();
@@ -338,14 +407,20 @@ impl Agent for AgentService {
         }))
     }
 
-    async fn list_processes(&self, req: Request<ContainerRequest>) -> Result<Response<ListProcessesResponse>, Status> {
+    async fn list_processes(
+        &self,
+        req: Request<ContainerRequest>,
+    ) -> Result<Response<ListProcessesResponse>, Status> {
         let c = self.container(&req.into_inner().container_id)?;
         Ok(Response::new(ListProcessesResponse {
             pids: cgroup::pids(&c.cgroup),
         }))
     }
 
-    async fn write_stdin(&self, req: Request<Streaming<StdinChunk>>) -> Result<Response<Empty>, Status> {
+    async fn write_stdin(
+        &self,
+        req: Request<Streaming<StdinChunk>>,
+    ) -> Result<Response<Empty>, Status> {
         let mut stream = req.into_inner();
         let mut target: Option<Arc<Process>> = None;
         while let Some(chunk) = stream.next().await {
@@ -378,7 +453,10 @@ impl Agent for AgentService {
 
     type ReadOutputStream = ReceiverStream<Result<OutputChunk, Status>>;
 
-    async fn read_output(&self, req: Request<ReadOutputRequest>) -> Result<Response<Self::ReadOutputStream>, Status> {
+    async fn read_output(
+        &self,
+        req: Request<ReadOutputRequest>,
+    ) -> Result<Response<Self::ReadOutputStream>, Status> {
         let req = req.into_inner();
         let p = self.process(&req.container_id, &req.exec_id)?;
         let stderr = req.stream == OutputStream::Stderr as i32;
@@ -386,7 +464,10 @@ impl Agent for AgentService {
         let file = if stderr && p.io.pty.is_some() {
             None // a tty merges stderr into stdout: an empty stream
         } else {
-            Some(p.take_output(stderr).ok_or_else(|| Status::failed_precondition("output is already attached"))?)
+            Some(
+                p.take_output(stderr)
+                    .ok_or_else(|| Status::failed_precondition("output is already attached"))?,
+            )
         };
         if let Some(mut file) = file {
             std::thread::spawn(move || {
@@ -396,7 +477,9 @@ impl Agent for AgentService {
                         // EIO: the pty's last replica closed.
                         Ok(0) | Err(_) => return,
                         Ok(n) => {
-                            let chunk = OutputChunk { data: buf[..n].to_vec() };
+                            let chunk = OutputChunk {
+                                data: buf[..n].to_vec(),
+                            };
                             if tx.blocking_send(Ok(chunk)).is_err() {
                                 return;
                             }
@@ -411,8 +494,12 @@ impl Agent for AgentService {
     async fn resize_tty(&self, req: Request<ResizeTtyRequest>) -> Result<Response<Empty>, Status> {
         let req = req.into_inner();
         let p = self.process(&req.container_id, &req.exec_id)?;
-        let pty = p.io.pty.as_ref().ok_or_else(|| Status::failed_precondition("process has no terminal"))?;
-        stdio::resize(pty, req.rows as u16, req.cols as u16).map_err(errno("resizing the terminal"))?;
+        let pty =
+            p.io.pty
+                .as_ref()
+                .ok_or_else(|| Status::failed_precondition("process has no terminal"))?;
+        stdio::resize(pty, req.rows as u16, req.cols as u16)
+            .map_err(errno("resizing the terminal"))?;
         Ok(Response::new(Empty {}))
     }
 
@@ -421,7 +508,13 @@ impl Agent for AgentService {
         tokio::spawn(async move {
             // Let the reply reach the host first.
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            let containers: Vec<_> = table.containers.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+            let containers: Vec<_> = table
+                .containers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .cloned()
+                .collect();
             for c in containers {
                 let _ = cgroup::kill_all(&c.cgroup);
             }

@@ -144,7 +144,8 @@ impl Spawned {
     /// Lets a held process exec and reports whether the exec worked.
     pub fn release(&mut self) -> Result<(), SpawnError> {
         if let Some(start) = self.start.take() {
-            unistd::write(&start, b"s").map_err(|e| SpawnError::Os("releasing container process", e))?;
+            unistd::write(&start, b"s")
+                .map_err(|e| SpawnError::Os("releasing container process", e))?;
         }
         match read_record(self.status.as_raw_fd()) {
             None => Ok(()),
@@ -184,8 +185,12 @@ fn spawn_in_thread(
         Target::Join { init_pid } => {
             for ns in ["pid", "ipc", "uts", "cgroup", "mnt"] {
                 let path = format!("/proc/{init_pid}/ns/{ns}");
-                let fd = nix::fcntl::open(path.as_str(), nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC, Mode::empty())
-                    .map_err(|e| SpawnError::Os("opening the container's namespaces", e))?;
+                let fd = nix::fcntl::open(
+                    path.as_str(),
+                    nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| SpawnError::Os("opening the container's namespaces", e))?;
                 // SAFETY: `open` just returned this fd and nothing else owns it.
                 join_fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
             }
@@ -362,10 +367,17 @@ impl Prepared {
                     mqueue: at("dev/mqueue")?,
                     sys: at("sys")?,
                     cgroup: at("sys/fs/cgroup")?,
-                    nodes: [("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0)]
-                        .iter()
-                        .map(|(n, maj, min)| Ok((at(&format!("dev/{n}"))?, *maj, *min)))
-                        .collect::<Result<Vec<_>, SpawnError>>()?,
+                    nodes: [
+                        ("null", 1, 3),
+                        ("zero", 1, 5),
+                        ("full", 1, 7),
+                        ("random", 1, 8),
+                        ("urandom", 1, 9),
+                        ("tty", 5, 0),
+                    ]
+                    .iter()
+                    .map(|(n, maj, min)| Ok((at(&format!("dev/{n}"))?, *maj, *min)))
+                    .collect::<Result<Vec<_>, SpawnError>>()?,
                     links: [
                         ("pts/ptmx", "dev/ptmx"),
                         ("/proc/self/fd", "dev/fd"),
@@ -440,28 +452,47 @@ fn child_setup(ctx: &ChildCtx) -> Result<Never, (Stage, Errno)> {
     let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
     // Rust ignores SIGPIPE; an ignored signal stays ignored across exec.
     // SAFETY: restoring the default disposition installs no handler.
-    let _ = unsafe { nix::sys::signal::signal(nix::sys::signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl) };
+    let _ = unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigDfl,
+        )
+    };
 
     if let Some(procs) = &p.cgroup_procs {
-        let fd = nix::fcntl::open(procs.as_c_str(), nix::fcntl::OFlag::O_WRONLY, Mode::empty()).map_err(at(Stage::Cgroup))?;
+        let fd = nix::fcntl::open(procs.as_c_str(), nix::fcntl::OFlag::O_WRONLY, Mode::empty())
+            .map_err(at(Stage::Cgroup))?;
         // SAFETY: `open` just returned this fd.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         unistd::write(&fd, b"0").map_err(at(Stage::Cgroup))?;
     }
     match &p.mounts {
         Some(m) => {
-            unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWCGROUP)
-                .map_err(at(Stage::Namespaces))?;
+            unshare(
+                CloneFlags::CLONE_NEWNS
+                    | CloneFlags::CLONE_NEWUTS
+                    | CloneFlags::CLONE_NEWIPC
+                    | CloneFlags::CLONE_NEWCGROUP,
+            )
+            .map_err(at(Stage::Namespaces))?;
             setup_root(m).map_err(at(Stage::Mounts))?;
             pivot(&m.rootfs).map_err(at(Stage::PivotRoot))?;
             if m.readonly {
-                mount(None::<&CStr>, c"/", None::<&CStr>, MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY, None::<&CStr>)
-                    .map_err(at(Stage::Mounts))?;
+                mount(
+                    None::<&CStr>,
+                    c"/",
+                    None::<&CStr>,
+                    MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+                    None::<&CStr>,
+                )
+                .map_err(at(Stage::Mounts))?;
             }
             if let Some(h) = &p.hostname {
                 if !h.is_empty() {
-                    unistd::sethostname(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(h.to_bytes()))
-                        .map_err(at(Stage::Hostname))?;
+                    unistd::sethostname(
+                        <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(h.to_bytes()),
+                    )
+                    .map_err(at(Stage::Hostname))?;
                 }
             }
         }
@@ -534,30 +565,97 @@ fn ignore_exists(r: nix::Result<()>) -> nix::Result<()> {
 
 fn setup_root(m: &RootMounts) -> nix::Result<()> {
     let none = None::<&CStr>;
-    mount(none, c"/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none)?;
-    mount(Some(m.rootfs.as_c_str()), m.rootfs.as_c_str(), none, MsFlags::MS_BIND | MsFlags::MS_REC, none)?;
+    mount(
+        none,
+        c"/",
+        none,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        none,
+    )?;
+    mount(
+        Some(m.rootfs.as_c_str()),
+        m.rootfs.as_c_str(),
+        none,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        none,
+    )?;
     for (dir, mode) in &m.dirs {
         ignore_exists(unistd::mkdir(dir.as_c_str(), *mode))?;
     }
     let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    mount(Some(c"proc"), m.proc_.as_c_str(), Some(c"proc"), nosuid, none)?;
-    mount(Some(c"tmpfs"), m.dev.as_c_str(), Some(c"tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME, Some(c"mode=755,size=65536k"))?;
+    mount(
+        Some(c"proc"),
+        m.proc_.as_c_str(),
+        Some(c"proc"),
+        nosuid,
+        none,
+    )?;
+    mount(
+        Some(c"tmpfs"),
+        m.dev.as_c_str(),
+        Some(c"tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
+        Some(c"mode=755,size=65536k"),
+    )?;
     for (node, major, minor) in &m.nodes {
-        ignore_exists(mknod(node.as_c_str(), SFlag::S_IFCHR, Mode::from_bits_truncate(0o666), makedev(*major, *minor)))?;
+        ignore_exists(mknod(
+            node.as_c_str(),
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(*major, *minor),
+        ))?;
         // mknod honours the umask; the nodes must be 0666.
-        nix::sys::stat::fchmodat(None, node.as_c_str(), Mode::from_bits_truncate(0o666), nix::sys::stat::FchmodatFlags::FollowSymlink)?;
+        nix::sys::stat::fchmodat(
+            None,
+            node.as_c_str(),
+            Mode::from_bits_truncate(0o666),
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        )?;
     }
     for dir in [&m.pts, &m.shm, &m.mqueue] {
-        ignore_exists(unistd::mkdir(dir.as_c_str(), Mode::from_bits_truncate(0o755)))?;
+        ignore_exists(unistd::mkdir(
+            dir.as_c_str(),
+            Mode::from_bits_truncate(0o755),
+        ))?;
     }
-    mount(Some(m.devpts.as_c_str()), m.pts.as_c_str(), none, MsFlags::MS_BIND, none)?;
-    mount(Some(c"shm"), m.shm.as_c_str(), Some(c"tmpfs"), nosuid, Some(c"mode=1777,size=65536k"))?;
-    mount(Some(c"mqueue"), m.mqueue.as_c_str(), Some(c"mqueue"), nosuid, none)?;
+    mount(
+        Some(m.devpts.as_c_str()),
+        m.pts.as_c_str(),
+        none,
+        MsFlags::MS_BIND,
+        none,
+    )?;
+    mount(
+        Some(c"shm"),
+        m.shm.as_c_str(),
+        Some(c"tmpfs"),
+        nosuid,
+        Some(c"mode=1777,size=65536k"),
+    )?;
+    mount(
+        Some(c"mqueue"),
+        m.mqueue.as_c_str(),
+        Some(c"mqueue"),
+        nosuid,
+        none,
+    )?;
     for (target, link) in &m.links {
         ignore_exists(unistd::symlinkat(target.as_c_str(), None, link.as_c_str()))?;
     }
-    mount(Some(c"sysfs"), m.sys.as_c_str(), Some(c"sysfs"), nosuid | MsFlags::MS_RDONLY, none)?;
-    mount(Some(c"cgroup2"), m.cgroup.as_c_str(), Some(c"cgroup2"), nosuid | MsFlags::MS_RDONLY, none)?;
+    mount(
+        Some(c"sysfs"),
+        m.sys.as_c_str(),
+        Some(c"sysfs"),
+        nosuid | MsFlags::MS_RDONLY,
+        none,
+    )?;
+    mount(
+        Some(c"cgroup2"),
+        m.cgroup.as_c_str(),
+        Some(c"cgroup2"),
+        nosuid | MsFlags::MS_RDONLY,
+        none,
+    )?;
     Ok(())
 }
 

@@ -26,7 +26,11 @@ pub struct ChildEnds {
 
 impl ChildEnds {
     pub fn raw(&self) -> [RawFd; 3] {
-        [self.fds[0].as_raw_fd(), self.fds[1].as_raw_fd(), self.fds[2].as_raw_fd()]
+        [
+            self.fds[0].as_raw_fd(),
+            self.fds[1].as_raw_fd(),
+            self.fds[2].as_raw_fd(),
+        ]
     }
 }
 
@@ -62,7 +66,13 @@ pub fn pty(devpts: &Path, rows: u16, cols: u16) -> nix::Result<(HostEnds, ChildE
         return Err(Errno::last());
     }
     // SAFETY: TIOCGPTPEER takes open flags by value and returns a new fd.
-    let replica = unsafe { libc::ioctl(main.as_raw_fd(), libc::TIOCGPTPEER, libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+    let replica = unsafe {
+        libc::ioctl(
+            main.as_raw_fd(),
+            libc::TIOCGPTPEER,
+            libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC,
+        )
+    };
     if replica < 0 {
         return Err(Errno::last());
     }
@@ -72,7 +82,11 @@ pub fn pty(devpts: &Path, rows: u16, cols: u16) -> nix::Result<(HostEnds, ChildE
     let main = File::from(main);
     let stdin = main.try_clone().map_err(|_| Errno::last())?;
     let pty = main.try_clone().map_err(|_| Errno::last())?;
-    let fds = [replica.try_clone().map_err(|_| Errno::last())?, replica.try_clone().map_err(|_| Errno::last())?, replica];
+    let fds = [
+        replica.try_clone().map_err(|_| Errno::last())?,
+        replica.try_clone().map_err(|_| Errno::last())?,
+        replica,
+    ];
     Ok((
         HostEnds {
             stdin: Mutex::new(Some(Arc::new(stdin))),

@@ -60,11 +60,21 @@ pub fn init(file: Option<&Path>, format: &str, debug: bool) -> Log {
     let json = format == "json";
     if let Some(path) = file {
         if let Ok(f) = OpenOptions::new().create(true).append(true).open(path) {
-            let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(Mutex::new(f)).with_ansi(false);
-            let _ = if json { builder.json().try_init() } else { builder.try_init() };
+            let builder = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(Mutex::new(f))
+                .with_ansi(false);
+            let _ = if json {
+                builder.json().try_init()
+            } else {
+                builder.try_init()
+            };
         }
     } else if debug {
-        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .try_init();
     }
     Log {
         file: file.map(|p| (p.to_path_buf(), json)),

@@ -11,7 +11,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "podvisor", version, about = "Runs every container in its own micro-VM")]
+#[command(
+    name = "podvisor",
+    version,
+    about = "Runs every container in its own micro-VM"
+)]
 struct Cli {
     /// Directory for podvisor's state.
     #[arg(long, global = true, default_value = sandbox::state::DEFAULT_ROOT)]
@@ -53,7 +57,10 @@ impl std::error::Error for Exit {}
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let log = logging::init(cli.log.as_deref(), &cli.log_format, cli.debug);
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             log.error(&format!("starting the async runtime: {e}"));
@@ -76,7 +83,10 @@ fn main() -> ExitCode {
             if let Some(Exit(code)) = e.downcast_ref::<Exit>() {
                 return ExitCode::from(*code);
             }
-            let code = e.downcast_ref::<commands::CodedError>().map(|c| c.code).unwrap_or(1);
+            let code = e
+                .downcast_ref::<commands::CodedError>()
+                .map(|c| c.code)
+                .unwrap_or(1);
             log.error(&format!("{e:#}"));
             ExitCode::from(code)
         }

@@ -56,7 +56,9 @@ impl HostVirt {
         }
         let module = |m: &str| root.join("sys/module").join(m).exists();
         if module("kvm_intel") {
-            return HostVirt::Kvm { module: "kvm_intel" };
+            return HostVirt::Kvm {
+                module: "kvm_intel",
+            };
         }
         if module("kvm_amd") {
             return HostVirt::Kvm { module: "kvm_amd" };
@@ -82,7 +84,9 @@ impl fmt::Display for HostVirt {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             HostVirt::Kvm { module } => write!(f, "KVM ({module})"),
-            HostVirt::Pvm => f.write_str("kvm_pvm (PVM: ordinary guest kernels run emulated, so TCG is used)"),
+            HostVirt::Pvm => {
+                f.write_str("kvm_pvm (PVM: ordinary guest kernels run emulated, so TCG is used)")
+            }
             HostVirt::None { why } => write!(f, "none ({why})"),
         }
     }
@@ -111,7 +115,11 @@ mod tests {
             pub fn new() -> Self {
                 use std::sync::atomic::{AtomicU32, Ordering};
                 static N: AtomicU32 = AtomicU32::new(0);
-                let p = std::env::temp_dir().join(format!("podvisor-accel-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+                let p = std::env::temp_dir().join(format!(
+                    "podvisor-accel-{}-{}",
+                    std::process::id(),
+                    N.fetch_add(1, Ordering::SeqCst)
+                ));
                 std::fs::create_dir_all(&p).unwrap();
                 Dir(p)
             }

@@ -31,14 +31,17 @@ pub type AgentClient = Grpc<Channel>;
 /// Opens the gRPC channel (lazily: no byte moves until the first call).
 pub fn channel(socket: &Path) -> Result<Channel, AgentError> {
     let path = socket.to_path_buf();
-    let endpoint = Endpoint::try_from("http://podvisor-agent").map_err(|source| AgentError::Connect {
-        path: path.clone(),
-        source,
-    })?;
-    Ok(endpoint.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
-        let path = path.clone();
-        async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-    })))
+    let endpoint =
+        Endpoint::try_from("http://podvisor-agent").map_err(|source| AgentError::Connect {
+            path: path.clone(),
+            source,
+        })?;
+    Ok(
+        endpoint.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+        })),
+    )
 }
 
 /// The handshake: waits for the agent to answer and checks its protocol.
@@ -46,6 +49,10 @@ pub async fn handshake(client: &mut AgentClient) -> Result<VersionResponse, Agen
     let v = client
         .version(VersionRequest {
             protocol: PROTOCOL_VERSION,
+            host_time_unix_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0),
         })
         .await?
         .into_inner();

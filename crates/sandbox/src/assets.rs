@@ -37,31 +37,60 @@ pub fn search_dirs() -> Vec<PathBuf> {
     dirs
 }
 
-fn find(explicit: Option<&Path>, env: &str, file: &str) -> Result<PathBuf, (Option<PathBuf>, String)> {
+fn find(
+    explicit: Option<&Path>,
+    env: &str,
+    file: &str,
+) -> Result<PathBuf, (Option<PathBuf>, String)> {
     if let Some(p) = explicit {
-        return if p.is_file() { Ok(p.to_path_buf()) } else { Err((Some(p.to_path_buf()), String::new())) };
+        return if p.is_file() {
+            Ok(p.to_path_buf())
+        } else {
+            Err((Some(p.to_path_buf()), String::new()))
+        };
     }
     if let Some(p) = std::env::var_os(env) {
         let p = PathBuf::from(p);
-        return if p.is_file() { Ok(p) } else { Err((Some(p), String::new())) };
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err((Some(p), String::new()))
+        };
     }
     let dirs = search_dirs();
     dirs.iter()
         .map(|d| d.join(file))
         .find(|p| p.is_file())
-        .ok_or_else(|| (None, dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(", ")))
+        .ok_or_else(|| {
+            (
+                None,
+                dirs.iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            )
+        })
 }
 
 impl GuestAssets {
     pub fn resolve(kernel: Option<&Path>, initrd: Option<&Path>) -> Result<Self, AssetsError> {
-        let kernel = find(kernel, "PODVISOR_KERNEL", KERNEL_FILE).map_err(|(p, looked)| match p {
+        Ok(GuestAssets {
+            kernel: Self::kernel(kernel)?,
+            initrd: Self::initrd(initrd)?,
+        })
+    }
+
+    pub fn kernel(explicit: Option<&Path>) -> Result<PathBuf, AssetsError> {
+        find(explicit, "PODVISOR_KERNEL", KERNEL_FILE).map_err(|(p, looked)| match p {
             Some(p) => AssetsError::KernelMissing(p),
             None => AssetsError::KernelNotFound(looked),
-        })?;
-        let initrd = find(initrd, "PODVISOR_INITRD", INITRD_FILE).map_err(|(p, looked)| match p {
+        })
+    }
+
+    pub fn initrd(explicit: Option<&Path>) -> Result<PathBuf, AssetsError> {
+        find(explicit, "PODVISOR_INITRD", INITRD_FILE).map_err(|(p, looked)| match p {
             Some(p) => AssetsError::InitrdMissing(p),
             None => AssetsError::InitrdNotFound(looked),
-        })?;
-        Ok(GuestAssets { kernel, initrd })
+        })
     }
 }

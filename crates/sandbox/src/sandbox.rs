@@ -110,7 +110,11 @@ impl Sandbox {
             vcpus: config.vcpus,
             kernel: config.assets.kernel.clone(),
             initrd: config.assets.initrd.clone(),
-            kernel_args: vec![format!("{}={}", agent_proto::cmdline::HOSTNAME, config.hostname)],
+            kernel_args: vec![format!(
+                "{}={}",
+                agent_proto::cmdline::HOSTNAME,
+                config.hostname
+            )],
             shares: config.shares.clone(),
             memory: MemoryBackend::Anonymous,
             accel: config.accel,
@@ -140,7 +144,13 @@ impl Sandbox {
                 return Err(e.into());
             }
         };
-        let ready = wait_for_agent(&mut vm, &mut client, config.boot_timeout, &vm_config.console_log).await;
+        let ready = wait_for_agent(
+            &mut vm,
+            &mut client,
+            config.boot_timeout,
+            &vm_config.console_log,
+        )
+        .await;
         let version = match ready {
             Ok(v) => v,
             Err(e) => {
@@ -174,7 +184,8 @@ impl Sandbox {
     /// Powers the guest off and removes every trace of the sandbox.
     pub async fn destroy(mut self) {
         if self.vm.try_exit().is_none() {
-            let _ = tokio::time::timeout(Duration::from_millis(500), self.agent.shutdown(Empty {})).await;
+            let _ = tokio::time::timeout(Duration::from_millis(500), self.agent.shutdown(Empty {}))
+                .await;
             let deadline = Instant::now() + Duration::from_millis(500);
             while self.vm.try_exit().is_none() && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -187,7 +198,10 @@ impl Sandbox {
     /// Why the VM is gone, if it is: exit status and the console's last lines.
     pub fn vm_exit(&mut self) -> Option<String> {
         let status = self.vm.try_exit()?;
-        Some(format!("VM exited ({status}); console: {}", tail(&self.dir.file("console.log"), 5)))
+        Some(format!(
+            "VM exited ({status}); console: {}",
+            tail(&self.dir.file("console.log"), 5)
+        ))
     }
 }
 
@@ -202,16 +216,29 @@ async fn wait_for_agent(
     let handshake = agent::handshake(client);
     tokio::pin!(handshake);
     let deadline = tokio::time::Instant::now() + timeout;
+    let exited = |status: std::process::ExitStatus| {
+        SandboxError::Invalid(format!(
+            "VM exited before its agent answered ({status}); guest console:\n{}",
+            tail(console, 8)
+        ))
+    };
     loop {
         tokio::select! {
-            r = &mut handshake => return r.map_err(SandboxError::from),
+            r = &mut handshake => {
+                let Err(e) = r else { return r.map_err(SandboxError::from) };
+                // A broken channel usually means the VM died: say that instead.
+                for _ in 0..100 {
+                    if let Some(status) = vm.try_exit() {
+                        return Err(exited(status));
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                return Err(e.into());
+            }
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
         }
         if let Some(status) = vm.try_exit() {
-            return Err(SandboxError::Invalid(format!(
-                "VM exited before its agent answered ({status}); guest console:\n{}",
-                tail(console, 8)
-            )));
+            return Err(exited(status));
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(SandboxError::Invalid(format!(

@@ -63,7 +63,9 @@ impl StateDir {
         let path = parent.join(id);
         match fs::create_dir(&path) {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(StateError::Exists(id.into())),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(StateError::Exists(id.into()))
+            }
             Err(source) => return Err(StateError::Create { path, source }),
         }
         let lock_path = path.join(LOCK);
@@ -126,9 +128,15 @@ pub fn collect_garbage(root: &Path) -> Vec<String> {
         if !matches!(try_lock(&lock), Ok(true)) {
             continue;
         }
-        if let Some(pid) = fs::read_to_string(dir.join(VMM_PID)).ok().and_then(|s| s.trim().parse::<i32>().ok()) {
+        if let Some(pid) = fs::read_to_string(dir.join(VMM_PID))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+        {
             if process_matches(pid, &dir.to_string_lossy()) {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         }
         if fs::remove_dir_all(&dir).is_ok() {
@@ -145,7 +153,11 @@ mod tests {
     fn root() -> PathBuf {
         use std::sync::atomic::{AtomicU32, Ordering};
         static N: AtomicU32 = AtomicU32::new(0);
-        let p = std::env::temp_dir().join(format!("podvisor-state-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+        let p = std::env::temp_dir().join(format!(
+            "podvisor-state-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
         fs::create_dir_all(&p).unwrap();
         p
     }
@@ -168,7 +180,10 @@ mod tests {
     fn duplicate_id_is_refused() {
         let r = root();
         let a = StateDir::create(&r, "x").unwrap();
-        assert!(matches!(StateDir::create(&r, "x"), Err(StateError::Exists(_))));
+        assert!(matches!(
+            StateDir::create(&r, "x"),
+            Err(StateError::Exists(_))
+        ));
         a.remove();
         fs::remove_dir_all(&r).unwrap();
     }

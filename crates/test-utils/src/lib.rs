@@ -1,0 +1,215 @@
+//! Fixtures for tests that boot real VMs: where the built assets are, a state
+//! root per test that checks nothing was left behind, and initramfs images.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// `target/release`, where `make build` puts the kernel, initramfs and rootfs.
+pub fn build_dir() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = manifest.join("../../target/release");
+    for needed in ["vmlinux", "podvisor-initrd.cpio", "rootfs/bin/busybox"] {
+        assert!(
+            dir.join(needed).exists(),
+            "{} is missing: run `make build` first (it builds the guest kernel, the agent's initramfs and a busybox rootfs)",
+            dir.join(needed).display()
+        );
+    }
+    dir
+}
+
+pub fn busybox_rootfs() -> PathBuf {
+    build_dir().join("rootfs")
+}
+
+/// A private state root for one test; on drop it asserts that no sandbox
+/// directory and no process mentioning it is left, then removes it.
+pub struct StateRoot {
+    pub path: PathBuf,
+}
+
+impl StateRoot {
+    pub fn new(name: &str) -> StateRoot {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "podvisor-test-{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        fs::create_dir_all(&path).unwrap();
+        StateRoot { path }
+    }
+
+    /// Sandbox directories present under this root.
+    pub fn sandboxes(&self) -> Vec<String> {
+        fs::read_dir(self.path.join("sandboxes"))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Pids of processes whose command line mentions this root.
+    pub fn processes(&self) -> Vec<u32> {
+        processes_mentioning(&self.path.to_string_lossy())
+    }
+
+    /// Asserts nothing of a sandbox is left under this root.
+    pub fn assert_clean(&self) {
+        assert_eq!(
+            self.sandboxes(),
+            Vec::<String>::new(),
+            "sandbox state left under {}",
+            self.path.display()
+        );
+        assert_eq!(
+            self.processes(),
+            Vec::<u32>::new(),
+            "processes left for {}",
+            self.path.display()
+        );
+    }
+}
+
+impl Drop for StateRoot {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            self.assert_clean();
+        }
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+pub fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let me = std::process::id();
+    fs::read_dir("/proc")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| *pid != me)
+                .filter(|pid| {
+                    fs::read(format!("/proc/{pid}/cmdline"))
+                        .map(|c| String::from_utf8_lossy(&c).contains(needle))
+                        .unwrap_or(false)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Runs a command and returns its output, with stdin closed.
+pub fn output(cmd: &mut Command) -> Output {
+    cmd.stdin(std::process::Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
+}
+
+/// One file of an initramfs.
+pub struct Entry<'a> {
+    pub path: &'a str,
+    pub mode: u32,
+    pub data: &'a [u8],
+}
+
+/// Writes an uncompressed newc cpio archive (what the kernel unpacks as initramfs).
+pub fn cpio(entries: &[Entry]) -> Vec<u8> {
+    fn header(out: &mut Vec<u8>, ino: u32, mode: u32, size: usize, name: &str) {
+        let fields = [
+            ino,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            size as u32,
+            0,
+            0,
+            0,
+            0,
+            name.len() as u32 + 1,
+            0,
+        ];
+        out.extend_from_slice(b"070701");
+        for f in fields {
+            out.extend_from_slice(format!("{f:08x}").as_bytes());
+        }
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        while !out.len().is_multiple_of(4) {
+            out.push(0);
+        }
+    }
+    let mut out = Vec::new();
+    let mut dirs: Vec<String> = Vec::new();
+    let mut ino = 1;
+    for e in entries {
+        let mut prefix = String::new();
+        for part in Path::new(e.path)
+            .parent()
+            .into_iter()
+            .flat_map(|p| p.iter())
+        {
+            if !prefix.is_empty() {
+                prefix.push('/');
+            }
+            prefix.push_str(&part.to_string_lossy());
+            if !dirs.contains(&prefix) {
+                header(&mut out, ino, 0o040755, 0, &prefix);
+                ino += 1;
+                dirs.push(prefix.clone());
+            }
+        }
+        header(&mut out, ino, 0o100000 | e.mode, e.data.len(), e.path);
+        ino += 1;
+        out.extend_from_slice(e.data);
+        while !out.len().is_multiple_of(4) {
+            out.push(0);
+        }
+    }
+    header(&mut out, 0, 0, 0, "TRAILER!!!");
+    out
+}
+
+/// An initramfs whose /init is a busybox shell script instead of the agent:
+/// for the faults "the guest never answers" and "init dies".
+pub fn script_initrd(dir: &Path, script: &str) -> PathBuf {
+    let busybox = fs::read(busybox_rootfs().join("bin/busybox")).unwrap();
+    let init = format!("#!/bin/busybox sh\n{script}\n");
+    let image = cpio(&[
+        Entry {
+            path: "bin/busybox",
+            mode: 0o755,
+            data: &busybox,
+        },
+        Entry {
+            path: "init",
+            mode: 0o755,
+            data: init.as_bytes(),
+        },
+    ]);
+    let path = dir.join("script-initrd.cpio");
+    fs::write(&path, image).unwrap();
+    path
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpio_layout() {
+        let img = cpio(&[Entry {
+            path: "a/b",
+            mode: 0o644,
+            data: b"xyz",
+        }]);
+        assert!(img.starts_with(b"070701"));
+        assert_eq!(img.len() % 4, 0);
+        let text = String::from_utf8_lossy(&img);
+        assert!(text.contains("a\0") && text.contains("a/b\0") && text.contains("TRAILER!!!"));
+    }
+}

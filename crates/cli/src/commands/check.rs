@@ -20,7 +20,12 @@ pub struct CheckArgs {
     accel: Option<Accel>,
 }
 
-const DEVICES: [&str; 4] = ["virtio-serial-device", "virtserialport", "virtio-9p-device", "virtio-rng-device"];
+const DEVICES: [&str; 4] = [
+    "virtio-serial-device",
+    "virtserialport",
+    "virtio-9p-device",
+    "virtio-rng-device",
+];
 
 pub async fn run(args: CheckArgs) -> anyhow::Result<u8> {
     let mut missing: Vec<String> = Vec::new();
@@ -29,7 +34,9 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<u8> {
     let accel = args.accel.unwrap_or_else(|| host.default_accel());
     println!("accelerator:         {accel}");
     if accel == Accel::Kvm && !matches!(host, HostVirt::Kvm { .. }) {
-        missing.push(format!("KVM (asked for with --accel kvm; host offers {host})"));
+        missing.push(format!(
+            "KVM (asked for with --accel kvm; host offers {host})"
+        ));
     }
     match QemuDriver::locate() {
         Ok(q) => {
@@ -52,13 +59,13 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<u8> {
             missing.push("qemu-system-x86_64".into());
         }
     }
-    match GuestAssets::resolve(args.kernel.as_deref(), None) {
-        Ok(a) => println!("guest kernel:        {}", a.kernel.display()),
-        Err(e) => report_asset(&e.to_string(), "guest kernel", &mut missing),
+    match GuestAssets::kernel(args.kernel.as_deref()) {
+        Ok(k) => println!("guest kernel:        {}", k.display()),
+        Err(e) => report_missing(&e.to_string(), "guest kernel", &mut missing),
     }
-    match GuestAssets::resolve(Some(std::path::Path::new("/")).filter(|_| false), args.initrd.as_deref()) {
-        Ok(a) => println!("guest initramfs:     {}", a.initrd.display()),
-        Err(e) => report_asset(&e.to_string(), "guest initramfs", &mut missing),
+    match GuestAssets::initrd(args.initrd.as_deref()) {
+        Ok(i) => println!("guest initramfs:     {}", i.display()),
+        Err(e) => report_missing(&e.to_string(), "guest initramfs", &mut missing),
     }
     if missing.is_empty() {
         println!("ok: podvisor can run sandboxes here ({accel})");
@@ -69,9 +76,7 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<u8> {
     }
 }
 
-fn report_asset(err: &str, what: &str, missing: &mut Vec<String>) {
-    if err.contains(what) {
-        println!("{what:<20} MISSING ({err})");
-        missing.push(what.to_string());
-    }
+fn report_missing(err: &str, what: &str, missing: &mut Vec<String>) {
+    println!("{:<20} MISSING ({err})", format!("{what}:"));
+    missing.push(what.to_string());
 }

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use agent_proto::{
-    ConsoleSize, ContainerRequest, CreateContainerRequest, OutputStream, ProcessRequest, ResizeTtyRequest,
-    SignalProcessRequest, User,
+    ConsoleSize, ContainerRequest, CreateContainerRequest, OutputStream, ProcessRequest,
+    ResizeTtyRequest, SignalProcessRequest, User,
 };
 use anyhow::Context;
 use clap::Args;
@@ -73,7 +73,10 @@ fn parse_user(s: &str) -> anyhow::Result<User> {
         Some((u, g)) => (u, g),
         None => (s, s),
     };
-    let parse = |v: &str| v.parse::<u32>().with_context(|| format!("--user {s:?}: expected UID[:GID] as numbers"));
+    let parse = |v: &str| {
+        v.parse::<u32>()
+            .with_context(|| format!("--user {s:?}: expected UID[:GID] as numbers"))
+    };
     Ok(User {
         uid: parse(uid)?,
         gid: parse(gid)?,
@@ -120,10 +123,15 @@ pub async fn run(args: RunArgs, root: &Path) -> anyhow::Result<u8> {
     let env = environment(&args, &user)?;
     let rootfs = match &args.rootfs {
         Some(p) => p.clone(),
-        None => default_rootfs().context("no --rootfs given and no default rootfs installed beside podvisor (run `make build`)")?,
+        None => default_rootfs().context(
+            "no --rootfs given and no default rootfs installed beside podvisor (run `make build`)",
+        )?,
     };
     if !rootfs.is_dir() {
-        anyhow::bail!("rootfs {} does not exist or is not a directory", rootfs.display());
+        anyhow::bail!(
+            "rootfs {} does not exist or is not a directory",
+            rootfs.display()
+        );
     }
     let assets = GuestAssets::resolve(args.kernel.as_deref(), args.initrd.as_deref())?;
     let host = HostVirt::detect();
@@ -185,7 +193,9 @@ fn signal_forwarder(client: AgentClient, tty: bool) {
         SignalKind::user_defined2(),
     ];
     for kind in kinds {
-        let Ok(mut stream) = signal(kind) else { continue };
+        let Ok(mut stream) = signal(kind) else {
+            continue;
+        };
         let mut client = client.clone();
         tokio::spawn(async move {
             while stream.recv().await.is_some() {
@@ -201,7 +211,9 @@ fn signal_forwarder(client: AgentClient, tty: bool) {
         });
     }
     if tty {
-        let Ok(mut winch) = signal(SignalKind::window_change()) else { return };
+        let Ok(mut winch) = signal(SignalKind::window_change()) else {
+            return;
+        };
         let mut client = client.clone();
         tokio::spawn(async move {
             while winch.recv().await.is_some() {
@@ -220,7 +232,12 @@ fn signal_forwarder(client: AgentClient, tty: bool) {
     }
 }
 
-async fn run_in(sb: &mut Sandbox, args: &RunArgs, user: User, env: Vec<String>) -> anyhow::Result<u8> {
+async fn run_in(
+    sb: &mut Sandbox,
+    args: &RunArgs,
+    user: User,
+    env: Vec<String>,
+) -> anyhow::Result<u8> {
     let mut client = sb.agent.clone();
     let (rows, cols) = tty::size().unwrap_or((24, 80));
     let process = agent_proto::Process {
@@ -248,7 +265,11 @@ async fn run_in(sb: &mut Sandbox, args: &RunArgs, user: User, env: Vec<String>) 
         .await;
     if let Err(status) = created {
         let msg = status.message().to_string();
-        let code = if msg.contains("executable file not found") { 127 } else { 125 };
+        let code = if msg.contains("executable file not found") {
+            127
+        } else {
+            125
+        };
         return Err(CodedError { code, msg }.into());
     }
 
@@ -272,7 +293,11 @@ async fn run_in(sb: &mut Sandbox, args: &RunArgs, user: User, env: Vec<String>) 
         String::new(),
         tokio::io::stdin(),
     ));
-    let raw = if args.tty { tty::RawMode::enter() } else { None };
+    let raw = if args.tty {
+        tty::RawMode::enter()
+    } else {
+        None
+    };
     signal_forwarder(client.clone(), args.tty);
 
     let request = ContainerRequest {

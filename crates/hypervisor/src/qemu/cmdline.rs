@@ -27,7 +27,10 @@ pub fn args(config: &VmConfig, root: bool) -> Vec<String> {
     let mem = format!("{}M", config.memory_mib);
     let mut a: Vec<String> = Vec::new();
     let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
-    push(&["-M", "microvm,acpi=off,isa-serial=on,rtc=off,memory-backend=mem"]);
+    push(&[
+        "-M",
+        "microvm,acpi=off,isa-serial=on,rtc=off,memory-backend=mem",
+    ]);
     match config.accel {
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
         Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
@@ -42,29 +45,61 @@ pub fn args(config: &VmConfig, root: bool) -> Vec<String> {
         ),
     };
     push(&["-object", &backend]);
-    push(&["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]);
-    push(&["-kernel", &escape(&config.kernel), "-initrd", &escape(&config.initrd)]);
+    push(&[
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+    ]);
+    push(&[
+        "-kernel",
+        &escape(&config.kernel),
+        "-initrd",
+        &escape(&config.initrd),
+    ]);
     push(&["-append", &kernel_cmdline(config)]);
-    push(&["-chardev", &format!("file,id=console,path={}", escape(&config.console_log))]);
+    push(&[
+        "-chardev",
+        &format!("file,id=console,path={}", escape(&config.console_log)),
+    ]);
     push(&["-serial", "chardev:console"]);
     push(&["-device", "virtio-serial-device,max_ports=2"]);
     push(&[
         "-chardev",
-        &format!("socket,id=agent,path={},server=on,wait=off", escape(&config.agent_socket)),
+        &format!(
+            "socket,id=agent,path={},server=on,wait=off",
+            escape(&config.agent_socket)
+        ),
     ]);
-    push(&["-device", &format!("virtserialport,chardev=agent,name={}", config.agent_port_name)]);
+    push(&[
+        "-device",
+        &format!(
+            "virtserialport,chardev=agent,name={}",
+            config.agent_port_name
+        ),
+    ]);
     // passthrough keeps the guest's file owners on the host; it needs root.
     let model = if root { "passthrough" } else { "none" };
     for (i, share) in config.shares.iter().enumerate() {
         let ro = if share.readonly { ",readonly=on" } else { "" };
         push(&[
             "-fsdev",
-            &format!("local,id=fs{i},path={},security_model={model}{ro}", escape(&share.path)),
+            &format!(
+                "local,id=fs{i},path={},security_model={model}{ro}",
+                escape(&share.path)
+            ),
         ]);
-        push(&["-device", &format!("virtio-9p-device,fsdev=fs{i},mount_tag={}", share.tag)]);
+        push(&[
+            "-device",
+            &format!("virtio-9p-device,fsdev=fs{i},mount_tag={}", share.tag),
+        ]);
     }
     push(&["-device", "virtio-rng-device"]);
-    push(&["-qmp", &format!("unix:{},server=on,wait=off", escape(&config.control_socket))]);
+    push(&[
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", escape(&config.control_socket)),
+    ]);
     a
 }
 

@@ -49,7 +49,10 @@ impl QemuDriver {
     /// `qemu-system-x86_64 --version`, first line.
     pub fn version(&self) -> Option<String> {
         let out = Command::new(&self.binary).arg("--version").output().ok()?;
-        String::from_utf8_lossy(&out.stdout).lines().next().map(str::to_string)
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .map(str::to_string)
     }
 
     /// Whether this QEMU has a device model (`-device help`).
@@ -110,7 +113,9 @@ impl Hypervisor for QemuDriver {
 
     async fn launch(&self, config: &VmConfig) -> Result<QemuVm, HypervisorError> {
         if config.memory_mib == 0 || config.vcpus == 0 {
-            return Err(HypervisorError::Config("memory and vcpus must be positive".into()));
+            return Err(HypervisorError::Config(
+                "memory and vcpus must be positive".into(),
+            ));
         }
         let mut child = self.spawn(config)?;
         let start = Instant::now();

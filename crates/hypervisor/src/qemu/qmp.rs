@@ -26,12 +26,16 @@ pub enum Reply {
 
 /// Parses one QMP line. QEMU's bytes are not trusted to be well formed.
 pub fn parse_reply(line: &str) -> Result<Reply, HypervisorError> {
-    let v: Value = serde_json::from_str(line).map_err(|e| HypervisorError::Qmp(format!("bad reply {line:?}: {e}")))?;
+    let v: Value = serde_json::from_str(line)
+        .map_err(|e| HypervisorError::Qmp(format!("bad reply {line:?}: {e}")))?;
     if let Some(r) = v.get("return") {
         return Ok(Reply::Return(r.clone()));
     }
     if let Some(e) = v.get("error") {
-        let desc = e.get("desc").and_then(Value::as_str).unwrap_or("unknown error");
+        let desc = e
+            .get("desc")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown error");
         return Ok(Reply::Error(desc.to_string()));
     }
     if let Some(ev) = v.get("event") {
@@ -45,7 +49,9 @@ pub fn parse_reply(line: &str) -> Result<Reply, HypervisorError> {
 
 impl Qmp {
     pub async fn connect(path: &Path) -> Result<Self, HypervisorError> {
-        let stream = UnixStream::connect(path).await.map_err(HypervisorError::QmpIo)?;
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(HypervisorError::QmpIo)?;
         let (r, writer) = stream.into_split();
         let mut qmp = Qmp {
             reader: BufReader::new(r),
@@ -53,7 +59,11 @@ impl Qmp {
         };
         match qmp.read_reply().await? {
             Reply::Greeting => {}
-            other => return Err(HypervisorError::Qmp(format!("expected the QMP greeting, got {other:?}"))),
+            other => {
+                return Err(HypervisorError::Qmp(format!(
+                    "expected the QMP greeting, got {other:?}"
+                )))
+            }
         }
         qmp.execute("qmp_capabilities", None).await?;
         Ok(qmp)
@@ -61,7 +71,11 @@ impl Qmp {
 
     async fn read_reply(&mut self) -> Result<Reply, HypervisorError> {
         let mut line = String::new();
-        let n = self.reader.read_line(&mut line).await.map_err(HypervisorError::QmpIo)?;
+        let n = self
+            .reader
+            .read_line(&mut line)
+            .await
+            .map_err(HypervisorError::QmpIo)?;
         if n == 0 {
             return Err(HypervisorError::Qmp("QEMU closed the QMP socket".into()));
         }
@@ -69,18 +83,27 @@ impl Qmp {
     }
 
     /// Runs one command and returns its `return` value.
-    pub async fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, HypervisorError> {
+    pub async fn execute(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, HypervisorError> {
         let mut msg = json!({ "execute": command });
         if let Some(args) = arguments {
             msg["arguments"] = args;
         }
         let mut line = msg.to_string();
         line.push('\n');
-        self.writer.write_all(line.as_bytes()).await.map_err(HypervisorError::QmpIo)?;
+        self.writer
+            .write_all(line.as_bytes())
+            .await
+            .map_err(HypervisorError::QmpIo)?;
         loop {
             match self.read_reply().await? {
                 Reply::Return(v) => return Ok(v),
-                Reply::Error(desc) => return Err(HypervisorError::Qmp(format!("{command}: {desc}"))),
+                Reply::Error(desc) => {
+                    return Err(HypervisorError::Qmp(format!("{command}: {desc}")))
+                }
                 Reply::Event(_) | Reply::Greeting => continue,
             }
         }
@@ -89,7 +112,10 @@ impl Qmp {
     /// The run state QEMU reports ("running", "paused", ...).
     pub async fn status(&mut self) -> Result<String, HypervisorError> {
         let v = self.execute("query-status", None).await?;
-        Ok(v.get("status").and_then(Value::as_str).unwrap_or("unknown").to_string())
+        Ok(v.get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown")
+            .to_string())
     }
 }
 
@@ -99,7 +125,10 @@ mod tests {
 
     #[test]
     fn parses_replies() {
-        assert_eq!(parse_reply(r#"{"return": {}}"#).unwrap(), Reply::Return(json!({})));
+        assert_eq!(
+            parse_reply(r#"{"return": {}}"#).unwrap(),
+            Reply::Return(json!({}))
+        );
         assert_eq!(
             parse_reply(r#"{"error": {"class": "GenericError", "desc": "nope"}}"#).unwrap(),
             Reply::Error("nope".into())
@@ -108,7 +137,10 @@ mod tests {
             parse_reply(r#"{"event": "STOP", "timestamp": {}}"#).unwrap(),
             Reply::Event("STOP".into())
         );
-        assert_eq!(parse_reply(r#"{"QMP": {"version": {}}}"#).unwrap(), Reply::Greeting);
+        assert_eq!(
+            parse_reply(r#"{"QMP": {"version": {}}}"#).unwrap(),
+            Reply::Greeting
+        );
     }
 
     #[test]
