@@ -1,8 +1,9 @@
 //! The gRPC service the host calls: containers, processes and their stdio.
 
+use std::collections::HashSet;
 use std::fs;
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use agent_proto::agent_server::Agent;
@@ -25,7 +26,11 @@ pub struct AgentService {
     table: Arc<Table>,
     reaper: Reaper,
     ready_ms: u64,
+    /// 9p tags mounted under SHARES (a virtio-9p tag can be mounted only once).
+    shares: Arc<Mutex<HashSet<String>>>,
 }
+
+const SHARES: &str = "/run/podvisor/shares";
 
 impl AgentService {
     pub fn new(reaper: Reaper, ready_ms: u64) -> Self {
@@ -33,6 +38,7 @@ impl AgentService {
             table: Arc::default(),
             reaper,
             ready_ms,
+            shares: Arc::default(),
         }
     }
 
@@ -138,14 +144,56 @@ fn unmount_container(dir: &Path) {
     let _ = fs::remove_dir_all(dir);
 }
 
-fn mount_container(dir: &Path, tag: &str) -> Result<(), Status> {
+/// Mounts the 9p share `tag` once, under SHARES, and returns where.
+fn mount_share(shares: &Mutex<HashSet<String>>, tag: &str) -> Result<PathBuf, Status> {
+    valid_id(tag)?;
+    let path = Path::new(SHARES).join(tag);
+    let mut mounted = shares.lock().unwrap_or_else(|e| e.into_inner());
+    if mounted.contains(tag) {
+        return Ok(path);
+    }
+    fs::create_dir_all(&path).map_err(internal("creating the share mount point"))?;
+    let opts = "trans=virtio,version=9p2000.L,msize=262144,cache=mmap,access=client";
+    mount(Some(tag), &path, Some("9p"), MsFlags::empty(), Some(opts)).map_err(|e| {
+        Status::invalid_argument(format!("mounting root filesystem share {tag:?}: {e}"))
+    })?;
+    mounted.insert(tag.to_string());
+    Ok(path)
+}
+
+/// The container's root inside its share; refuses paths that leave it.
+fn rootfs_source(share: &Path, subpath: &str) -> Result<PathBuf, Status> {
+    let sub = Path::new(subpath);
+    let normal = sub
+        .components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)));
+    if !normal {
+        return Err(Status::invalid_argument(format!(
+            "invalid rootfs subpath {subpath:?}"
+        )));
+    }
+    let source = share.join(sub);
+    if !source.is_dir() {
+        return Err(Status::invalid_argument(format!(
+            "rootfs {subpath:?} is not a directory in its share"
+        )));
+    }
+    Ok(source)
+}
+
+fn mount_container(dir: &Path, source: &Path) -> Result<(), Status> {
     let rootfs = dir.join("rootfs");
     let pts = dir.join("pts");
     fs::create_dir_all(&rootfs).map_err(internal("creating the container directory"))?;
     fs::create_dir_all(&pts).map_err(internal("creating the container directory"))?;
-    let opts = "trans=virtio,version=9p2000.L,msize=262144,cache=mmap,access=client";
-    mount(Some(tag), &rootfs, Some("9p"), MsFlags::empty(), Some(opts))
-        .map_err(|e| Status::invalid_argument(format!("mounting root filesystem {tag:?}: {e}")))?;
+    mount(
+        Some(source),
+        &rootfs,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(errno("bind-mounting the container root"))?;
     mount(
         Some("devpts"),
         &pts,
@@ -200,9 +248,10 @@ impl Agent for AgentService {
         }
         let dir = container::dir(&id);
         let cg = cgroup::path(&id);
-        let reaper = self.reaper.clone();
+        let (reaper, shares) = (self.reaper.clone(), Arc::clone(&self.shares));
         let created = blocking(move || -> Result<Container, Status> {
-            mount_container(&dir, &req.rootfs_tag)?;
+            let share = mount_share(&shares, &req.rootfs_tag)?;
+            mount_container(&dir, &rootfs_source(&share, &req.rootfs_subpath)?)?;
             cgroup::create(&cg, req.resources.as_ref())
                 .map_err(internal("creating the container cgroup"))?;
             let (host, child) = open_stdio(&process, &dir.join("pts"))?;

@@ -315,3 +315,23 @@ fn check_reports_the_host() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("guest kernel"));
 }
+
+#[test]
+fn kvm_runs_where_the_host_has_it() {
+    let root = StateRoot::new("kvm");
+    match hypervisor::HostVirt::detect() {
+        hypervisor::HostVirt::Kvm { .. } => {
+            let o = run(&root, &["--accel", "kvm", "--timings", "--", "echo", "kvm"]);
+            assert_eq!(stdout(&o), "kvm\n", "stderr: {}", stderr(&o));
+            assert!(stderr(&o).contains("\"accel\":\"kvm\""));
+        }
+        other => {
+            eprintln!("SKIPPED kvm_runs_where_the_host_has_it: needs hardware KVM (VMX/SVM); this host offers {other}");
+            // Asking for KVM here is a clear error, not a crawl under PVM emulation.
+            assert_one_line_error(
+                &run(&root, &["--accel", "kvm", "--", "true"]),
+                "--accel kvm asked for",
+            );
+        }
+    }
+}

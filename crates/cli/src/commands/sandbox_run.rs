@@ -257,6 +257,7 @@ async fn run_in(
         .create_container(CreateContainerRequest {
             container_id: CONTAINER_ID.into(),
             rootfs_tag: ROOTFS_TAG.into(),
+            rootfs_subpath: String::new(),
             rootfs_readonly: false,
             hostname: args.hostname.clone(),
             process: Some(process),
