@@ -41,8 +41,10 @@ demo: build
 	@echo '--- podvisor sandbox run -- sh -c "..." (a busybox container in its own micro-VM)'
 	$(OUT)/podvisor sandbox run --timings -- sh -c 'echo "hello from $$(hostname), guest kernel $$(uname -r), host kernel '"$$(uname -r)"'"; id; ls /'
 
+# Two test threads: VM tests under TCG are CPU-bound and this is sized for 2 cores.
 test: build
-	$(CARGO) test --release --workspace -- --test-threads=2
+	@set -o pipefail; $(CARGO) test --release --workspace --lib --bins --tests -- --test-threads=2 2>&1 \
+	  | tee target/test.log; rc=$$?; scripts/test-summary.sh target/test.log; exit $$rc
 
 lint:
 	$(CARGO) fmt --all --check
