@@ -41,10 +41,11 @@ demo: build
 	@echo '--- podvisor sandbox run -- sh -c "..." (a busybox container in its own micro-VM)'
 	$(OUT)/podvisor sandbox run --timings -- sh -c 'echo "hello from $$(hostname), guest kernel $$(uname -r), host kernel '"$$(uname -r)"'"; id; ls /'
 
-# Two test threads: VM tests under TCG are CPU-bound and this is sized for 2 cores.
+# cargo-nextest (on the machine image; installed if missing): every test in its own
+# process, two at a time (VM tests under TCG are CPU-bound), each killed if it hangs.
 test: build
-	@set -o pipefail; $(CARGO) test --release --workspace --lib --bins --tests -- --test-threads=2 2>&1 \
-	  | tee target/test.log; rc=$$?; scripts/test-summary.sh target/test.log; exit $$rc
+	@cargo nextest --version >/dev/null 2>&1 || $(CARGO) install cargo-nextest --locked
+	$(CARGO) nextest run --release --workspace
 
 lint:
 	$(CARGO) fmt --all --check

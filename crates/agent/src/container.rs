@@ -1,19 +1,18 @@
 //! The agent's table of containers and their processes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use nix::unistd::Pid;
-
 use crate::reaper::{Exit, ExitWatch};
-use crate::spawn::Spawned;
+use crate::spawn::{Namespaces, Spawned};
 use crate::stdio::HostEnds;
 
 /// One process the agent started: a container's first process or an exec.
 pub struct Process {
-    pub pid: Pid,
+    /// Signals go through this, never to a pid that may have been recycled.
+    pub pidfd: std::os::fd::OwnedFd,
     pub exit: ExitWatch,
     pub io: HostEnds,
     /// Until StartContainer: the forked process, held before exec.
@@ -37,6 +36,8 @@ impl Process {
 
 pub struct Container {
     pub init: Arc<Process>,
+    /// The first process's namespaces, for execs.
+    pub ns: Arc<Namespaces>,
     pub execs: Mutex<HashMap<String, Arc<Process>>>,
     pub cgroup: PathBuf,
     /// Where the container's root (9p) and its devpts instance are mounted.
@@ -63,6 +64,9 @@ impl Container {
 #[derive(Default)]
 pub struct Table {
     pub containers: Mutex<HashMap<String, Arc<Container>>>,
+    /// Ids of containers being created: taken before any work, so two
+    /// creates of one id never touch the same mounts.
+    creating: Mutex<HashSet<String>>,
 }
 
 impl Table {
@@ -72,6 +76,30 @@ impl Table {
             .unwrap_or_else(|e| e.into_inner())
             .get(id)
             .cloned()
+    }
+
+    /// Reserves `id`; false if it exists or is being created.
+    pub fn reserve(&self, id: &str) -> bool {
+        let containers = self.containers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut creating = self.creating.lock().unwrap_or_else(|e| e.into_inner());
+        !containers.contains_key(id) && creating.insert(id.to_string())
+    }
+
+    /// Turns a reservation into a container.
+    pub fn commit(&self, id: &str, c: Container) {
+        let mut containers = self.containers.lock().unwrap_or_else(|e| e.into_inner());
+        containers.insert(id.to_string(), Arc::new(c));
+        self.creating
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+    }
+
+    pub fn release(&self, id: &str) {
+        self.creating
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
     }
 }
 

@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::cgroup;
 use crate::container::{self, Container, Process, Table};
 use crate::reaper::{Exit, Reaper};
-use crate::spawn::{self, ProcessSpec, Target};
+use crate::spawn::{self, Namespaces, ProcessSpec, Target};
 use crate::stdio;
 
 pub struct AgentService {
@@ -137,11 +137,15 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
         .map_err(|e| Status::internal(format!("agent task failed: {e}")))
 }
 
+/// Undoes `mount_container`. Never removes recursively: a directory that is
+/// still a mount point may be a share of host files.
 fn unmount_container(dir: &Path) {
     for sub in ["pts", "rootfs"] {
-        let _ = umount2(&dir.join(sub), MntFlags::MNT_DETACH);
+        let path = dir.join(sub);
+        while umount2(&path, MntFlags::MNT_DETACH).is_ok() {}
+        let _ = fs::remove_dir(&path);
     }
-    let _ = fs::remove_dir_all(dir);
+    let _ = fs::remove_dir(dir);
 }
 
 /// Mounts the 9p share `tag` once, under SHARES, and returns where.
@@ -205,6 +209,47 @@ fn mount_container(dir: &Path, source: &Path) -> Result<(), Status> {
     Ok(())
 }
 
+fn build_container(
+    req: &CreateContainerRequest,
+    process: &agent_proto::Process,
+    dir: &Path,
+    cg: &Path,
+    reaper: &Reaper,
+    shares: &Mutex<HashSet<String>>,
+) -> Result<Container, Status> {
+    let share = mount_share(shares, &req.rootfs_tag)?;
+    mount_container(dir, &rootfs_source(&share, &req.rootfs_subpath)?)?;
+    cgroup::create(cg, req.resources.as_ref())
+        .map_err(internal("creating the container cgroup"))?;
+    let (host, child) = open_stdio(process, &dir.join("pts"))?;
+    let target = Target::New {
+        rootfs: dir.join("rootfs"),
+        devpts: dir.join("pts"),
+        hostname: req.hostname.clone(),
+        readonly: req.rootfs_readonly,
+    };
+    let spec = process_spec(process, target, cg, &child, true)?;
+    let mut spawned =
+        spawn::spawn(spec, reaper).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    drop(child);
+    let ns = Namespaces::of(spawned.pid).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(Container {
+        init: Arc::new(Process {
+            pidfd: spawned
+                .pidfd
+                .take()
+                .ok_or_else(|| Status::internal("no pidfd"))?,
+            exit: spawned.exit.clone(),
+            io: host,
+            held: Mutex::new(Some(spawned)),
+        }),
+        ns: Arc::new(ns),
+        execs: Mutex::default(),
+        cgroup: cg.to_path_buf(),
+        dir: dir.to_path_buf(),
+    })
+}
+
 #[tonic::async_trait]
 impl Agent for AgentService {
     async fn version(
@@ -241,58 +286,35 @@ impl Agent for AgentService {
             .process
             .clone()
             .ok_or_else(|| Status::invalid_argument("process is missing"))?;
-        if self.table.get(&id).is_some() {
+        if !self.table.reserve(&id) {
             return Err(Status::already_exists(format!(
                 "container {id:?} already exists"
             )));
         }
-        let dir = container::dir(&id);
-        let cg = cgroup::path(&id);
-        let (reaper, shares) = (self.reaper.clone(), Arc::clone(&self.shares));
-        let created = blocking(move || -> Result<Container, Status> {
-            let share = mount_share(&shares, &req.rootfs_tag)?;
-            mount_container(&dir, &rootfs_source(&share, &req.rootfs_subpath)?)?;
-            cgroup::create(&cg, req.resources.as_ref())
-                .map_err(internal("creating the container cgroup"))?;
-            let (host, child) = open_stdio(&process, &dir.join("pts"))?;
-            let target = Target::New {
-                rootfs: dir.join("rootfs"),
-                devpts: dir.join("pts"),
-                hostname: req.hostname.clone(),
-                readonly: req.rootfs_readonly,
-            };
-            let spec = process_spec(&process, target, &cg, &child, true)?;
-            let spawned =
-                spawn::spawn(spec, &reaper).map_err(|e| Status::invalid_argument(e.to_string()))?;
-            drop(child);
-            Ok(Container {
-                init: Arc::new(Process {
-                    pid: spawned.pid,
-                    exit: spawned.exit.clone(),
-                    io: host,
-                    held: Mutex::new(Some(spawned)),
-                }),
-                execs: Mutex::default(),
-                cgroup: cg,
-                dir,
-            })
-        })
-        .await?;
-        let container = match created {
-            Ok(c) => c,
-            Err(status) => {
-                let dir = container::dir(&id);
-                let _ = cgroup::remove(&cgroup::path(&id));
-                unmount_container(&dir);
-                return Err(status);
+        let (reaper, shares, table) = (
+            self.reaper.clone(),
+            Arc::clone(&self.shares),
+            Arc::clone(&self.table),
+        );
+        // All of it, cleanup and table update included, runs on the blocking
+        // thread: a cancelled request cannot leave half a container behind.
+        blocking(move || {
+            let dir = container::dir(&id);
+            let cg = cgroup::path(&id);
+            match build_container(&req, &process, &dir, &cg, &reaper, &shares) {
+                Ok(c) => {
+                    table.commit(&id, c);
+                    Ok(Response::new(Empty {}))
+                }
+                Err(status) => {
+                    let _ = cgroup::remove(&cg);
+                    unmount_container(&dir);
+                    table.release(&id);
+                    Err(status)
+                }
             }
-        };
-        self.table
-            .containers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, Arc::new(container));
-        Ok(Response::new(Empty {}))
+        })
+        .await?
     }
 
     async fn start_container(
@@ -392,13 +414,16 @@ impl Agent for AgentService {
         let proc_ = blocking(move || -> Result<Process, Status> {
             let (host, child) = open_stdio(&process, &c2.devpts())?;
             let target = Target::Join {
-                init_pid: c2.init.pid.as_raw(),
+                ns: Arc::clone(&c2.ns),
             };
             let spec = process_spec(&process, target, &c2.cgroup, &child, false)?;
-            let spawned =
+            let mut spawned =
                 spawn::spawn(spec, &reaper).map_err(|e| Status::invalid_argument(e.to_string()))?;
             Ok(Process {
-                pid: spawned.pid,
+                pidfd: spawned
+                    .pidfd
+                    .take()
+                    .ok_or_else(|| Status::internal("no pidfd"))?,
                 exit: spawned.exit.clone(),
                 io: host,
                 held: Mutex::new(None),
@@ -420,6 +445,10 @@ impl Agent for AgentService {
         let sig = Signal::try_from(req.signal as i32)
             .map_err(|_| Status::invalid_argument(format!("invalid signal {}", req.signal)))?;
         let c = self.container(&req.container_id)?;
+        if req.all && sig == Signal::SIGKILL {
+            cgroup::kill_all(&c.cgroup).map_err(internal("killing the container's processes"))?;
+            return Ok(Response::new(Empty {}));
+        }
         if req.all {
             for pid in cgroup::pids(&c.cgroup) {
                 let _ = kill(Pid::from_raw(pid as i32), sig);
@@ -430,7 +459,7 @@ impl Agent for AgentService {
         if p.exited().is_some() {
             return Err(Status::failed_precondition("process already exited"));
         }
-        kill(p.pid, sig).map_err(errno("kill"))?;
+        spawn::pidfd_signal(&p.pidfd, sig as i32).map_err(errno("kill"))?;
         Ok(Response::new(Empty {}))
     }
 
@@ -492,9 +521,17 @@ impl Agent for AgentService {
                     .await?
                     .map_err(|e| Status::aborted(format!("writing stdin: {e}")))?;
             }
-            // A pty has no separate stdin to close: its main side is the output too.
-            if chunk.close && p.io.pty.is_none() {
-                p.io.stdin.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if chunk.close {
+                if p.io.pty.is_some() {
+                    // A pty's main side is also the output: send end-of-file
+                    // (VEOF) to the line discipline instead of closing it.
+                    let f = p.io.stdin.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    if let Some(f) = f {
+                        let _ = blocking(move || (&*f).write_all(&[4])).await;
+                    }
+                } else {
+                    p.io.stdin.lock().unwrap_or_else(|e| e.into_inner()).take();
+                }
             }
         }
         Ok(Response::new(Empty {}))

@@ -5,6 +5,7 @@
 use std::ffi::{CStr, CString};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use nix::errno::Errno;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -28,8 +29,33 @@ pub enum Target {
         hostname: String,
         readonly: bool,
     },
-    /// Into the namespaces of a running container's first process.
-    Join { init_pid: i32 },
+    /// Into the namespaces of a running container's first process, opened
+    /// when it was created (so a recycled pid can never be joined).
+    Join { ns: Arc<Namespaces> },
+}
+
+/// A container's pid, ipc, uts, cgroup and mount namespaces, in that order.
+pub struct Namespaces {
+    fds: Vec<OwnedFd>,
+}
+
+impl Namespaces {
+    /// Opens the namespaces of `pid`, which must be our unreaped child.
+    pub fn of(pid: Pid) -> Result<Namespaces, SpawnError> {
+        let mut fds = Vec::new();
+        for ns in ["pid", "ipc", "uts", "cgroup", "mnt"] {
+            let path = format!("/proc/{pid}/ns/{ns}");
+            let fd = nix::fcntl::open(
+                path.as_str(),
+                nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| SpawnError::Os("opening the container's namespaces", e))?;
+            // SAFETY: `open` just returned this fd and nothing else owns it.
+            fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+        Ok(Namespaces { fds })
+    }
 }
 
 /// Everything a container process needs, as the service hands it over.
@@ -134,6 +160,7 @@ pub enum SpawnError {
 /// A process that was forked; with `hold`, it waits for `release`.
 pub struct Spawned {
     pub pid: Pid,
+    pub pidfd: Option<OwnedFd>,
     pub exit: ExitWatch,
     start: Option<OwnedFd>,
     status: OwnedFd,
@@ -182,20 +209,10 @@ fn spawn_in_thread(
     match &spec.target {
         Target::New { .. } => unshare(CloneFlags::CLONE_NEWPID)
             .map_err(|e| SpawnError::Os("creating the pid namespace", e))?,
-        Target::Join { init_pid } => {
-            for ns in ["pid", "ipc", "uts", "cgroup", "mnt"] {
-                let path = format!("/proc/{init_pid}/ns/{ns}");
-                let fd = nix::fcntl::open(
-                    path.as_str(),
-                    nix::fcntl::OFlag::O_RDONLY | nix::fcntl::OFlag::O_CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(|e| SpawnError::Os("opening the container's namespaces", e))?;
-                // SAFETY: `open` just returned this fd and nothing else owns it.
-                join_fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
-            }
-            setns(&join_fds[0], CloneFlags::CLONE_NEWPID)
+        Target::Join { ns } => {
+            setns(&ns.fds[0], CloneFlags::CLONE_NEWPID)
                 .map_err(|e| SpawnError::Os("joining the container's pid namespace", e))?;
+            join_fds.extend(ns.fds[1..].iter().map(|f| f.as_raw_fd()));
         }
     }
     let child_ctx = ChildCtx {
@@ -203,7 +220,7 @@ fn spawn_in_thread(
         spec,
         status_w: status_w.as_raw_fd(),
         start_r: start_r.as_raw_fd(),
-        join_fds: join_fds.iter().skip(1).map(|f| f.as_raw_fd()).collect(),
+        join_fds,
     };
     let mut guard = reaper.lock();
     // SAFETY: the child runs `child_main`, which only makes syscalls on data
@@ -214,10 +231,12 @@ fn spawn_in_thread(
         ForkResult::Parent { child } => child,
     };
     let exit = Reaper::watch(&mut guard, pid);
+    // Under the reaper lock the child cannot have been reaped, so its pid
+    // still names it.
+    let pidfd = pidfd_open(pid).map_err(|e| SpawnError::Os("pidfd_open", e))?;
     drop(guard);
     drop(status_w);
     drop(start_r);
-    drop(join_fds);
 
     let record = read_record(status_r.as_raw_fd());
     if spec.hold {
@@ -231,11 +250,41 @@ fn spawn_in_thread(
     }
     Ok(Spawned {
         pid,
+        pidfd: Some(pidfd),
         exit,
         start: spec.hold.then_some(start_w),
         status: status_r,
         cmd,
     })
+}
+
+fn pidfd_open(pid: Pid) -> nix::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
+    if fd < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: the syscall returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Sends `sig` to the process behind `pidfd`.
+pub fn pidfd_signal(pidfd: &OwnedFd, sig: i32) -> nix::Result<()> {
+    // SAFETY: pidfd_send_signal takes an fd, a signal number, a NULL siginfo
+    // and flags; no memory is passed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
 }
 
 fn stage_error(stage: Stage, errno: Errno, cmd: &str) -> SpawnError {
@@ -514,6 +563,10 @@ fn child_setup(ctx: &ChildCtx) -> Result<Never, (Stage, Errno)> {
     for (want, fd) in spec.stdio.iter().enumerate() {
         unistd::dup2(*fd, want as RawFd).map_err(at(Stage::Stdio))?;
     }
+    // Everything else the agent had open (other processes' pipes, the
+    // channel, sockets) must not reach the container, nor be held by a
+    // process waiting to be started.
+    close_fds_except(&[ctx.status_w, ctx.start_r]).map_err(at(Stage::Stdio))?;
     if spec.tty {
         // SAFETY: TIOCSCTTY takes an int argument; fd 0 is the pty's replica.
         let rc = unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) };
@@ -664,6 +717,34 @@ fn pivot(rootfs: &CStr) -> nix::Result<()> {
     unistd::pivot_root(c".", c".")?;
     umount2(c".", MntFlags::MNT_DETACH)?;
     unistd::chdir(c"/")
+}
+
+/// Closes every fd from 3 up except `keep` (close_range, no allocation).
+fn close_fds_except(keep: &[RawFd]) -> nix::Result<()> {
+    let mut keep_sorted = [RawFd::MAX; 2];
+    keep_sorted[..keep.len()].copy_from_slice(keep);
+    keep_sorted.sort_unstable();
+    let mut from: RawFd = 3;
+    for k in keep_sorted {
+        let to = if k == RawFd::MAX {
+            u32::MAX
+        } else {
+            (k - 1) as u32
+        };
+        if k == RawFd::MAX || k > from {
+            // SAFETY: close_range takes plain integers; closing fds this
+            // single-threaded child owns cannot break memory safety.
+            let rc = unsafe { libc::syscall(libc::SYS_close_range, from as u32, to, 0u32) };
+            if rc < 0 {
+                return Err(Errno::last());
+            }
+        }
+        if k == RawFd::MAX {
+            break;
+        }
+        from = k + 1;
+    }
+    Ok(())
 }
 
 /// `mkdir -p` on a fixed buffer (no allocation after fork).

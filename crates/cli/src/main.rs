@@ -77,6 +77,9 @@ fn main() -> ExitCode {
             Command::Check(args) => commands::check::run(args).await,
         }
     });
+    // A read of a terminal stdin may still be blocked on a runtime thread;
+    // it must not hold the exit back.
+    runtime.shutdown_background();
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

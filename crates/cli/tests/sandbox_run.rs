@@ -335,3 +335,100 @@ fn kvm_runs_where_the_host_has_it() {
         }
     }
 }
+
+#[test]
+fn terminal_stdin_does_not_hold_the_exit() {
+    // Under `script` podvisor's stdin is a terminal nobody types into: the
+    // blocked read of it must not keep podvisor alive after the command.
+    let root = StateRoot::new("term-stdin");
+    let cmd = format!(
+        "{} --root {} sandbox run -- echo hi-from-pty",
+        env!("CARGO_BIN_EXE_podvisor"),
+        root.path.display()
+    );
+    let t = Instant::now();
+    let mut child = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("script(1) from util-linux is needed for this test");
+    let stdin = child.stdin.take(); // kept open: the terminal never reaches EOF
+    let o = child.wait_with_output().unwrap();
+    drop(stdin);
+    assert!(
+        stdout(&o).contains("hi-from-pty"),
+        "{}{}",
+        stdout(&o),
+        stderr(&o)
+    );
+    assert_eq!(o.status.code(), Some(0));
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn tty_stdin_eof_ends_cat() {
+    let root = StateRoot::new("tty-eof");
+    let mut child = podvisor(&root)
+        .args(["sandbox", "run", "-t", "--", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"typed\n").unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("typed"), "{:?}", stdout(&o));
+}
+
+fn spawn_ready(
+    root: &StateRoot,
+    script: &str,
+) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
+    let mut child = podvisor(root)
+        .args(["sandbox", "run", "--", "sh", "-c", script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    (child, out)
+}
+
+fn send(child: &std::process::Child, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), sig).unwrap();
+}
+
+#[test]
+fn signals_reach_the_command_and_a_second_stop_kills_it() {
+    let root = StateRoot::new("signals");
+    // A handler in the command sees the forwarded signal.
+    let (child, _out) = spawn_ready(
+        &root,
+        "trap 'exit 9' TERM; echo ready; while :; do sleep 1; done",
+    );
+    send(&child, nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(child.wait_with_output().unwrap().status.code(), Some(9));
+    // Without a handler PID 1 ignores it; a second stop signal kills everything.
+    let (child, _out) = spawn_ready(&root, "echo ready; exec sleep 1000");
+    let t = Instant::now();
+    send(&child, nix::sys::signal::Signal::SIGINT);
+    std::thread::sleep(Duration::from_millis(300));
+    send(&child, nix::sys::signal::Signal::SIGINT);
+    assert_eq!(child.wait_with_output().unwrap().status.code(), Some(137));
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        t.elapsed()
+    );
+}

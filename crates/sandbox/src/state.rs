@@ -54,6 +54,9 @@ fn try_lock(file: &File) -> io::Result<bool> {
 }
 
 impl StateDir {
+    /// Creates and locks `ROOT/sandboxes/<id>`. The directory is made under
+    /// a hidden name and renamed into place once locked, so garbage
+    /// collection never sees it unlocked.
     pub fn create(root: &Path, id: &str) -> Result<StateDir, StateError> {
         let parent = sandboxes(root);
         fs::create_dir_all(&parent).map_err(|source| StateError::Create {
@@ -61,24 +64,47 @@ impl StateDir {
             source,
         })?;
         let path = parent.join(id);
-        match fs::create_dir(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                return Err(StateError::Exists(id.into()))
-            }
-            Err(source) => return Err(StateError::Create { path, source }),
+        if path.exists() {
+            return Err(StateError::Exists(id.into()));
         }
-        let lock_path = path.join(LOCK);
-        let lock = OpenOptions::new()
+        let staging = parent.join(format!(".{id}.{}", std::process::id()));
+        fs::create_dir(&staging).map_err(|source| StateError::Create {
+            path: staging.clone(),
+            source,
+        })?;
+        let lock_path = staging.join(LOCK);
+        let locked = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(&lock_path)
-            .and_then(|f| try_lock(&f).map(|_| f))
-            .map_err(|source| StateError::Lock {
-                path: lock_path,
-                source,
-            })?;
+            .and_then(|f| match try_lock(&f)? {
+                true => Ok(f),
+                false => Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    "held by another process",
+                )),
+            });
+        let lock = match locked {
+            Ok(f) => f,
+            Err(source) => {
+                let _ = fs::remove_dir_all(&staging);
+                return Err(StateError::Lock {
+                    path: lock_path,
+                    source,
+                });
+            }
+        };
+        // rename(2) onto an existing non-empty directory fails: ids stay unique.
+        if let Err(e) = fs::rename(&staging, &path) {
+            let _ = fs::remove_dir_all(&staging);
+            return Err(match e.kind() {
+                io::ErrorKind::AlreadyExists | io::ErrorKind::DirectoryNotEmpty => {
+                    StateError::Exists(id.into())
+                }
+                _ => StateError::Create { path, source: e },
+            });
+        }
         Ok(StateDir { path, _lock: lock })
     }
 
@@ -95,12 +121,18 @@ impl StateDir {
     }
 }
 
-/// Whether process `pid` is alive and was started with `needle` in its
-/// command line (guards against a recycled pid).
-fn process_matches(pid: i32, needle: &str) -> bool {
-    fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| String::from_utf8_lossy(&c).contains(needle))
-        .unwrap_or(false)
+/// Whether process `pid` is a VMM started for the sandbox directory `dir`
+/// (guards against a recycled pid): its command line names files inside
+/// `dir/` and its executable is a QEMU.
+fn is_vmm_of(pid: i32, dir: &Path) -> bool {
+    let needle = format!("{}/", dir.display());
+    let cmdline_ok = fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).contains(&needle))
+        .unwrap_or(false);
+    let exe_ok = fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|e| e.to_string_lossy().contains("qemu"))
+        .unwrap_or(false);
+    cmdline_ok && exe_ok
 }
 
 /// Removes the directories of sandboxes whose owner died, killing the VMM
@@ -112,9 +144,11 @@ pub fn collect_garbage(root: &Path) -> Vec<String> {
     };
     for entry in entries.flatten() {
         let dir = entry.path();
-        let Ok(lock) = File::open(dir.join(LOCK)) else {
-            // A directory without a lock is being created right now, or broken:
-            // leave it unless it is old.
+        let staging = entry.file_name().to_string_lossy().starts_with('.');
+        let lock = File::open(dir.join(LOCK)).ok().filter(|_| !staging);
+        let Some(lock) = lock else {
+            // Being created right now (hidden name), or broken: leave it
+            // unless it is old.
             let old = entry
                 .metadata()
                 .and_then(|m| m.modified())
@@ -132,7 +166,7 @@ pub fn collect_garbage(root: &Path) -> Vec<String> {
             .ok()
             .and_then(|s| s.trim().parse::<i32>().ok())
         {
-            if process_matches(pid, &dir.to_string_lossy()) {
+            if is_vmm_of(pid, &dir) {
                 let _ = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid),
                     nix::sys::signal::Signal::SIGKILL,

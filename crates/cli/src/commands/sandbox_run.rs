@@ -183,53 +183,84 @@ pub async fn run(args: RunArgs, root: &Path) -> anyhow::Result<u8> {
     result
 }
 
-fn signal_forwarder(client: AgentClient, tty: bool) {
-    let kinds = [
+/// How long a command may take to exit after SIGINT, SIGTERM or SIGHUP
+/// before everything in it is SIGKILLed (docker stop's default).
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+fn signal_request(signal: i32, all: bool) -> SignalProcessRequest {
+    SignalProcessRequest {
+        container_id: CONTAINER_ID.into(),
+        exec_id: String::new(),
+        signal: signal as u32,
+        all,
+    }
+}
+
+/// Forwards signals sent to podvisor to the command. The command is PID 1 of
+/// its pid namespace and ignores signals it has no handler for, so a stop
+/// signal also arms a SIGKILL of the whole container after STOP_GRACE, at
+/// once on a second one. Returns the tasks, to abort when the command ended.
+fn signal_forwarder(client: AgentClient, tty: bool) -> Vec<tokio::task::JoinHandle<()>> {
+    let stop = [
         SignalKind::interrupt(),
         SignalKind::terminate(),
         SignalKind::hangup(),
+    ];
+    let plain = [
         SignalKind::quit(),
         SignalKind::user_defined1(),
         SignalKind::user_defined2(),
     ];
-    for kind in kinds {
+    let mut tasks = Vec::new();
+    let (stop_tx, mut stop_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    for kind in stop.into_iter().chain(plain) {
         let Ok(mut stream) = signal(kind) else {
             continue;
         };
         let mut client = client.clone();
-        tokio::spawn(async move {
+        let is_stop = stop.contains(&kind);
+        let stop_tx = stop_tx.clone();
+        tasks.push(tokio::spawn(async move {
             while stream.recv().await.is_some() {
                 let _ = client
-                    .signal_process(SignalProcessRequest {
-                        container_id: CONTAINER_ID.into(),
-                        exec_id: String::new(),
-                        signal: kind.as_raw_value() as u32,
-                        all: false,
-                    })
+                    .signal_process(signal_request(kind.as_raw_value(), false))
                     .await;
-            }
-        });
-    }
-    if tty {
-        let Ok(mut winch) = signal(SignalKind::window_change()) else {
-            return;
-        };
-        let mut client = client.clone();
-        tokio::spawn(async move {
-            while winch.recv().await.is_some() {
-                if let Some((rows, cols)) = tty::size() {
-                    let _ = client
-                        .resize_tty(ResizeTtyRequest {
-                            container_id: CONTAINER_ID.into(),
-                            exec_id: String::new(),
-                            rows: rows.into(),
-                            cols: cols.into(),
-                        })
-                        .await;
+                if is_stop {
+                    let _ = stop_tx.send(());
                 }
             }
-        });
+        }));
     }
+    let mut killer = client.clone();
+    tasks.push(tokio::spawn(async move {
+        if stop_rx.recv().await.is_none() {
+            return;
+        }
+        let _ = tokio::time::timeout(STOP_GRACE, stop_rx.recv()).await;
+        let _ = killer
+            .signal_process(signal_request(libc::SIGKILL, true))
+            .await;
+    }));
+    if tty {
+        if let Ok(mut winch) = signal(SignalKind::window_change()) {
+            let mut client = client.clone();
+            tasks.push(tokio::spawn(async move {
+                while winch.recv().await.is_some() {
+                    if let Some((rows, cols)) = tty::size() {
+                        let _ = client
+                            .resize_tty(ResizeTtyRequest {
+                                container_id: CONTAINER_ID.into(),
+                                exec_id: String::new(),
+                                rows: rows.into(),
+                                cols: cols.into(),
+                            })
+                            .await;
+                    }
+                }
+            }));
+        }
+    }
+    tasks
 }
 
 async fn run_in(
@@ -299,12 +330,13 @@ async fn run_in(
     } else {
         None
     };
-    signal_forwarder(client.clone(), args.tty);
+    let forwarders = signal_forwarder(client.clone(), args.tty);
 
     let request = ContainerRequest {
         container_id: CONTAINER_ID.into(),
     };
     if let Err(status) = client.start_container(request).await {
+        forwarders.iter().for_each(|t| t.abort());
         drop(raw);
         return Err(CodedError {
             code: 126,
@@ -324,6 +356,7 @@ async fn run_in(
     let _ = tokio::time::timeout(drain, out).await;
     let _ = tokio::time::timeout(drain, err).await;
     stdin.abort();
+    forwarders.iter().for_each(|t| t.abort());
     drop(raw);
     let status = waited.map_err(|s| anyhow::anyhow!("waiting for the command: {}", s.message()))?;
     Ok(status.into_inner().exit_code.clamp(0, 255) as u8)
