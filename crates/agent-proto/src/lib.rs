@@ -15,6 +15,12 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// The name of the virtio-serial port that carries the agent channel.
 pub const AGENT_PORT_NAME: &str = "io.podvisor.agent.0";
 
+/// What the host writes first on every connection to the agent channel. The
+/// agent starts a fresh session whenever a read begins with it, so a session
+/// the guest never saw end (a clone resumed from a template saved before the
+/// template's host had hung up) cannot swallow the next host's bytes.
+pub const SESSION_MAGIC: &[u8; 16] = b"\0podvisor-sess1\0";
+
 /// Kernel command-line keys the host passes to the agent.
 pub mod cmdline {
     /// The guest's hostname.

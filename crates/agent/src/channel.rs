@@ -1,5 +1,7 @@
 //! The agent's end of the host channel: a virtio-serial port turned into a
 //! stream of sessions, one per host connection, each a local socket tonic serves.
+//! A session begins where a read starts with `SESSION_MAGIC` and ends at the
+//! host's hang-up (EOF) or the next magic; bytes outside a session are dropped.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -12,6 +14,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
+use agent_proto::SESSION_MAGIC;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use tokio::sync::mpsc;
 
@@ -48,7 +51,7 @@ pub fn find_port(name: &str, wait: Duration) -> io::Result<PathBuf> {
     }
 }
 
-/// Bridges the port to local sockets: every host connection becomes one
+/// Bridges the port to local sockets: every host session becomes one
 /// `UnixStream` sent on `sessions`. Runs forever on its own threads.
 pub fn serve_port(path: PathBuf, sessions: mpsc::UnboundedSender<UnixStream>) -> io::Result<()> {
     let port = OpenOptions::new()
@@ -59,71 +62,80 @@ pub fn serve_port(path: PathBuf, sessions: mpsc::UnboundedSender<UnixStream>) ->
     let port = Arc::new(port);
     thread::Builder::new()
         .name("channel".into())
-        .spawn(move || loop {
-            let (ours, theirs) = match UnixStream::pair() {
-                Ok(pair) => pair,
-                Err(_) => return,
-            };
-            if sessions.send(theirs).is_err() {
-                return;
-            }
-            run_session(&port, ours);
-        })?;
+        .spawn(move || read_port(&port, &sessions))?;
     Ok(())
 }
 
-/// Copies bytes both ways until the host disconnects (the port reads EOF
-/// after having carried data) or the local side closes.
-fn run_session(port: &Arc<File>, local: UnixStream) {
-    let ended = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let port = Arc::clone(port);
-        let ended = Arc::clone(&ended);
-        let local = local.try_clone();
-        thread::spawn(move || {
-            if let Ok(local) = local {
-                local_to_port(&port, local, &ended);
-            }
-            ended.store(true, Ordering::SeqCst);
-        })
-    };
-    port_to_local(port, &local, &ended);
-    ended.store(true, Ordering::SeqCst);
-    let _ = local.shutdown(std::net::Shutdown::Both);
-    let _ = writer.join();
+/// One host session: the local socket tonic serves, and the thread copying
+/// its replies to the port.
+struct Session {
+    local: UnixStream,
+    ended: Arc<AtomicBool>,
 }
 
-fn port_to_local(port: &File, mut local: &UnixStream, ended: &AtomicBool) {
+impl Session {
+    fn start(port: &Arc<File>, sessions: &mpsc::UnboundedSender<UnixStream>) -> Option<Session> {
+        let (ours, theirs) = UnixStream::pair().ok()?;
+        let replies = ours.try_clone().ok()?;
+        sessions.send(theirs).ok()?;
+        let ended = Arc::new(AtomicBool::new(false));
+        let (port, flag) = (Arc::clone(port), Arc::clone(&ended));
+        thread::spawn(move || {
+            local_to_port(&port, replies, &flag);
+            flag.store(true, Ordering::SeqCst);
+        });
+        Some(Session { local: ours, ended })
+    }
+
+    fn end(self) {
+        self.ended.store(true, Ordering::SeqCst);
+        let _ = self.local.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+fn read_port(port: &Arc<File>, sessions: &mpsc::UnboundedSender<UnixStream>) {
     let mut buf = vec![0u8; 64 * 1024];
-    let mut carried = false;
+    let mut current: Option<Session> = None;
     let mut idle_rounds = 0;
-    while !ended.load(Ordering::SeqCst) {
+    loop {
+        if current
+            .as_ref()
+            .is_some_and(|s| s.ended.load(Ordering::SeqCst))
+        {
+            current.take().map(Session::end);
+        }
         let mut fds = [PollFd::new(port.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, PollTimeout::from(POLL_MS)) {
-            Ok(0) => continue,
+            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
             Ok(_) => {}
-            Err(nix::errno::Errno::EINTR) => continue,
             Err(_) => return,
         }
-        match (&*port).read(&mut buf) {
-            Ok(0) => {
-                // EOF: no host is connected. Before this session carried
-                // anything that just means the host has not come yet.
-                if carried {
-                    return;
-                }
-                idle_sleep(&mut idle_rounds);
-            }
-            Ok(n) => {
-                carried = true;
-                if local.write_all(&buf[..n]).is_err() {
-                    return;
-                }
-            }
+        let n = match (&**port).read(&mut buf) {
+            Ok(n) => n,
             Err(e)
                 if e.kind() == io::ErrorKind::WouldBlock
-                    || e.kind() == io::ErrorKind::Interrupted => {}
+                    || e.kind() == io::ErrorKind::Interrupted =>
+            {
+                continue
+            }
             Err(_) => return,
+        };
+        if n == 0 {
+            // EOF: no host is connected (any more).
+            current.take().map(Session::end);
+            idle_sleep(&mut idle_rounds);
+            continue;
+        }
+        idle_rounds = 0;
+        let mut data = &buf[..n];
+        if data.starts_with(SESSION_MAGIC) {
+            current.take().map(Session::end);
+            current = Session::start(port, sessions);
+            data = &data[SESSION_MAGIC.len()..];
+        }
+        let Some(session) = &current else { continue };
+        if !data.is_empty() && (&session.local).write_all(data).is_err() {
+            current.take().map(Session::end);
         }
     }
 }

@@ -109,3 +109,27 @@ pub fn set_clock(host_unix_ns: u64) {
         }
     }
 }
+
+/// Mixes `entropy` into the kernel's pool, credits it, and forces the CRNG to
+/// reseed, so a clone's random numbers part from its template's at once.
+pub fn reseed_rng(entropy: &[u8]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+    let random = fs::OpenOptions::new().write(true).open("/dev/random")?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info = Vec::with_capacity(8 + entropy.len());
+    info.extend_from_slice(&((entropy.len() * 8) as i32).to_ne_bytes());
+    info.extend_from_slice(&(entropy.len() as i32).to_ne_bytes());
+    info.extend_from_slice(entropy);
+    // SAFETY: RNDADDENTROPY reads a rand_pool_info whose buf_size bytes
+    // follow its header; `info` holds exactly that.
+    if unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    if unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

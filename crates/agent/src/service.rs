@@ -589,6 +589,20 @@ impl Agent for AgentService {
         Ok(Response::new(Empty {}))
     }
 
+    async fn set_identity(&self, req: Request<IdentityRequest>) -> Result<Response<Empty>, Status> {
+        let req = req.into_inner();
+        if req.entropy.len() < 32 {
+            return Err(Status::invalid_argument(
+                "entropy must be at least 32 bytes",
+            ));
+        }
+        crate::init::reseed_rng(&req.entropy).map_err(internal("re-seeding the RNG"))?;
+        if !req.hostname.is_empty() {
+            nix::unistd::sethostname(&req.hostname).map_err(errno("setting the hostname"))?;
+        }
+        Ok(Response::new(Empty {}))
+    }
+
     async fn shutdown(&self, _req: Request<Empty>) -> Result<Response<Empty>, Status> {
         let table = Arc::clone(&self.table);
         tokio::spawn(async move {

@@ -38,6 +38,9 @@ enum Command {
     /// Sandboxes: a micro-VM running one command.
     #[command(subcommand)]
     Sandbox(commands::SandboxCommand),
+    /// VM templates: sandboxes cloned from a paused, booted VM.
+    #[command(subcommand)]
+    Template(commands::template::TemplateCommand),
     /// Show what this host offers and whether podvisor can run here.
     Check(commands::check::CheckArgs),
 }
@@ -74,6 +77,7 @@ fn main() -> ExitCode {
         sandbox::state::collect_garbage(&cli.root);
         match cli.command {
             Command::Sandbox(cmd) => commands::sandbox(cmd, &cli.root).await,
+            Command::Template(cmd) => commands::template::run(cmd, &cli.root).await,
             Command::Check(args) => commands::check::run(args).await,
         }
     });

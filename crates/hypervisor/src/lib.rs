@@ -72,6 +72,8 @@ pub struct VmConfig {
     pub console_log: PathBuf,
     /// The VMM's own stderr goes here.
     pub vmm_log: PathBuf,
+    /// Start paused, waiting for a saved state (`VirtualMachine::restore`).
+    pub incoming: bool,
 }
 
 /// A running VM.
@@ -85,6 +87,12 @@ pub trait VirtualMachine {
     async fn resume(&mut self) -> Result<(), HypervisorError>;
     /// Asks the VMM to quit, then kills it if it has not within `grace`.
     async fn stop(&mut self, grace: std::time::Duration);
+    /// Pauses the VM and writes its device state to `state`. Guest memory is
+    /// not copied: it stays in the file-backed memory (templates).
+    async fn save(&mut self, state: &std::path::Path) -> Result<(), HypervisorError>;
+    /// Loads device state saved by `save` into a VM launched with
+    /// `incoming`, whose memory maps the saved memory file, and resumes it.
+    async fn restore(&mut self, state: &std::path::Path) -> Result<(), HypervisorError>;
 }
 
 /// A VMM that can launch VMs.

@@ -7,6 +7,7 @@ use std::time::Duration;
 use agent_proto::agent_client::AgentClient as Grpc;
 use agent_proto::{VersionRequest, VersionResponse, PROTOCOL_VERSION};
 use hyper_util::rt::TokioIo;
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -39,7 +40,11 @@ pub fn channel(socket: &Path) -> Result<Channel, AgentError> {
     Ok(
         endpoint.connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
             let path = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+            async move {
+                let mut stream = UnixStream::connect(path).await?;
+                stream.write_all(agent_proto::SESSION_MAGIC).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
         })),
     )
 }

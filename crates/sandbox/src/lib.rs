@@ -6,6 +6,7 @@ pub mod assets;
 pub mod io;
 mod sandbox;
 pub mod state;
+pub mod template;
 
 pub use sandbox::{Sandbox, SandboxConfig, Timings};
 

@@ -11,6 +11,7 @@ use hypervisor::{Accel, Hypervisor, MemoryBackend, Share, VirtualMachine, VmConf
 use crate::agent::{self, AgentClient, AgentError};
 use crate::assets::GuestAssets;
 use crate::state::StateDir;
+use crate::template::Template;
 use crate::SandboxError;
 
 pub const MIN_MEMORY_MIB: u64 = 64;
@@ -28,6 +29,9 @@ pub struct SandboxConfig {
     pub hostname: String,
     /// How long the agent may take to answer after the VMM started.
     pub boot_timeout: Duration,
+    /// Clone this template instead of booting (its shape overrides memory,
+    /// vcpus, assets and accelerator); boot cold if it is unusable.
+    pub template: Option<Template>,
 }
 
 /// Where the time of `start` went.
@@ -43,6 +47,10 @@ pub struct Timings {
 
 pub struct Sandbox {
     pub id: String,
+    /// The template this sandbox was cloned from.
+    pub cloned_from: Option<String>,
+    /// Why a template asked for could not be used (the sandbox booted cold).
+    pub fallback: Option<String>,
     pub accel: Accel,
     pub agent: AgentClient,
     pub timings: Timings,
@@ -99,79 +107,158 @@ impl SandboxConfig {
     }
 }
 
+/// The VM description of a sandbox, with its sockets and logs in `dir`.
+pub(crate) fn vm_config(config: &SandboxConfig, dir: &StateDir) -> VmConfig {
+    VmConfig {
+        id: config.id.clone(),
+        memory_mib: config.memory_mib,
+        vcpus: config.vcpus,
+        kernel: config.assets.kernel.clone(),
+        initrd: config.assets.initrd.clone(),
+        kernel_args: vec![format!(
+            "{}={}",
+            agent_proto::cmdline::HOSTNAME,
+            config.hostname
+        )],
+        shares: config.shares.clone(),
+        memory: MemoryBackend::Anonymous,
+        accel: config.accel,
+        agent_socket: dir.file("agent.sock"),
+        agent_port_name: agent_proto::AGENT_PORT_NAME.into(),
+        control_socket: dir.file("qmp.sock"),
+        console_log: dir.file("console.log"),
+        vmm_log: dir.file("vmm.log"),
+        incoming: false,
+    }
+}
+
+struct Launched {
+    vm: QemuVm,
+    client: AgentClient,
+    version: agent_proto::VersionResponse,
+    vmm_ready: Duration,
+    agent_ready: Duration,
+}
+
+fn host_entropy() -> Vec<u8> {
+    let mut b = vec![0u8; 64];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut b);
+    }
+    b
+}
+
+/// Boots (or, with a template, restores) the VM and handshakes with its
+/// agent. On failure nothing of the VM is left running.
+async fn launch(
+    driver: &QemuDriver,
+    config: &SandboxConfig,
+    dir: &StateDir,
+    template: Option<&Template>,
+) -> Result<Launched, SandboxError> {
+    let mut vmc = vm_config(config, dir);
+    if let Some(t) = template {
+        (vmc.memory_mib, vmc.vcpus, _, vmc.accel) = t.shape();
+        vmc.kernel = t.meta.kernel.clone();
+        vmc.initrd = t.meta.initrd.clone();
+        vmc.memory = MemoryBackend::File {
+            path: t.memory(),
+            shared: false,
+        };
+        vmc.incoming = true;
+    }
+    let t0 = Instant::now();
+    let mut vm = driver.launch(&vmc).await?;
+    dir.record_vmm_pid(vm.pid());
+    let ready = async {
+        if let Some(t) = template {
+            vm.restore(&t.state()).await.map_err(|e| {
+                SandboxError::Invalid(format!("{e}: {}", tail(&vmc.vmm_log, 3).replace('\n', " ")))
+            })?;
+        }
+        let vmm_ready = t0.elapsed();
+        let channel = agent::channel(&vmc.agent_socket)?;
+        let mut client = AgentClient::new(channel).max_decoding_message_size(16 << 20);
+        let version =
+            wait_for_agent(&mut vm, &mut client, config.boot_timeout, &vmc.console_log).await?;
+        if template.is_some() {
+            client
+                .set_identity(agent_proto::IdentityRequest {
+                    entropy: host_entropy(),
+                    hostname: config.hostname.clone(),
+                })
+                .await
+                .map_err(AgentError::from)?;
+        }
+        Ok::<_, SandboxError>((client, version, vmm_ready))
+    }
+    .await;
+    match ready {
+        Ok((client, version, vmm_ready)) => Ok(Launched {
+            vm,
+            client,
+            version,
+            vmm_ready,
+            agent_ready: t0.elapsed(),
+        }),
+        Err(e) => {
+            vm.stop(Duration::from_secs(1)).await;
+            Err(e)
+        }
+    }
+}
+
 impl Sandbox {
     pub async fn start(config: SandboxConfig) -> Result<Sandbox, SandboxError> {
         config.validate()?;
         let driver = QemuDriver::locate()?;
         let dir = StateDir::create(&config.root, &config.id)?;
-        let vm_config = VmConfig {
-            id: config.id.clone(),
-            memory_mib: config.memory_mib,
-            vcpus: config.vcpus,
-            kernel: config.assets.kernel.clone(),
-            initrd: config.assets.initrd.clone(),
-            kernel_args: vec![format!(
-                "{}={}",
-                agent_proto::cmdline::HOSTNAME,
-                config.hostname
-            )],
-            shares: config.shares.clone(),
-            memory: MemoryBackend::Anonymous,
-            accel: config.accel,
-            agent_socket: dir.file("agent.sock"),
-            agent_port_name: agent_proto::AGENT_PORT_NAME.into(),
-            control_socket: dir.file("qmp.sock"),
-            console_log: dir.file("console.log"),
-            vmm_log: dir.file("vmm.log"),
-        };
-        let t0 = Instant::now();
-        let mut vm = match driver.launch(&vm_config).await {
-            Ok(vm) => vm,
-            Err(e) => {
-                dir.remove();
-                return Err(e.into());
+        let mut fallback = None;
+        let mut launched = None;
+        if let Some(t) = &config.template {
+            match launch(&driver, &config, &dir, Some(t)).await {
+                Ok(l) => launched = Some(l),
+                Err(e) => {
+                    tracing::warn!(sandbox = %config.id, template = %t.meta.name, "clone failed, booting cold: {e}");
+                    fallback = Some(format!(
+                        "template {} unusable ({e}); booted cold",
+                        t.meta.name
+                    ));
+                    for f in ["agent.sock", "qmp.sock"] {
+                        let _ = std::fs::remove_file(dir.file(f));
+                    }
+                }
             }
-        };
-        dir.record_vmm_pid(vm.pid());
-        let vmm_ready = t0.elapsed();
-        tracing::debug!(sandbox = %config.id, accel = %config.accel, ?vmm_ready, "vmm ready");
-
-        let mut client = match agent::channel(&vm_config.agent_socket) {
-            Ok(ch) => AgentClient::new(ch).max_decoding_message_size(16 << 20),
-            Err(e) => {
-                vm.stop(Duration::from_secs(1)).await;
-                dir.remove();
-                return Err(e.into());
-            }
-        };
-        let ready = wait_for_agent(
-            &mut vm,
-            &mut client,
-            config.boot_timeout,
-            &vm_config.console_log,
-        )
-        .await;
-        let version = match ready {
-            Ok(v) => v,
-            Err(e) => {
-                vm.stop(Duration::from_secs(1)).await;
-                dir.remove();
-                return Err(e);
-            }
+        }
+        let cloned_from = launched
+            .as_ref()
+            .and(config.template.as_ref())
+            .map(|t| t.meta.name.clone());
+        let l = match launched {
+            Some(l) => l,
+            None => match launch(&driver, &config, &dir, None).await {
+                Ok(l) => l,
+                Err(e) => {
+                    dir.remove();
+                    return Err(e);
+                }
+            },
         };
         let timings = Timings {
-            vmm_ready,
-            agent_ready: t0.elapsed(),
-            guest_ready_ms: version.ready_ms,
+            vmm_ready: l.vmm_ready,
+            agent_ready: l.agent_ready,
+            guest_ready_ms: l.version.ready_ms,
         };
-        tracing::debug!(sandbox = %config.id, ?timings, "agent ready");
+        tracing::debug!(sandbox = %config.id, ?timings, cloned = cloned_from.is_some(), "agent ready");
         Ok(Sandbox {
             id: config.id,
+            cloned_from,
+            fallback,
             accel: config.accel,
-            agent: client,
+            agent: l.client,
             timings,
-            kernel_release: version.kernel_release,
-            vm,
+            kernel_release: l.version.kernel_release,
+            vm: l.vm,
             dir,
         })
     }
@@ -207,7 +294,7 @@ impl Sandbox {
 
 /// Handshakes with the agent, failing early if the VM dies (a kernel panic
 /// reboots and so exits QEMU) and late if nothing answers.
-async fn wait_for_agent(
+pub(crate) async fn wait_for_agent(
     vm: &mut QemuVm,
     client: &mut AgentClient,
     timeout: Duration,

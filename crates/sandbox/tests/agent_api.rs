@@ -47,6 +47,7 @@ async fn start_sandbox(root: &StateRoot) -> Sandbox {
         }],
         hostname: "api".into(),
         boot_timeout: Duration::from_secs(120),
+        template: None,
     })
     .await
     .expect("sandbox starts")

@@ -2,6 +2,7 @@
 
 pub mod check;
 pub mod sandbox_run;
+pub mod template;
 
 use std::path::Path;
 

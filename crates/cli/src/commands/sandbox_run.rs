@@ -13,6 +13,7 @@ use clap::Args;
 use hypervisor::{Accel, HostVirt, Share};
 use sandbox::agent::AgentClient;
 use sandbox::assets::GuestAssets;
+use sandbox::template::Template;
 use sandbox::{Sandbox, SandboxConfig};
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -60,6 +61,10 @@ pub struct RunArgs {
     /// Seconds the guest may take to boot to a ready agent.
     #[arg(long)]
     boot_timeout: Option<u64>,
+    /// Clone this template instead of booting (its memory, vcpus, kernel and
+    /// accelerator apply); a template that cannot be used gives a warning and a cold boot.
+    #[arg(long)]
+    template: Option<String>,
     /// Print where the time went (JSON, on stderr) when done.
     #[arg(long)]
     timings: bool,
@@ -133,9 +138,31 @@ pub async fn run(args: RunArgs, root: &Path) -> anyhow::Result<u8> {
             rootfs.display()
         );
     }
-    let assets = GuestAssets::resolve(args.kernel.as_deref(), args.initrd.as_deref())?;
+    let template = match &args.template {
+        Some(name) => match Template::open(root, name) {
+            Ok(t) => Some(t),
+            Err(e) if e.to_string().contains("does not exist") => return Err(e.into()),
+            // A damaged template: say so, and boot cold.
+            Err(e) => {
+                eprintln!("podvisor: warning: {e}; booting cold");
+                None
+            }
+        },
+        None => None,
+    };
+    let (memory, vcpus) = match &template {
+        Some(t) => (t.meta.memory_mib, t.meta.vcpus),
+        None => (args.memory, args.vcpus),
+    };
+    let assets = match &template {
+        Some(t) => t.shape().2,
+        None => GuestAssets::resolve(args.kernel.as_deref(), args.initrd.as_deref())?,
+    };
     let host = HostVirt::detect();
-    let accel = args.accel.unwrap_or_else(|| host.default_accel());
+    let accel = match &template {
+        Some(t) => t.accel(),
+        None => args.accel.unwrap_or_else(|| host.default_accel()),
+    };
     if accel == Accel::Kvm && !matches!(host, HostVirt::Kvm { .. }) {
         anyhow::bail!("--accel kvm asked for, but this host offers {host}");
     }
@@ -149,8 +176,8 @@ pub async fn run(args: RunArgs, root: &Path) -> anyhow::Result<u8> {
     let config = SandboxConfig {
         id: id.clone(),
         root: root.to_path_buf(),
-        memory_mib: args.memory,
-        vcpus: args.vcpus,
+        memory_mib: memory,
+        vcpus,
         assets,
         accel,
         shares: vec![Share {
@@ -160,18 +187,24 @@ pub async fn run(args: RunArgs, root: &Path) -> anyhow::Result<u8> {
         }],
         hostname: args.hostname.clone(),
         boot_timeout,
+        template,
     };
     let mut sb = Sandbox::start(config).await?;
+    if let Some(why) = &sb.fallback {
+        eprintln!("podvisor: warning: {why}");
+    }
     let result = run_in(&mut sb, &args, user, env).await;
     let ran = t0.elapsed();
     if let Some(why) = sb.vm_exit() {
         tracing::warn!(sandbox = %id, "{why}");
     }
     let timings = sb.timings;
+    let sb_cloned = sb.cloned_from.clone();
     sb.destroy().await;
     if args.timings {
         let t = serde_json::json!({
             "accel": accel.to_string(),
+            "cloned_from": sb_cloned,
             "vmm_ready_ms": timings.vmm_ready.as_secs_f64() * 1e3,
             "agent_ready_ms": timings.agent_ready.as_secs_f64() * 1e3,
             "guest_agent_ready_ms": timings.guest_ready_ms,

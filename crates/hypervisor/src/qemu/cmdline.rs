@@ -100,6 +100,9 @@ pub fn args(config: &VmConfig, root: bool) -> Vec<String> {
         "-qmp",
         &format!("unix:{},server=on,wait=off", escape(&config.control_socket)),
     ]);
+    if config.incoming {
+        push(&["-incoming", "defer", "-S"]);
+    }
     a
 }
 
@@ -129,6 +132,7 @@ mod tests {
             control_socket: "/run/s/qmp.sock".into(),
             console_log: "/run/s/console.log".into(),
             vmm_log: "/run/s/qemu.log".into(),
+            incoming: false,
         }
     }
 
@@ -156,6 +160,9 @@ mod tests {
         let line = args(&c, false).join(" ");
         assert!(line.contains("memory-backend-file,id=mem,size=256M,mem-path=/dev/shm/t,share=on"));
         assert!(line.contains("-accel kvm -cpu host"));
+        assert!(!line.contains("-incoming"));
+        c.incoming = true;
+        assert!(args(&c, false).join(" ").ends_with("-incoming defer -S"));
         assert!(line.contains("security_model=none"));
     }
 }

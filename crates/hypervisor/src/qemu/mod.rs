@@ -154,9 +154,25 @@ pub struct QemuVm {
     qmp: Qmp,
 }
 
+/// A shell-quoted path for QEMU's `exec:` migration URIs.
+fn sh_quote(p: &Path) -> String {
+    format!("'{}'", p.to_string_lossy().replace('\'', "'\\''"))
+}
+
+const MIGRATION_WAIT: Duration = Duration::from_secs(60);
+
 impl QemuVm {
     pub async fn status(&mut self) -> Result<String, HypervisorError> {
         self.qmp.status().await
+    }
+
+    async fn ignore_shared(&mut self) -> Result<(), HypervisorError> {
+        let caps =
+            serde_json::json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]});
+        self.qmp
+            .execute("migrate-set-capabilities", Some(caps))
+            .await
+            .map(drop)
     }
 }
 
@@ -174,6 +190,63 @@ impl VirtualMachine for QemuVm {
     }
 
     async fn resume(&mut self) -> Result<(), HypervisorError> {
+        self.qmp.execute("cont", None).await.map(drop)
+    }
+
+    async fn save(&mut self, state: &Path) -> Result<(), HypervisorError> {
+        self.qmp.execute("stop", None).await?;
+        self.ignore_shared().await?;
+        let uri = format!("exec:cat > {}", sh_quote(state));
+        self.qmp
+            .execute("migrate", Some(serde_json::json!({ "uri": uri })))
+            .await?;
+        let start = Instant::now();
+        loop {
+            let v = self.qmp.execute("query-migrate", None).await?;
+            match v.get("status").and_then(serde_json::Value::as_str) {
+                Some("completed") => return Ok(()),
+                Some("failed") | Some("cancelled") => {
+                    let why = v
+                        .get("error-desc")
+                        .and_then(serde_json::Value::as_str)
+                        .unwrap_or("no reason given");
+                    return Err(HypervisorError::Qmp(format!("saving the VM failed: {why}")));
+                }
+                _ if start.elapsed() > MIGRATION_WAIT => {
+                    return Err(HypervisorError::Qmp(
+                        "saving the VM did not complete".into(),
+                    ))
+                }
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+
+    async fn restore(&mut self, state: &Path) -> Result<(), HypervisorError> {
+        self.ignore_shared().await?;
+        let uri = format!("exec:cat {}", sh_quote(state));
+        self.qmp
+            .execute("migrate-incoming", Some(serde_json::json!({ "uri": uri })))
+            .await?;
+        let start = Instant::now();
+        loop {
+            // A state QEMU cannot load makes it exit: report its words.
+            if let Some(status) = self.try_exit() {
+                return Err(HypervisorError::EarlyExit(format!(
+                    "{status} while loading the saved state"
+                )));
+            }
+            match self.qmp.status().await {
+                Ok(s) if s == "paused" => break,
+                Ok(_) | Err(_) if start.elapsed() > MIGRATION_WAIT => {
+                    return Err(HypervisorError::Qmp(
+                        "loading the saved state did not complete".into(),
+                    ))
+                }
+                Ok(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+                Err(e) => return Err(e),
+            }
+        }
         self.qmp.execute("cont", None).await.map(drop)
     }
 

@@ -1,0 +1,291 @@
+//! VM templates: a VM booted to a ready agent, paused, its memory kept in a
+//! file and its device state in another. Clones map the memory privately
+//! (copy on write) and load the device state instead of booting.
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hypervisor::qemu::QemuDriver;
+use hypervisor::{Accel, Hypervisor, MemoryBackend, Share, VirtualMachine};
+use serde::{Deserialize, Serialize};
+
+use crate::assets::GuestAssets;
+use crate::sandbox::{vm_config, wait_for_agent, SandboxConfig};
+use crate::state::StateDir;
+use crate::SandboxError;
+
+const META: &str = "template.json";
+const MEMORY: &str = "memory";
+const STATE: &str = "state";
+/// The share clones mount their root from; empty in the template itself.
+pub const ROOTFS_TAG: &str = "rootfs";
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TemplateMeta {
+    pub name: String,
+    pub memory_mib: u64,
+    pub vcpus: u32,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub accel: String,
+    pub created_unix: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Template {
+    pub dir: PathBuf,
+    pub meta: TemplateMeta,
+}
+
+fn templates(root: &Path) -> PathBuf {
+    root.join("templates")
+}
+
+fn valid_name(name: &str) -> Result<(), SandboxError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(SandboxError::Invalid(format!(
+            "invalid template name {name:?} (letters, digits, - _ . only)"
+        )))
+    }
+}
+
+fn io_err(what: String) -> impl FnOnce(io::Error) -> SandboxError {
+    move |e| SandboxError::Invalid(format!("{what}: {e}"))
+}
+
+impl Template {
+    pub fn memory(&self) -> PathBuf {
+        self.dir.join(MEMORY)
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.dir.join(STATE)
+    }
+
+    pub fn accel(&self) -> Accel {
+        self.meta.accel.parse().unwrap_or(Accel::Tcg)
+    }
+
+    /// Bytes on disk (memory file and device state).
+    pub fn size(&self) -> u64 {
+        [self.memory(), self.state()]
+            .iter()
+            .filter_map(|p| fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
+    /// Boots a VM to a ready agent, pauses it and saves it as template `name`.
+    pub async fn create(config: SandboxConfig, name: &str) -> Result<Template, SandboxError> {
+        valid_name(name)?;
+        config.validate()?;
+        let parent = templates(&config.root);
+        fs::create_dir_all(&parent).map_err(io_err(format!("creating {}", parent.display())))?;
+        let dir = parent.join(name);
+        if dir.exists() {
+            return Err(SandboxError::Invalid(format!(
+                "template {name} already exists"
+            )));
+        }
+        let staging = parent.join(format!(".{name}.{}", std::process::id()));
+        fs::create_dir(&staging).map_err(io_err(format!("creating {}", staging.display())))?;
+        let result = Self::build(&config, name, &staging).await;
+        let meta = match result {
+            Ok(meta) => meta,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&staging);
+                return Err(e);
+            }
+        };
+        if let Err(e) = fs::rename(&staging, &dir) {
+            let _ = fs::remove_dir_all(&staging);
+            return Err(SandboxError::Invalid(format!("template {name}: {e}")));
+        }
+        Ok(Template { dir, meta })
+    }
+
+    async fn build(
+        config: &SandboxConfig,
+        name: &str,
+        dir: &Path,
+    ) -> Result<TemplateMeta, SandboxError> {
+        let share = dir.join("share");
+        fs::create_dir(&share).map_err(io_err("creating the template share".into()))?;
+        let driver = QemuDriver::locate()?;
+        // The template's own VM lives in a sandbox state dir like any other,
+        // so a killed `template create` is cleaned up the same way.
+        let state_dir = StateDir::create(&config.root, &format!("template-{name}"))?;
+        let mut vmc = vm_config(config, &state_dir);
+        vmc.shares = vec![Share {
+            tag: ROOTFS_TAG.into(),
+            path: share,
+            readonly: true,
+        }];
+        vmc.memory = MemoryBackend::File {
+            path: dir.join(MEMORY),
+            shared: true,
+        };
+        let result = async {
+            let mut vm = driver.launch(&vmc).await?;
+            state_dir.record_vmm_pid(vm.pid());
+            let saved = async {
+                let channel = crate::agent::channel(&vmc.agent_socket)?;
+                let mut client = crate::agent::AgentClient::new(channel);
+                wait_for_agent(&mut vm, &mut client, config.boot_timeout, &vmc.console_log).await?;
+                // Hang up. The guest may not see it before the save; each
+                // clone's host starts a fresh session (SESSION_MAGIC) anyway.
+                drop(client);
+                vm.save(&dir.join(STATE)).await?;
+                Ok::<_, SandboxError>(())
+            }
+            .await;
+            vm.stop(Duration::from_secs(2)).await;
+            saved
+        }
+        .await;
+        state_dir.remove();
+        result?;
+        let meta = TemplateMeta {
+            name: name.into(),
+            memory_mib: config.memory_mib,
+            vcpus: config.vcpus,
+            kernel: config.assets.kernel.clone(),
+            initrd: config.assets.initrd.clone(),
+            accel: config.accel.to_string(),
+            created_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        let json =
+            serde_json::to_vec_pretty(&meta).map_err(|e| SandboxError::Invalid(e.to_string()))?;
+        fs::write(dir.join(META), json).map_err(io_err("writing template.json".into()))?;
+        // Read-only once saved: clones map the memory privately and never write it.
+        for f in [MEMORY, STATE, META] {
+            fs::set_permissions(dir.join(f), fs::Permissions::from_mode(0o444))
+                .map_err(io_err(format!("sealing {f}")))?;
+        }
+        Ok(meta)
+    }
+
+    /// Opens template `name` and checks that its files are whole.
+    pub fn open(root: &Path, name: &str) -> Result<Template, SandboxError> {
+        valid_name(name)?;
+        let dir = templates(root).join(name);
+        if !dir.is_dir() {
+            return Err(SandboxError::Invalid(format!(
+                "template {name} does not exist"
+            )));
+        }
+        let corrupt =
+            |why: String| SandboxError::Invalid(format!("template {name} is unusable: {why}"));
+        let text = fs::read(dir.join(META)).map_err(|e| corrupt(format!("{META}: {e}")))?;
+        let meta: TemplateMeta =
+            serde_json::from_slice(&text).map_err(|e| corrupt(format!("{META}: {e}")))?;
+        let t = Template { dir, meta };
+        let mem = fs::metadata(t.memory()).map_err(|e| corrupt(format!("memory file: {e}")))?;
+        if mem.len() != t.meta.memory_mib << 20 {
+            return Err(corrupt(format!(
+                "memory file has {} bytes, expected {}",
+                mem.len(),
+                t.meta.memory_mib << 20
+            )));
+        }
+        let state = fs::metadata(t.state()).map_err(|e| corrupt(format!("state file: {e}")))?;
+        if state.len() == 0 {
+            return Err(corrupt("state file is empty".into()));
+        }
+        Ok(t)
+    }
+
+    /// Every template under `root`, with those that fail to open reported as errors.
+    pub fn list(root: &Path) -> Vec<Result<Template, SandboxError>> {
+        let mut names: Vec<String> = fs::read_dir(templates(root))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.retain(|n| !n.starts_with('.'));
+        names.sort();
+        names.iter().map(|n| Template::open(root, n)).collect()
+    }
+
+    /// Removes template `name`. Clones running from it keep running: they
+    /// hold their own mapping of the memory file.
+    pub fn remove(root: &Path, name: &str) -> Result<(), SandboxError> {
+        valid_name(name)?;
+        let dir = templates(root).join(name);
+        if !dir.is_dir() {
+            return Err(SandboxError::Invalid(format!(
+                "template {name} does not exist"
+            )));
+        }
+        fs::remove_dir_all(&dir).map_err(io_err(format!("removing template {name}")))
+    }
+
+    /// The sandbox settings a clone of this template must use.
+    pub fn shape(&self) -> (u64, u32, GuestAssets, Accel) {
+        (
+            self.meta.memory_mib,
+            self.meta.vcpus,
+            GuestAssets {
+                kernel: self.meta.kernel.clone(),
+                initrd: self.meta.initrd.clone(),
+            },
+            self.accel(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(valid_name("py-3.12_small").is_ok());
+        for bad in ["", ".hidden", "a/b", "../x", "sp ace"] {
+            assert!(valid_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn open_reports_truncated_memory() {
+        let root = std::env::temp_dir().join(format!("podvisor-tmpl-{}", std::process::id()));
+        let dir = templates(&root).join("t");
+        fs::create_dir_all(&dir).unwrap();
+        let meta = TemplateMeta {
+            name: "t".into(),
+            memory_mib: 2,
+            vcpus: 1,
+            kernel: "/k".into(),
+            initrd: "/i".into(),
+            accel: "tcg".into(),
+            created_unix: 0,
+        };
+        fs::write(dir.join(META), serde_json::to_vec(&meta).unwrap()).unwrap();
+        fs::write(dir.join(MEMORY), vec![0u8; 1024]).unwrap();
+        fs::write(dir.join(STATE), b"x").unwrap();
+        let err = Template::open(&root, "t").unwrap_err().to_string();
+        assert!(err.contains("memory file has 1024 bytes"), "{err}");
+        fs::write(dir.join(META), b"{not json").unwrap();
+        assert!(Template::open(&root, "t")
+            .unwrap_err()
+            .to_string()
+            .contains("template.json"));
+        fs::remove_dir_all(&root).unwrap();
+    }
+}
