@@ -93,6 +93,12 @@ impl Session {
     }
 }
 
+fn end_session(current: &mut Option<Session>) {
+    if let Some(s) = current.take() {
+        s.end();
+    }
+}
+
 fn read_port(port: &Arc<File>, sessions: &mpsc::UnboundedSender<UnixStream>) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut current: Option<Session> = None;
@@ -102,7 +108,7 @@ fn read_port(port: &Arc<File>, sessions: &mpsc::UnboundedSender<UnixStream>) {
             .as_ref()
             .is_some_and(|s| s.ended.load(Ordering::SeqCst))
         {
-            current.take().map(Session::end);
+            end_session(&mut current);
         }
         let mut fds = [PollFd::new(port.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, PollTimeout::from(POLL_MS)) {
@@ -122,20 +128,20 @@ fn read_port(port: &Arc<File>, sessions: &mpsc::UnboundedSender<UnixStream>) {
         };
         if n == 0 {
             // EOF: no host is connected (any more).
-            current.take().map(Session::end);
+            end_session(&mut current);
             idle_sleep(&mut idle_rounds);
             continue;
         }
         idle_rounds = 0;
         let mut data = &buf[..n];
         if data.starts_with(SESSION_MAGIC) {
-            current.take().map(Session::end);
+            end_session(&mut current);
             current = Session::start(port, sessions);
             data = &data[SESSION_MAGIC.len()..];
         }
         let Some(session) = &current else { continue };
         if !data.is_empty() && (&session.local).write_all(data).is_err() {
-            current.take().map(Session::end);
+            end_session(&mut current);
         }
     }
 }
