@@ -53,6 +53,7 @@ lint:
 
 bench: build
 	bench/sandbox_run.py
+	bench/template.py
 
 install: build
 	install -D -m 0755 $(OUT)/podvisor /usr/local/bin/podvisor

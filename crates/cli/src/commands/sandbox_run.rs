@@ -317,6 +317,7 @@ async fn run_in(
         rlimits: Vec::new(),
         no_new_privileges: false,
     };
+    let t_create = Instant::now();
     let created = client
         .create_container(CreateContainerRequest {
             container_id: CONTAINER_ID.into(),
@@ -365,10 +366,14 @@ async fn run_in(
     };
     let forwarders = signal_forwarder(client.clone(), args.tty);
 
+    tracing::debug!(elapsed = ?t_create.elapsed(), "container created");
     let request = ContainerRequest {
         container_id: CONTAINER_ID.into(),
     };
-    if let Err(status) = client.start_container(request).await {
+    let t_start = Instant::now();
+    let started = client.start_container(request).await;
+    tracing::debug!(elapsed = ?t_start.elapsed(), "container started");
+    if let Err(status) = started {
         forwarders.iter().for_each(|t| t.abort());
         drop(raw);
         return Err(CodedError {
@@ -383,6 +388,7 @@ async fn run_in(
             exec_id: String::new(),
         })
         .await;
+    tracing::debug!(elapsed = ?t_start.elapsed(), "process exited");
     // Output still in flight when the process exited is delivered, unless a
     // background process keeps the stream open.
     let drain = Duration::from_secs(3);

@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Benchmark of VM templates, in one run, medians, accelerator printed:
+time to a ready sandbox running `true`, cold boot vs clone from a template
+(alternating); host memory (PSS) per idle sandbox, cold vs clone (three clones
+alive together, as they share the template's pages); clones per second.
+"""
+import argparse
+import json
+import os
+import select
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from sandbox_run import OUT, PODVISOR, machine, pss_kb  # noqa: E402
+
+
+def run_true(root, template=None):
+    cmd = [PODVISOR, "--root", root, "sandbox", "run", "--timings"]
+    if template:
+        cmd += ["--template", template]
+    cmd += ["--memory", "256", "--", "true"]
+    t = time.monotonic()
+    out = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    dt = time.monotonic() - t
+    if out.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed: {out.stderr.decode()}")
+    timings = json.loads(out.stderr.decode().strip().splitlines()[-1])
+    if template and timings.get("cloned_from") != template:
+        sys.exit(f"expected a clone of {template}: {out.stderr.decode()}")
+    return dt, timings
+
+
+def start_idle(root, template=None):
+    cmd = [PODVISOR, "--root", root, "sandbox", "run"]
+    if template:
+        cmd += ["--template", template]
+    cmd += ["--", "sh", "-c", "echo ready; read x"]
+    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_ready(procs, timeout=300):
+    deadline = time.monotonic() + timeout
+    pending = list(procs)
+    while pending:
+        r, _, _ = select.select([p.stdout for p in pending], [], [], max(0, deadline - time.monotonic()))
+        if not r:
+            sys.exit("sandboxes did not get ready")
+        for p in list(pending):
+            if p.stdout in r:
+                if p.stdout.readline() != b"ready\n":
+                    sys.exit(f"sandbox failed: {p.stderr.read().decode()}")
+                pending.remove(p)
+
+
+def stop(procs):
+    for p in procs:
+        p.stdin.close()
+    for p in procs:
+        p.wait(timeout=60)
+
+
+def group_pss(root, procs):
+    """PSS (MiB) per sandbox: each podvisor process plus its QEMU."""
+    time.sleep(2)
+    sandboxes = os.path.join(root, "sandboxes")
+    vmm = [int(open(os.path.join(sandboxes, d, "vmm.pid")).read()) for d in os.listdir(sandboxes)]
+    total = sum(pss_kb(p.pid) for p in procs) + sum(pss_kb(v) for v in vmm)
+    return total / len(procs) / 1024
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--clones", type=int, default=10, help="clones started at once for the rate")
+    args = ap.parse_args()
+    if args.runs < 5:
+        sys.exit("--runs must be at least 5 (medians)")
+    if not os.path.exists(PODVISOR):
+        sys.exit(f"{PODVISOR} missing: run `make build` first")
+    tmp = tempfile.mkdtemp(prefix="podvisor-bench-tmpl-", dir="/dev/shm")
+    root = os.path.join(tmp, "state")
+    med = statistics.median
+    try:
+        t = time.monotonic()
+        subprocess.run([PODVISOR, "--root", root, "template", "create", "--name", "bench", "--memory", "256"],
+                       check=True, stdout=subprocess.DEVNULL)
+        create_s = time.monotonic() - t
+        cold, clone, cold_t, clone_t = [], [], [], []
+        for _ in range(args.runs):
+            dt, tm = run_true(root)
+            cold.append(dt)
+            cold_t.append(tm)
+            dt, tm = run_true(root, "bench")
+            clone.append(dt)
+            clone_t.append(tm)
+        accel = cold_t[0]["accel"]
+
+        procs = [start_idle(root)]
+        wait_ready(procs)
+        cold_pss = group_pss(root, procs)
+        stop(procs)
+        procs = [start_idle(root, "bench") for _ in range(3)]
+        wait_ready(procs)
+        clone_pss = group_pss(root, procs)
+        stop(procs)
+
+        t = time.monotonic()
+        procs = [start_idle(root, "bench") for _ in range(args.clones)]
+        wait_ready(procs)
+        rate = args.clones / (time.monotonic() - t)
+        stop(procs)
+
+        print(f"template benchmark — accel {accel.upper()}, {args.runs} runs, 256 MiB guest")
+        print(f"machine: {machine()}")
+        print(f"template create                           {create_s * 1000:7.0f} ms")
+        print(f"sandbox run -- true, cold boot            {med(cold) * 1000:7.0f} ms"
+              f"   (agent ready {med(t['agent_ready_ms'] for t in cold_t):.0f} ms)")
+        print(f"sandbox run --template -- true, clone     {med(clone) * 1000:7.0f} ms"
+              f"   (agent ready {med(t['agent_ready_ms'] for t in clone_t):.0f} ms)")
+        print(f"  speed-up cold/clone                     {med(cold) / med(clone):7.1f}x   (target 10x)")
+        print("hand-out from a pool                          n/a   (pools are not built yet)")
+        print(f"PSS per idle sandbox, cold                {cold_pss:7.1f} MiB")
+        print(f"PSS per idle sandbox, clone (3 alive)     {clone_pss:7.1f} MiB   ({clone_pss / cold_pss:.2f} of cold; target <= 0.33)")
+        print(f"clones per second ({args.clones} at once)           {rate:7.1f}")
+        print(json.dumps({"accel": accel, "machine": machine(), "runs": args.runs,
+                          "cold_ms": med(cold) * 1000, "clone_ms": med(clone) * 1000,
+                          "cold_agent_ready_ms": med(t["agent_ready_ms"] for t in cold_t),
+                          "clone_agent_ready_ms": med(t["agent_ready_ms"] for t in clone_t),
+                          "speedup": med(cold) / med(clone), "cold_pss_mib": cold_pss,
+                          "clone_pss_mib": clone_pss, "clones_per_second": rate}))
+    finally:
+        subprocess.run([PODVISOR, "--root", root, "template", "rm", "bench"], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
