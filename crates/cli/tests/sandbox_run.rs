@@ -419,8 +419,9 @@ fn signals_reach_the_command_and_a_second_stop_kills_it() {
     );
     send(&child, nix::sys::signal::Signal::SIGTERM);
     assert_eq!(child.wait_with_output().unwrap().status.code(), Some(9));
-    // Without a handler PID 1 ignores it; a second stop signal kills everything.
-    let (child, _out) = spawn_ready(&root, "echo ready; exec sleep 1000");
+    // A command that ignores stop signals (set before it says ready, so no
+    // race): a second stop signal kills everything in the container.
+    let (child, _out) = spawn_ready(&root, "trap '' INT TERM HUP; echo ready; sleep 1000");
     let t = Instant::now();
     send(&child, nix::sys::signal::Signal::SIGINT);
     std::thread::sleep(Duration::from_millis(300));
