@@ -168,6 +168,46 @@ async fn agent_api_end_to_end() {
     let (_, out) = exec_output(&mut c, cid, "e2", process(&["hostname"], false)).await;
     assert_eq!(out, "c1host\n");
 
+    // User, additional groups and rlimits of an exec.
+    let mut p = process(
+        &["sh", "-c", "id -u; id -g; id -G; ulimit -n; ulimit -Hn"],
+        false,
+    );
+    p.user = Some(agent_proto::User {
+        uid: 1000,
+        gid: 1000,
+        additional_gids: vec![27, 100],
+    });
+    p.rlimits = vec![agent_proto::Rlimit {
+        r#type: "RLIMIT_NOFILE".into(),
+        hard: 2048,
+        soft: 1234,
+    }];
+    let (code, out) = exec_output(&mut c, cid, "ids", p).await;
+    assert_eq!(
+        (code, out.as_str()),
+        (0, "1000\n1000\n1000 27 100\n1234\n2048\n")
+    );
+    let mut p = process(&["true"], false);
+    p.rlimits = vec![agent_proto::Rlimit {
+        r#type: "RLIMIT_BOGUS".into(),
+        hard: 1,
+        soft: 1,
+    }];
+    let err = c
+        .exec_process(ExecProcessRequest {
+            container_id: cid.into(),
+            exec_id: "bogus".into(),
+            process: Some(p),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("unknown rlimit"),
+        "{}",
+        err.message()
+    );
+
     // An exec shares the container's pid namespace: it sees the first process as PID 1.
     let (_, out) = exec_output(
         &mut c,
