@@ -3,6 +3,7 @@
 pub mod check;
 pub mod sandbox_run;
 pub mod template;
+pub mod vm_args;
 
 use std::path::Path;
 

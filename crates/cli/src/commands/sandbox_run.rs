@@ -10,13 +10,13 @@ use agent_proto::{
 };
 use anyhow::Context;
 use clap::Args;
-use hypervisor::{Accel, HostVirt, Share};
+use hypervisor::Share;
 use sandbox::agent::AgentClient;
-use sandbox::assets::GuestAssets;
 use sandbox::template::Template;
 use sandbox::{Sandbox, SandboxConfig};
 use tokio::signal::unix::{signal, SignalKind};
 
+use super::vm_args::{default_boot_timeout, VmArgs};
 use super::CodedError;
 use crate::tty;
 
@@ -28,21 +28,8 @@ pub struct RunArgs {
     /// Root filesystem of the command (default: the busybox rootfs installed beside podvisor).
     #[arg(long)]
     rootfs: Option<PathBuf>,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 256)]
-    memory: u64,
-    /// Virtual CPUs.
-    #[arg(long, default_value_t = 1)]
-    vcpus: u32,
-    /// Guest kernel (vmlinux with a PVH entry); default: the one built by `make`.
-    #[arg(long)]
-    kernel: Option<PathBuf>,
-    /// Guest initramfs holding podvisor-agent as /init.
-    #[arg(long)]
-    initrd: Option<PathBuf>,
-    /// Accelerator: kvm or tcg (default: kvm where the host has VMX/SVM).
-    #[arg(long)]
-    accel: Option<Accel>,
+    #[command(flatten)]
+    vm: VmArgs,
     /// Environment variable KEY=VALUE for the command (repeatable).
     #[arg(short, long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
@@ -150,26 +137,19 @@ pub async fn run(args: RunArgs, root: &Path) -> anyhow::Result<u8> {
         },
         None => None,
     };
-    let (memory, vcpus) = match &template {
-        Some(t) => (t.meta.memory_mib, t.meta.vcpus),
-        None => (args.memory, args.vcpus),
+    let (memory, vcpus, assets, accel) = match &template {
+        Some(t) => t.shape(),
+        None => (
+            args.vm.memory,
+            args.vm.vcpus,
+            args.vm.assets()?,
+            args.vm.accel()?,
+        ),
     };
-    let assets = match &template {
-        Some(t) => t.shape().2,
-        None => GuestAssets::resolve(args.kernel.as_deref(), args.initrd.as_deref())?,
-    };
-    let host = HostVirt::detect();
-    let accel = match &template {
-        Some(t) => t.accel(),
-        None => args.accel.unwrap_or_else(|| host.default_accel()),
-    };
-    if accel == Accel::Kvm && !matches!(host, HostVirt::Kvm { .. }) {
-        anyhow::bail!("--accel kvm asked for, but this host offers {host}");
-    }
-    let boot_timeout = Duration::from_secs(args.boot_timeout.unwrap_or(match accel {
-        Accel::Kvm => 10,
-        Accel::Tcg => 60,
-    }));
+    let boot_timeout = args
+        .boot_timeout
+        .map(Duration::from_secs)
+        .unwrap_or_else(|| default_boot_timeout(accel));
     let id = random_id();
     tracing::info!(sandbox = %id, %accel, "starting sandbox");
     let t0 = Instant::now();

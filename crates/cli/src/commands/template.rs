@@ -1,14 +1,14 @@
 //! `podvisor template create|list|rm`: VM templates that sandboxes are
 //! cloned from instead of booted.
 
-use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::{Args, Subcommand};
-use hypervisor::{Accel, HostVirt};
-use sandbox::assets::GuestAssets;
 use sandbox::template::Template;
 use sandbox::SandboxConfig;
+
+use super::vm_args::{default_boot_timeout, VmArgs};
 
 #[derive(Subcommand)]
 pub enum TemplateCommand {
@@ -28,21 +28,8 @@ pub struct CreateArgs {
     /// Template name.
     #[arg(long)]
     name: String,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 256)]
-    memory: u64,
-    /// Virtual CPUs.
-    #[arg(long, default_value_t = 1)]
-    vcpus: u32,
-    /// Guest kernel (vmlinux with a PVH entry).
-    #[arg(long)]
-    kernel: Option<PathBuf>,
-    /// Guest initramfs holding podvisor-agent as /init.
-    #[arg(long)]
-    initrd: Option<PathBuf>,
-    /// Accelerator: kvm or tcg.
-    #[arg(long)]
-    accel: Option<Accel>,
+    #[command(flatten)]
+    vm: VmArgs,
 }
 
 pub async fn run(cmd: TemplateCommand, root: &Path) -> anyhow::Result<u8> {
@@ -83,22 +70,17 @@ pub async fn run(cmd: TemplateCommand, root: &Path) -> anyhow::Result<u8> {
 }
 
 async fn create(args: CreateArgs, root: &Path) -> anyhow::Result<u8> {
-    let assets = GuestAssets::resolve(args.kernel.as_deref(), args.initrd.as_deref())?;
-    let host = HostVirt::detect();
-    let accel = args.accel.unwrap_or_else(|| host.default_accel());
-    if accel == Accel::Kvm && !matches!(host, HostVirt::Kvm { .. }) {
-        anyhow::bail!("--accel kvm asked for, but this host offers {host}");
-    }
+    let accel = args.vm.accel()?;
     let config = SandboxConfig {
         id: String::new(),
         root: root.to_path_buf(),
-        memory_mib: args.memory,
-        vcpus: args.vcpus,
-        assets,
+        memory_mib: args.vm.memory,
+        vcpus: args.vm.vcpus,
+        assets: args.vm.assets()?,
         accel,
         shares: Vec::new(),
         hostname: "podvisor".into(),
-        boot_timeout: Duration::from_secs(if accel == Accel::Kvm { 10 } else { 60 }),
+        boot_timeout: default_boot_timeout(accel),
         template: None,
     };
     let t = Template::create(config, &args.name).await?;
