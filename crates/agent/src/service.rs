@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::cgroup;
 use crate::container::{self, Container, Process, Table};
 use crate::reaper::{Exit, Reaper};
-use crate::spawn::{self, Namespaces, ProcessSpec, Target};
+use crate::spawn::{self, Namespaces, ProcessSpec, Spawned, Target};
 use crate::stdio;
 
 pub struct AgentService {
@@ -209,6 +209,21 @@ fn mount_container(dir: &Path, source: &Path) -> Result<(), Status> {
     Ok(())
 }
 
+/// The table's record of a process just forked. A held one (a container
+/// created, not started) keeps its `Spawned` until StartContainer releases it.
+fn tracked(mut spawned: Spawned, io: stdio::HostEnds, held: bool) -> Result<Process, Status> {
+    let pidfd = spawned
+        .pidfd
+        .take()
+        .ok_or_else(|| Status::internal("no pidfd"))?;
+    Ok(Process {
+        pidfd,
+        exit: spawned.exit.clone(),
+        io,
+        held: Mutex::new(held.then_some(spawned)),
+    })
+}
+
 fn build_container(
     req: &CreateContainerRequest,
     process: &agent_proto::Process,
@@ -229,20 +244,12 @@ fn build_container(
         readonly: req.rootfs_readonly,
     };
     let spec = process_spec(process, target, cg, &child, true)?;
-    let mut spawned =
+    let spawned =
         spawn::spawn(spec, reaper).map_err(|e| Status::invalid_argument(e.to_string()))?;
     drop(child);
     let ns = Namespaces::of(spawned.pid).map_err(|e| Status::internal(e.to_string()))?;
     Ok(Container {
-        init: Arc::new(Process {
-            pidfd: spawned
-                .pidfd
-                .take()
-                .ok_or_else(|| Status::internal("no pidfd"))?,
-            exit: spawned.exit.clone(),
-            io: host,
-            held: Mutex::new(Some(spawned)),
-        }),
+        init: Arc::new(tracked(spawned, host, true)?),
         ns: Arc::new(ns),
         execs: Mutex::default(),
         cgroup: cg.to_path_buf(),
@@ -417,17 +424,9 @@ impl Agent for AgentService {
                 ns: Arc::clone(&c2.ns),
             };
             let spec = process_spec(&process, target, &c2.cgroup, &child, false)?;
-            let mut spawned =
+            let spawned =
                 spawn::spawn(spec, &reaper).map_err(|e| Status::invalid_argument(e.to_string()))?;
-            Ok(Process {
-                pidfd: spawned
-                    .pidfd
-                    .take()
-                    .ok_or_else(|| Status::internal("no pidfd"))?,
-                exit: spawned.exit.clone(),
-                io: host,
-                held: Mutex::new(None),
-            })
+            tracked(spawned, host, false)
         })
         .await??;
         c.execs

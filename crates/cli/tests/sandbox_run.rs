@@ -391,18 +391,11 @@ fn spawn_ready(
     root: &StateRoot,
     script: &str,
 ) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
-    let mut child = podvisor(root)
-        .args(["sandbox", "run", "--", "sh", "-c", script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line, "ready\n");
-    (child, out)
+    test_utils::spawn_until_ready(
+        podvisor(root)
+            .args(["sandbox", "run", "--", "sh", "-c", script])
+            .stdin(Stdio::null()),
+    )
 }
 
 fn send(child: &std::process::Child, sig: nix::sys::signal::Signal) {

@@ -44,29 +44,22 @@ fn spawn_clone(
     name: &str,
     script: &str,
 ) -> (Child, BufReader<std::process::ChildStdout>) {
-    let mut child = podvisor(root)
-        .args([
-            "sandbox",
-            "run",
-            "--template",
-            name,
-            "--boot-timeout",
-            "300",
-            "--",
-            "sh",
-            "-c",
-            script,
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line, "ready\n", "clone did not start");
-    (child, out)
+    test_utils::spawn_until_ready(
+        podvisor(root)
+            .args([
+                "sandbox",
+                "run",
+                "--template",
+                name,
+                "--boot-timeout",
+                "300",
+                "--",
+                "sh",
+                "-c",
+                script,
+            ])
+            .stdin(Stdio::piped()),
+    )
 }
 
 #[test]

@@ -2,8 +2,9 @@
 //! root per test that checks nothing was left behind, and initramfs images.
 
 use std::fs;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
 /// `target/release`, where `make build` puts the kernel, initramfs and rootfs.
@@ -99,6 +100,23 @@ pub fn processes_mentioning(needle: &str) -> Vec<u32> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Spawns `cmd` (stdout and stderr piped) and waits for the first line it
+/// prints to be "ready"; returns the child and the rest of its stdout.
+pub fn spawn_until_ready(
+    cmd: &mut Command,
+) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n", "{cmd:?} did not say ready");
+    (child, out)
 }
 
 /// Runs a command and returns its output, with stdin closed.
