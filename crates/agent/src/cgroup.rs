@@ -57,6 +57,23 @@ pub fn pids(dir: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// Freezes (or thaws) the cgroup and waits until the kernel says it is done.
+pub fn freeze(dir: &Path, frozen: bool) -> io::Result<()> {
+    fs::write(dir.join("cgroup.freeze"), if frozen { "1" } else { "0" })?;
+    let want = if frozen { "frozen 1" } else { "frozen 0" };
+    for _ in 0..500 {
+        let events = fs::read_to_string(dir.join("cgroup.events"))?;
+        if events.lines().any(|l| l == want) {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    Err(io::Error::new(
+        io::ErrorKind::TimedOut,
+        "the cgroup did not settle",
+    ))
+}
+
 /// SIGKILLs every process in the cgroup at once.
 pub fn kill_all(dir: &Path) -> io::Result<()> {
     fs::write(dir.join("cgroup.kill"), "1")

@@ -1,10 +1,13 @@
 //! podvisor-agent: the guest's PID 1. It mounts the guest's filesystems, reaps
 //! every process and serves the host's gRPC calls over a virtio-serial port.
 
+mod caps;
 mod cgroup;
 mod channel;
 mod container;
 mod init;
+mod mounts;
+mod network;
 mod reaper;
 mod service;
 mod spawn;

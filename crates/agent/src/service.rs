@@ -101,6 +101,12 @@ fn process_spec(
                 .ok_or_else(|| Status::invalid_argument(format!("unknown rlimit {:?}", r.r#type)))
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let caps = process
+        .capabilities
+        .as_ref()
+        .map(crate::caps::CapSets::from_proto)
+        .transpose()
+        .map_err(Status::invalid_argument)?;
     Ok(ProcessSpec {
         target,
         cgroup_procs: Some(cgroup_dir.join("cgroup.procs")),
@@ -112,6 +118,7 @@ fn process_spec(
         groups: user.additional_gids,
         rlimits,
         no_new_privs: process.no_new_privileges,
+        caps,
         stdio: child.raw(),
         tty: process.terminal,
         hold,
@@ -224,6 +231,30 @@ fn tracked(mut spawned: Spawned, io: stdio::HostEnds, held: bool) -> Result<Proc
     })
 }
 
+/// OCI sysctl keys ("net.ipv4.ip_forward") as /proc/sys paths.
+fn sysctl_paths(
+    sysctl: &std::collections::HashMap<String, String>,
+) -> Result<Vec<(String, String)>, Status> {
+    let mut out: Vec<_> = sysctl
+        .iter()
+        .map(|(k, v)| {
+            let ok = !k.is_empty()
+                && k.split(['.', '/']).all(|p| {
+                    !p.is_empty()
+                        && p != ".."
+                        && p.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+                });
+            if !ok {
+                return Err(Status::invalid_argument(format!("invalid sysctl {k:?}")));
+            }
+            Ok((format!("/proc/sys/{}", k.replace('.', "/")), v.clone()))
+        })
+        .collect::<Result<_, _>>()?;
+    out.sort();
+    Ok(out)
+}
+
 fn build_container(
     req: &CreateContainerRequest,
     process: &agent_proto::Process,
@@ -233,6 +264,8 @@ fn build_container(
     shares: &Mutex<HashSet<String>>,
 ) -> Result<Container, Status> {
     let share = mount_share(shares, &req.rootfs_tag)?;
+    let mounts = crate::mounts::plan(&req.mounts, &share).map_err(Status::invalid_argument)?;
+    let sysctl = sysctl_paths(&req.sysctl)?;
     mount_container(dir, &rootfs_source(&share, &req.rootfs_subpath)?)?;
     cgroup::create(cg, req.resources.as_ref())
         .map_err(internal("creating the container cgroup"))?;
@@ -242,6 +275,8 @@ fn build_container(
         devpts: dir.join("pts"),
         hostname: req.hostname.clone(),
         readonly: req.rootfs_readonly,
+        mounts,
+        sysctl,
     };
     let spec = process_spec(process, target, cg, &child, true)?;
     let spawned =
@@ -386,6 +421,41 @@ impl Agent for AgentService {
         let res = req.resources.unwrap_or_default();
         cgroup::apply(&c.cgroup, &res)
             .map_err(|e| Status::invalid_argument(format!("updating cgroup: {e}")))?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn pause_container(
+        &self,
+        req: Request<ContainerRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        let c = self.container(&req.into_inner().container_id)?;
+        let cg = c.cgroup.clone();
+        blocking(move || cgroup::freeze(&cg, true))
+            .await?
+            .map_err(internal("freezing the container"))?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn resume_container(
+        &self,
+        req: Request<ContainerRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        let c = self.container(&req.into_inner().container_id)?;
+        let cg = c.cgroup.clone();
+        blocking(move || cgroup::freeze(&cg, false))
+            .await?
+            .map_err(internal("thawing the container"))?;
+        Ok(Response::new(Empty {}))
+    }
+
+    async fn configure_network(
+        &self,
+        req: Request<NetworkRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        let req = req.into_inner();
+        blocking(move || crate::network::configure(&req))
+            .await?
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
         Ok(Response::new(Empty {}))
     }
 

@@ -28,6 +28,11 @@ pub enum Target {
         devpts: PathBuf,
         hostname: String,
         readonly: bool,
+        /// Mounted after the root's own filesystems, in order; mount points
+        /// already exist (see `mounts::prepare`).
+        mounts: Vec<crate::mounts::MountPlan>,
+        /// (/proc/sys/... path, value), written inside the new namespaces.
+        sysctl: Vec<(String, String)>,
     },
     /// Into the namespaces of a running container's first process, opened
     /// when it was created (so a recycled pid can never be joined).
@@ -70,6 +75,8 @@ pub struct ProcessSpec {
     pub groups: Vec<u32>,
     pub rlimits: Vec<(Resource, u64, u64)>,
     pub no_new_privs: bool,
+    /// Capability sets to keep; None keeps the agent's (all of them).
+    pub caps: Option<crate::caps::CapSets>,
     /// stdin, stdout, stderr as the child must see them.
     pub stdio: [RawFd; 3],
     pub tty: bool,
@@ -95,6 +102,8 @@ pub enum Stage {
     NoNewPrivs,
     FindExecutable,
     Exec,
+    Sysctl,
+    Capabilities,
 }
 
 impl Stage {
@@ -115,6 +124,8 @@ impl Stage {
             NoNewPrivs,
             FindExecutable,
             Exec,
+            Sysctl,
+            Capabilities,
         ]
         .get(v as usize)
         .copied()
@@ -137,6 +148,8 @@ impl Stage {
             Stage::NoNewPrivs => "setting no_new_privs",
             Stage::FindExecutable => "finding the executable",
             Stage::Exec => "exec",
+            Stage::Sysctl => "writing sysctls",
+            Stage::Capabilities => "setting capabilities",
         }
     }
 }
@@ -354,6 +367,8 @@ struct RootMounts {
     cgroup: CString,
     nodes: Vec<(CString, u64, u64)>,
     links: Vec<(CString, CString)>,
+    extra: Vec<crate::mounts::Prepared>,
+    sysctl: Vec<(CString, CString)>,
 }
 
 fn cstr(s: impl AsRef<[u8]>) -> Result<CString, SpawnError> {
@@ -398,8 +413,19 @@ impl Prepared {
                 devpts,
                 hostname,
                 readonly,
+                mounts,
+                sysctl,
             } => {
                 let at = |p: &str| path_c(&rootfs.join(p));
+                let extra = mounts
+                    .iter()
+                    .map(|m| m.prepare(rootfs))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|_| SpawnError::Os("string with a NUL byte", Errno::EINVAL))?;
+                let sysctl = sysctl
+                    .iter()
+                    .map(|(k, v)| Ok((cstr(k)?, cstr(v)?)))
+                    .collect::<Result<Vec<_>, SpawnError>>()?;
                 let mounts = RootMounts {
                     rootfs: path_c(rootfs)?,
                     readonly: *readonly,
@@ -437,6 +463,8 @@ impl Prepared {
                     .iter()
                     .map(|(target, link)| Ok((cstr(target)?, at(link)?)))
                     .collect::<Result<Vec<_>, SpawnError>>()?,
+                    extra,
+                    sysctl,
                 };
                 (Some(mounts), Some(cstr(hostname)?))
             }
@@ -525,6 +553,12 @@ fn child_setup(ctx: &ChildCtx) -> Result<Never, (Stage, Errno)> {
             )
             .map_err(at(Stage::Namespaces))?;
             setup_root(m).map_err(at(Stage::Mounts))?;
+            for extra in &m.extra {
+                extra.mount().map_err(at(Stage::Mounts))?;
+            }
+            for (key, value) in &m.sysctl {
+                write_file(key, value).map_err(at(Stage::Sysctl))?;
+            }
             pivot(&m.rootfs).map_err(at(Stage::PivotRoot))?;
             if m.readonly {
                 mount(
@@ -580,9 +614,16 @@ fn child_setup(ctx: &ChildCtx) -> Result<Never, (Stage, Errno)> {
     if unistd::chdir(p.cwd.as_c_str()).is_err() {
         mkdir_all(&p.cwd).map_err(at(Stage::Cwd))?;
     }
+    if let Some(caps) = &spec.caps {
+        caps.drop_bounding().map_err(at(Stage::Capabilities))?;
+        caps.keep_across_setuid().map_err(at(Stage::Capabilities))?;
+    }
     unistd::setgroups(&p.groups).map_err(at(Stage::Ids))?;
     unistd::setgid(Gid::from_raw(spec.gid)).map_err(at(Stage::Ids))?;
     unistd::setuid(Uid::from_raw(spec.uid)).map_err(at(Stage::Ids))?;
+    if let Some(caps) = &spec.caps {
+        caps.apply().map_err(at(Stage::Capabilities))?;
+    }
     unistd::chdir(p.cwd.as_c_str()).map_err(at(Stage::Cwd))?;
     if spec.no_new_privs {
         nix::sys::prctl::set_no_new_privs().map_err(at(Stage::NoNewPrivs))?;
@@ -607,6 +648,14 @@ fn child_setup(ctx: &ChildCtx) -> Result<Never, (Stage, Errno)> {
     // strings and NULL-terminated arrays owned by `Prepared`.
     unsafe { libc::execve(program.as_ptr(), p.argv_ptrs.as_ptr(), p.envp_ptrs.as_ptr()) };
     Err((Stage::Exec, Errno::last()))
+}
+
+/// Writes `value` to the file at `path` (open, write, close: no allocation).
+fn write_file(path: &CStr, value: &CStr) -> nix::Result<()> {
+    let fd = nix::fcntl::open(path, nix::fcntl::OFlag::O_WRONLY, Mode::empty())?;
+    // SAFETY: `open` just returned this fd.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    unistd::write(&fd, value.to_bytes()).map(|_| ())
 }
 
 fn ignore_exists(r: nix::Result<()>) -> nix::Result<()> {
@@ -748,7 +797,7 @@ fn close_fds_except(keep: &[RawFd]) -> nix::Result<()> {
 }
 
 /// `mkdir -p` on a fixed buffer (no allocation after fork).
-fn mkdir_all(path: &CStr) -> nix::Result<()> {
+pub fn mkdir_all(path: &CStr) -> nix::Result<()> {
     let bytes = path.to_bytes();
     let mut buf = [0u8; 4096];
     if bytes.len() >= buf.len() {

@@ -2,6 +2,8 @@
 //! guest kernel. This binary parses the command line and maps errors to exit codes.
 
 mod commands;
+mod console;
+mod hooks;
 mod logging;
 mod tty;
 
@@ -29,8 +31,39 @@ struct Cli {
     /// Log debug detail.
     #[arg(long, global = true)]
     debug: bool,
+    /// Accepted for runc compatibility: cgroups are the guest's.
+    #[arg(long, global = true)]
+    systemd_cgroup: bool,
+    /// Accepted for runc compatibility.
+    #[arg(long, global = true, hide = true, num_args = 0..=1, default_missing_value = "true")]
+    rootless: Option<String>,
+    /// Accepted for runc compatibility (checkpointing is not supported).
+    #[arg(long, global = true, hide = true)]
+    criu: Option<String>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The global flags, as verbs need them and pass them to helper processes.
+pub struct Globals {
+    pub root: PathBuf,
+    pub log: Option<PathBuf>,
+    pub log_format: String,
+    pub debug: bool,
+}
+
+impl Globals {
+    pub fn to_args(&self) -> Vec<std::ffi::OsString> {
+        let mut a: Vec<std::ffi::OsString> = vec!["--root".into(), self.root.clone().into()];
+        if let Some(l) = &self.log {
+            a.extend(["--log".into(), l.clone().into()]);
+        }
+        a.extend(["--log-format".into(), self.log_format.clone().into()]);
+        if self.debug {
+            a.push("--debug".into());
+        }
+        a
+    }
 }
 
 #[derive(Subcommand)]
@@ -43,6 +76,46 @@ enum Command {
     Template(commands::template::TemplateCommand),
     /// Show what this host offers and whether podvisor can run here.
     Check(commands::check::CheckArgs),
+    /// Create a container (boot its VM; the process waits for `start`).
+    Create(commands::create::CreateArgs),
+    /// Let a created container's process run.
+    Start(commands::start::StartArgs),
+    /// Create and start a container; wait for it unless --detach.
+    Run(commands::create::RunArgs),
+    /// Print a container's OCI state as JSON.
+    State(commands::state::StateArgs),
+    /// Send a signal to a container's process (or all its processes).
+    Kill(commands::kill::KillArgs),
+    /// Delete a container and everything it left.
+    Delete(commands::delete::DeleteArgs),
+    /// List containers.
+    List(commands::state::ListArgs),
+    /// Run a process in a running container.
+    Exec(commands::exec::ExecArgs),
+    /// List a container's processes (guest pids).
+    Ps(commands::ps::PsArgs),
+    /// Freeze every process of a container.
+    Pause(commands::pause::PauseArgs),
+    /// Thaw a paused container.
+    Resume(commands::pause::PauseArgs),
+    /// Change a container's resource limits.
+    Update(commands::update::UpdateArgs),
+    /// Print a container's stats (once with --stats).
+    Events(commands::events::EventsArgs),
+    /// Print what this runtime supports (runtime-spec features JSON).
+    Features,
+    /// Write a starting config.json.
+    Spec(commands::features::SpecArgs),
+    /// Not supported: a VM's process cannot be checkpointed with CRIU.
+    Checkpoint(commands::features::UnsupportedArgs),
+    /// Not supported (see checkpoint).
+    Restore(commands::features::UnsupportedArgs),
+    /// Internal: the process that stands for a container's process.
+    #[command(hide = true)]
+    Holder(commands::holder::HolderArgs),
+    /// Internal: the process that stands for a detached exec.
+    #[command(hide = true)]
+    ExecHolder(commands::exec::ExecHolderArgs),
 }
 
 /// An error that carries the exit code the command should end with.
@@ -60,6 +133,18 @@ impl std::error::Error for Exit {}
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let log = logging::init(cli.log.as_deref(), &cli.log_format, cli.debug);
+    let g = Globals {
+        root: cli.root.clone(),
+        log: cli.log.clone(),
+        log_format: cli.log_format.clone(),
+        debug: cli.debug,
+    };
+    // Holders set up namespaces while they have one thread: before any runtime.
+    let command = match cli.command {
+        Command::Holder(args) => commands::holder::main(args, &cli.root, &log),
+        Command::ExecHolder(args) => commands::exec::holder_main(args, &cli.root, &log),
+        other => other,
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -75,10 +160,29 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         // Sandboxes whose owner died (SIGKILL) are cleaned up by the next call.
         sandbox::state::collect_garbage(&cli.root);
-        match cli.command {
-            Command::Sandbox(cmd) => commands::sandbox(cmd, &cli.root).await,
-            Command::Template(cmd) => commands::template::run(cmd, &cli.root).await,
+        let root = &g.root;
+        match command {
+            Command::Sandbox(cmd) => commands::sandbox(cmd, root).await,
+            Command::Template(cmd) => commands::template::run(cmd, root).await,
             Command::Check(args) => commands::check::run(args).await,
+            Command::Create(args) => commands::create::create(args, &g).await,
+            Command::Start(args) => commands::start::run(args, root).await,
+            Command::Run(args) => commands::create::run(args, &g).await,
+            Command::State(args) => commands::state::state(args, root),
+            Command::Kill(args) => commands::kill::run(args, root).await,
+            Command::Delete(args) => commands::delete::run(args, root).await,
+            Command::List(args) => commands::state::list(args, root),
+            Command::Exec(args) => commands::exec::run(args, &g).await,
+            Command::Ps(args) => commands::ps::run(args, root).await,
+            Command::Pause(args) => commands::pause::pause(args, root).await,
+            Command::Resume(args) => commands::pause::resume(args, root).await,
+            Command::Update(args) => commands::update::run(args, root).await,
+            Command::Events(args) => commands::events::run(args, root).await,
+            Command::Features => commands::features::features(),
+            Command::Spec(args) => commands::features::spec(args),
+            Command::Checkpoint(_) => commands::features::unsupported("checkpoint"),
+            Command::Restore(_) => commands::features::unsupported("restore"),
+            Command::Holder(_) | Command::ExecHolder(_) => unreachable!("handled above"),
         }
     });
     // A read of a terminal stdin may still be blocked on a runtime thread;

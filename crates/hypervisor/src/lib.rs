@@ -39,6 +39,18 @@ pub struct Share {
     pub readonly: bool,
 }
 
+/// A network device backed by a tap device the caller made (in the network
+/// namespace the VMM runs in).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Nic {
+    pub tap: String,
+    /// The guest device's MAC address, "aa:bb:cc:dd:ee:ff".
+    pub mac: String,
+    /// An open, inheritable fd of the tap device: the VMM uses it instead
+    /// of opening `tap` by name.
+    pub fd: Option<i32>,
+}
+
 /// Where guest memory lives.
 #[derive(Clone, Debug, Default)]
 pub enum MemoryBackend {
@@ -60,6 +72,7 @@ pub struct VmConfig {
     /// Extra kernel command-line words (the driver adds console and panic ones).
     pub kernel_args: Vec<String>,
     pub shares: Vec<Share>,
+    pub nics: Vec<Nic>,
     pub memory: MemoryBackend,
     pub accel: Accel,
     /// Unix socket the agent channel is served on (the VMM listens).

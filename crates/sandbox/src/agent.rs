@@ -29,8 +29,18 @@ pub enum AgentError {
 
 pub type AgentClient = Grpc<Channel>;
 
-/// Opens the gRPC channel (lazily: no byte moves until the first call).
+/// Opens the gRPC channel to the VMM's agent socket (lazily: no byte moves
+/// until the first call).
 pub fn channel(socket: &Path) -> Result<Channel, AgentError> {
+    connect(socket, true)
+}
+
+/// Opens a channel to the agent proxy of the process that owns a VM.
+pub fn proxy_channel(socket: &Path) -> Result<Channel, AgentError> {
+    connect(socket, false)
+}
+
+fn connect(socket: &Path, session_marker: bool) -> Result<Channel, AgentError> {
     let path = socket.to_path_buf();
     let endpoint =
         Endpoint::try_from("http://podvisor-agent").map_err(|source| AgentError::Connect {
@@ -42,7 +52,9 @@ pub fn channel(socket: &Path) -> Result<Channel, AgentError> {
             let path = path.clone();
             async move {
                 let mut stream = UnixStream::connect(path).await?;
-                stream.write_all(agent_proto::SESSION_MAGIC).await?;
+                if session_marker {
+                    stream.write_all(agent_proto::SESSION_MAGIC).await?;
+                }
                 Ok::<_, std::io::Error>(TokioIo::new(stream))
             }
         })),

@@ -3,8 +3,13 @@
 
 pub mod agent;
 pub mod assets;
+pub mod container;
 pub mod io;
+pub mod network;
+pub mod oci;
+pub mod proxy;
 mod sandbox;
+pub mod share;
 pub mod state;
 pub mod template;
 

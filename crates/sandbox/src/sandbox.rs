@@ -26,6 +26,8 @@ pub struct SandboxConfig {
     pub assets: GuestAssets,
     pub accel: Accel,
     pub shares: Vec<Share>,
+    /// Network devices, on tap devices made by the caller.
+    pub nics: Vec<hypervisor::Nic>,
     pub hostname: String,
     /// How long the agent may take to answer after the VMM started.
     pub boot_timeout: Duration,
@@ -121,6 +123,7 @@ pub(crate) fn vm_config(config: &SandboxConfig, dir: &StateDir) -> VmConfig {
             config.hostname
         )],
         shares: config.shares.clone(),
+        nics: config.nics.clone(),
         memory: MemoryBackend::Anonymous,
         accel: config.accel,
         agent_socket: dir.file("agent.sock"),

@@ -40,6 +40,7 @@ async fn start_sandbox(root: &StateRoot) -> Sandbox {
             initrd: dir.join("podvisor-initrd.cpio"),
         },
         accel: HostVirt::detect().default_accel(),
+        nics: Vec::new(),
         shares: vec![Share {
             tag: "rootfs".into(),
             path: busybox_rootfs(),

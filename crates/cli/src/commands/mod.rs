@@ -1,8 +1,21 @@
 //! One module per verb.
 
 pub mod check;
+pub mod create;
+pub mod delete;
+pub mod events;
+pub mod exec;
+pub mod features;
+pub mod holder;
+pub mod kill;
+pub mod oci;
+pub mod pause;
+pub mod ps;
 pub mod sandbox_run;
+pub mod start;
+pub mod state;
 pub mod template;
+pub mod update;
 pub mod vm_args;
 
 use std::path::Path;

@@ -160,6 +160,7 @@ pub async fn run(args: RunArgs, root: &Path) -> anyhow::Result<u8> {
         vcpus,
         assets,
         accel,
+        nics: Vec::new(),
         shares: vec![Share {
             tag: ROOTFS_TAG.into(),
             path: rootfs,
@@ -296,6 +297,7 @@ async fn run_in(
         }),
         rlimits: Vec::new(),
         no_new_privileges: false,
+        capabilities: None,
     };
     let t_create = Instant::now();
     let created = client
@@ -307,6 +309,7 @@ async fn run_in(
             hostname: args.hostname.clone(),
             process: Some(process),
             resources: None,
+            ..Default::default()
         })
         .await;
     if let Err(status) = created {

@@ -79,6 +79,7 @@ async fn create(args: CreateArgs, root: &Path) -> anyhow::Result<u8> {
         assets: args.vm.assets()?,
         accel,
         shares: Vec::new(),
+        nics: Vec::new(),
         hostname: "podvisor".into(),
         boot_timeout: default_boot_timeout(accel),
         template: None,

@@ -95,6 +95,17 @@ pub fn args(config: &VmConfig, root: bool) -> Vec<String> {
             &format!("virtio-9p-device,fsdev=fs{i},mount_tag={}", share.tag),
         ]);
     }
+    for (i, nic) in config.nics.iter().enumerate() {
+        let netdev = match nic.fd {
+            Some(fd) => format!("tap,id=net{i},fd={fd}"),
+            None => format!("tap,id=net{i},ifname={},script=no,downscript=no", nic.tap),
+        };
+        push(&["-netdev", &netdev]);
+        push(&[
+            "-device",
+            &format!("virtio-net-device,netdev=net{i},mac={}", nic.mac),
+        ]);
+    }
     push(&["-device", "virtio-rng-device"]);
     push(&[
         "-qmp",
@@ -125,6 +136,7 @@ mod tests {
                 path: PathBuf::from("/data/a,b"),
                 readonly: false,
             }],
+            nics: vec![],
             memory: MemoryBackend::Anonymous,
             accel: Accel::Tcg,
             agent_socket: "/run/s/agent.sock".into(),

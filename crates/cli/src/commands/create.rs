@@ -1,0 +1,181 @@
+//! `create` and `run`: claim the id, start the holder (which boots the VM and
+//! creates the container in it), and return once it says the container exists.
+
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use sandbox::container::ContainerDir;
+use sandbox::oci::Spec;
+
+use super::oci;
+use crate::Globals;
+
+#[derive(Args, Clone)]
+pub struct CreateArgs {
+    /// Path to the bundle (the directory holding config.json).
+    #[arg(short, long, default_value = ".")]
+    pub bundle: PathBuf,
+    /// Write the container process's host pid here.
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    /// Unix socket to send the pty's main side to (process.terminal).
+    #[arg(long)]
+    pub console_socket: Option<PathBuf>,
+    /// Accepted for runc compatibility (the guest always pivots).
+    #[arg(long)]
+    pub no_pivot: bool,
+    /// Accepted for runc compatibility (keyrings are the guest kernel's).
+    #[arg(long)]
+    pub no_new_keyring: bool,
+    /// Pass this many extra fds (from fd 3) to the holder.
+    #[arg(long, default_value_t = 0)]
+    pub preserve_fds: u32,
+    pub id: String,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub create: CreateArgs,
+    /// Return once started instead of waiting for the container to exit.
+    #[arg(short, long)]
+    pub detach: bool,
+}
+
+/// A started holder, as `create` leaves it.
+pub struct Holder {
+    pub pid: u32,
+    pub child: std::process::Child,
+}
+
+fn pipe() -> anyhow::Result<(OwnedFd, OwnedFd)> {
+    let (r, w) = nix::unistd::pipe().context("pipe")?;
+    nix::fcntl::fcntl(
+        r.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .context("pipe")?;
+    Ok((r, w))
+}
+
+/// Starts the holder and waits for its word. On failure nothing is left.
+pub fn spawn_holder(args: &CreateArgs, g: &Globals) -> anyhow::Result<Holder> {
+    let dir = ContainerDir::create(&g.root, &args.id)?;
+    let result = spawn_in(args, g);
+    if result.is_err() {
+        let _ = dir.remove();
+    }
+    result
+}
+
+fn spawn_in(args: &CreateArgs, g: &Globals) -> anyhow::Result<Holder> {
+    let bundle = std::fs::canonicalize(&args.bundle)
+        .with_context(|| format!("bundle {}", args.bundle.display()))?;
+    // Fail fast on a broken config.json, before any process starts.
+    let spec = Spec::load(&bundle)?;
+    if spec.process().terminal && args.console_socket.is_none() {
+        bail!("cannot allocate tty if runc will detach without setting console socket");
+    }
+    let (r, w) = pipe()?;
+    let exe = std::env::current_exe().context("locating podvisor")?;
+    let mut cmd = Command::new(exe);
+    cmd.args(g.to_args())
+        .arg("holder")
+        .arg("--bundle")
+        .arg(&bundle)
+        .arg("--sync-fd")
+        .arg(w.as_raw_fd().to_string());
+    if let Some(s) = &args.console_socket {
+        cmd.arg("--console-socket").arg(s);
+    }
+    cmd.arg(&args.id)
+        .stdin(Stdio::inherit())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit());
+    let mut child = cmd.spawn().context("starting the container's holder")?;
+    drop(w);
+    // SAFETY: `r` is ours; the File takes it over.
+    let mut reader = unsafe { std::fs::File::from_raw_fd(r.into_raw_fd()) };
+    let mut word = String::new();
+    let _ = reader.read_to_string(&mut word);
+    let word = word.trim();
+    if word == "ok" {
+        let pid = child.id();
+        if let Some(p) = &args.pid_file {
+            if let Err(e) = oci::write_pid_file(p, pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                let _ = child.wait();
+                return Err(e);
+            }
+        }
+        return Ok(Holder { pid, child });
+    }
+    let _ = child.wait();
+    sandbox::state::collect_garbage(&g.root);
+    match word.strip_prefix("error: ") {
+        Some(msg) => bail!("{msg}"),
+        None => bail!("the container's holder died while creating it"),
+    }
+}
+
+pub async fn create(args: CreateArgs, g: &Globals) -> anyhow::Result<u8> {
+    let _holder = spawn_holder(&args, g)?;
+    // The holder outlives us: our caller (conmon, containerd-shim) reaps it.
+    Ok(0)
+}
+
+pub async fn run(args: RunArgs, g: &Globals) -> anyhow::Result<u8> {
+    let mut holder = spawn_holder(&args.create, g)?;
+    if let Err(e) = super::start::start_id(&g.root, &args.create.id).await {
+        let _ = holder.child.kill();
+        let _ = holder.child.wait();
+        if let Ok(dir) = ContainerDir::open(&g.root, &args.create.id) {
+            let _ = dir.remove();
+        }
+        return Err(e);
+    }
+    if args.detach {
+        return Ok(0);
+    }
+    let forward = forward_to(holder.pid);
+    let status = tokio::task::spawn_blocking(move || holder.child.wait())
+        .await
+        .context("waiting for the container")??;
+    forward.iter().for_each(|t| t.abort());
+    let code = status.code().unwrap_or(137).clamp(0, 255) as u8;
+    super::delete::remove_stopped(&g.root, &args.create.id).await;
+    Ok(code)
+}
+
+/// Signals `run` gets go to the holder, which relays them into the VM.
+fn forward_to(pid: u32) -> Vec<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let kinds = [
+        SignalKind::interrupt(),
+        SignalKind::terminate(),
+        SignalKind::hangup(),
+        SignalKind::quit(),
+        SignalKind::user_defined1(),
+        SignalKind::user_defined2(),
+    ];
+    kinds
+        .into_iter()
+        .filter_map(|k| signal(k).ok().map(|s| (k, s)))
+        .map(|(kind, mut stream)| {
+            tokio::spawn(async move {
+                while stream.recv().await.is_some() {
+                    if let Ok(sig) = nix::sys::signal::Signal::try_from(kind.as_raw_value()) {
+                        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+                    }
+                }
+            })
+        })
+        .collect()
+}

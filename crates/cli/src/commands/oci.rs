@@ -1,0 +1,104 @@
+//! What the runc-compatible verbs share: opening a container, reaching its
+//! agent through the holder's proxy, and waiting for a holder to go.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+use sandbox::agent::AgentClient;
+use sandbox::container::{ContainerDir, Record, Status};
+
+pub struct Opened {
+    pub dir: ContainerDir,
+    pub record: Record,
+    pub status: Status,
+}
+
+/// Opens a container that has finished `create`.
+pub fn open(root: &Path, id: &str) -> anyhow::Result<Opened> {
+    let dir = ContainerDir::open(root, id)?;
+    let Some(record) = dir.record()? else {
+        bail!("container {id} is still being created");
+    };
+    let status = dir.status(Some(&record));
+    Ok(Opened {
+        dir,
+        record,
+        status,
+    })
+}
+
+/// A client of the container's agent, through its holder.
+pub fn agent(dir: &ContainerDir) -> anyhow::Result<AgentClient> {
+    let channel = sandbox::agent::proxy_channel(&dir.proxy_socket())?;
+    Ok(AgentClient::new(channel).max_decoding_message_size(16 << 20))
+}
+
+/// The agent's words, without gRPC's.
+pub fn rpc(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", status.message())
+}
+
+/// Waits for the holder of `record` to exit; SIGKILLs it after `grace`.
+pub async fn wait_holder_gone(record: &Record, grace: Duration) {
+    let deadline = Instant::now() + grace;
+    while ContainerDir::holder_alive(record) {
+        if Instant::now() > deadline {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(record.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if !ContainerDir::holder_alive(record) {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// "KILL", "SIGKILL", "kill" or "9" as a signal number.
+pub fn parse_signal(s: &str) -> anyhow::Result<i32> {
+    if let Ok(n) = s.parse::<i32>() {
+        if (1..=64).contains(&n) {
+            return Ok(n);
+        }
+        bail!("invalid signal: {s}");
+    }
+    let upper = s.to_ascii_uppercase();
+    let name = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    name.parse::<nix::sys::signal::Signal>()
+        .map(|sig| sig as i32)
+        .map_err(|_| anyhow::anyhow!("unknown signal {s:?}"))
+}
+
+/// Writes `pid` to `path` the way runc does (no newline), atomically.
+pub fn write_pid_file(path: &Path, pid: u32) -> anyhow::Result<()> {
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default()
+    ));
+    std::fs::write(&tmp, pid.to_string())
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| anyhow::anyhow!("writing pid file {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_by_name_and_number() {
+        assert_eq!(parse_signal("9").unwrap(), 9);
+        assert_eq!(parse_signal("KILL").unwrap(), 9);
+        assert_eq!(parse_signal("sigterm").unwrap(), 15);
+        assert!(parse_signal("0").is_err());
+        assert!(parse_signal("BOGUS").is_err());
+    }
+}

@@ -1,0 +1,196 @@
+//! A container's network, as its caller made it: every Ethernet interface of
+//! the network namespace gets a tap device joined to it by tc mirred
+//! redirects (both ways), and the guest's device takes the interface's MAC,
+//! addresses and routes. Runs inside that namespace; uses iproute2's `ip`/`tc`.
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::process::Command;
+
+use agent_proto::{NetworkInterface, NetworkRequest, Route};
+use hypervisor::Nic;
+use nix::errno::Errno;
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error("running {cmd}: {detail}")]
+    Command { cmd: String, detail: String },
+    #[error("reading the network namespace: {0}")]
+    Parse(#[from] serde_json::Error),
+    #[error("creating tap device {name}: {errno}")]
+    Tap { name: String, errno: Errno },
+}
+
+/// The guest's network: devices for the VMM, addresses and routes for the agent.
+pub struct Network {
+    pub nics: Vec<Nic>,
+    pub request: NetworkRequest,
+    /// The tap devices' file descriptors: a tap lives as long as they do
+    /// (and the VMM's copies), so nothing is left behind when we die.
+    _taps: Vec<OwnedFd>,
+}
+
+#[derive(Deserialize)]
+struct Link {
+    ifname: String,
+    #[serde(default)]
+    address: String,
+    #[serde(default)]
+    mtu: u32,
+    #[serde(default)]
+    link_type: String,
+    #[serde(default)]
+    addr_info: Vec<AddrInfo>,
+}
+
+#[derive(Deserialize)]
+struct AddrInfo {
+    family: String,
+    local: String,
+    prefixlen: u8,
+}
+
+#[derive(Deserialize)]
+struct RouteEntry {
+    dst: String,
+    #[serde(default)]
+    gateway: Option<String>,
+    #[serde(default)]
+    dev: String,
+}
+
+const TAP_PREFIX: &str = "pvtap";
+
+fn run(program: &str, args: &[&str]) -> Result<String, NetworkError> {
+    let cmd = format!("{program} {}", args.join(" "));
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .map_err(|e| NetworkError::Command {
+            cmd: cmd.clone(),
+            detail: e.to_string(),
+        })?;
+    if !out.status.success() {
+        return Err(NetworkError::Command {
+            cmd,
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Opens a tap device named `name` (gone when the last fd closes). The fd is
+/// inheritable: the VMM takes it over as `-netdev tap,fd=N`.
+fn open_tap(name: &str) -> Result<OwnedFd, NetworkError> {
+    let err = |errno| NetworkError::Tap {
+        name: name.into(),
+        errno,
+    };
+    let fd = nix::fcntl::open(
+        "/dev/net/tun",
+        nix::fcntl::OFlag::O_RDWR,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(err)?;
+    // SAFETY: `open` just returned this fd.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain data; all zeroes is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+    // SAFETY: TUNSETIFF reads an ifreq; `req` lives for the call.
+    let rc = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            libc::TUNSETIFF,
+            &mut req as *mut libc::ifreq,
+        )
+    };
+    if rc < 0 {
+        return Err(err(Errno::last()));
+    }
+    Ok(fd)
+}
+
+/// Redirects everything arriving on `from` out of `to`.
+fn redirect(from: &str, to: &str) -> Result<(), NetworkError> {
+    run(
+        "tc",
+        &["qdisc", "add", "dev", from, "handle", "ffff:", "ingress"],
+    )?;
+    run(
+        "tc",
+        &[
+            "filter", "add", "dev", from, "parent", "ffff:", "protocol", "all", "u32", "match",
+            "u8", "0", "0", "action", "mirred", "egress", "redirect", "dev", to,
+        ],
+    )?;
+    Ok(())
+}
+
+/// Joins every Ethernet interface of the current network namespace to a new
+/// tap device. An empty namespace (only lo) gives a guest without a NIC.
+pub fn attach() -> Result<Network, NetworkError> {
+    let links: Vec<Link> = serde_json::from_str(&run("ip", &["-j", "addr", "show"])?)?;
+    let routes: Vec<RouteEntry> =
+        serde_json::from_str(&run("ip", &["-j", "-4", "route", "show"])?)?;
+    let mut nics = Vec::new();
+    let mut taps = Vec::new();
+    let mut request = NetworkRequest::default();
+    for link in links
+        .iter()
+        .filter(|l| l.link_type == "ether" && !l.ifname.starts_with(TAP_PREFIX))
+    {
+        let tap = format!("{TAP_PREFIX}{}", nics.len());
+        let fd = open_tap(&tap)?;
+        let mtu = link.mtu.max(68).to_string();
+        run("ip", &["link", "set", "dev", &tap, "mtu", &mtu, "up"])?;
+        redirect(&link.ifname, &tap)?;
+        redirect(&tap, &link.ifname)?;
+        nics.push(Nic {
+            tap: tap.clone(),
+            mac: link.address.clone(),
+            fd: Some(std::os::fd::AsRawFd::as_raw_fd(&fd)),
+        });
+        taps.push(fd);
+        request.interfaces.push(NetworkInterface {
+            mac: link.address.clone(),
+            name: link.ifname.clone(),
+            addresses: link
+                .addr_info
+                .iter()
+                .filter(|a| a.family == "inet")
+                .map(|a| format!("{}/{}", a.local, a.prefixlen))
+                .collect(),
+            mtu: link.mtu,
+        });
+        // The kernel makes on-link routes from the address; routes through
+        // a gateway are what the guest needs to be told.
+        for r in routes
+            .iter()
+            .filter(|r| r.dev == link.ifname && r.gateway.is_some())
+        {
+            request.routes.push(Route {
+                destination: if r.dst == "default" {
+                    String::new()
+                } else {
+                    r.dst.clone()
+                },
+                gateway: r.gateway.clone().unwrap_or_default(),
+                device: link.ifname.clone(),
+            });
+        }
+    }
+    Ok(Network {
+        nics,
+        request,
+        _taps: taps,
+    })
+}
+
+/// Brings up lo in a namespace made for the container.
+pub fn loopback_up() -> Result<(), NetworkError> {
+    run("ip", &["link", "set", "dev", "lo", "up"]).map(drop)
+}

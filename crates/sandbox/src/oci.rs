@@ -1,0 +1,435 @@
+//! The OCI runtime spec as podvisor reads it (config.json of a bundle): the
+//! fields that mean something for a container in a VM. Unknown fields are
+//! accepted and ignored, as runc does.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("open {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parsing {path}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Spec {
+    pub oci_version: String,
+    pub process: Option<Process>,
+    pub root: Option<Root>,
+    pub hostname: String,
+    pub mounts: Vec<Mount>,
+    pub hooks: Option<Hooks>,
+    pub annotations: BTreeMap<String, String>,
+    pub linux: Option<Linux>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Process {
+    pub terminal: bool,
+    pub console_size: Option<ConsoleSize>,
+    pub user: User,
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub capabilities: Option<Capabilities>,
+    pub rlimits: Vec<Rlimit>,
+    pub no_new_privileges: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct ConsoleSize {
+    pub height: u32,
+    pub width: u32,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct User {
+    pub uid: u32,
+    pub gid: u32,
+    pub additional_gids: Vec<u32>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Capabilities {
+    pub bounding: Vec<String>,
+    pub effective: Vec<String>,
+    pub inheritable: Vec<String>,
+    pub permitted: Vec<String>,
+    pub ambient: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Rlimit {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub hard: u64,
+    pub soft: u64,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Root {
+    pub path: String,
+    pub readonly: bool,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Mount {
+    pub destination: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub source: String,
+    pub options: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Hook {
+    pub path: String,
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub timeout: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Hooks {
+    pub prestart: Vec<Hook>,
+    pub create_runtime: Vec<Hook>,
+    pub create_container: Vec<Hook>,
+    pub start_container: Vec<Hook>,
+    pub poststart: Vec<Hook>,
+    pub poststop: Vec<Hook>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Linux {
+    pub namespaces: Vec<Namespace>,
+    pub resources: Option<Resources>,
+    pub sysctl: BTreeMap<String, String>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Namespace {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub path: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Resources {
+    pub memory: Option<Memory>,
+    pub cpu: Option<Cpu>,
+    pub pids: Option<Pids>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Memory {
+    pub limit: Option<i64>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Cpu {
+    pub quota: Option<i64>,
+    pub period: Option<u64>,
+    pub shares: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Pids {
+    pub limit: Option<i64>,
+}
+
+/// Annotations that size or shape the VM.
+pub const ANNOTATION_MEMORY: &str = "io.podvisor.vm.memory";
+pub const ANNOTATION_VCPUS: &str = "io.podvisor.vm.vcpus";
+pub const ANNOTATION_KERNEL: &str = "io.podvisor.kernel";
+
+/// Guest memory beyond the container's limit: kernel, agent, page cache.
+pub const VM_OVERHEAD_MIB: u64 = 128;
+pub const DEFAULT_VM_MEMORY_MIB: u64 = 256;
+
+impl Spec {
+    /// Reads and checks `bundle/config.json`.
+    pub fn load(bundle: &Path) -> Result<Spec, SpecError> {
+        let path = bundle.join("config.json");
+        let text = std::fs::read(&path).map_err(|source| SpecError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let spec: Spec = serde_json::from_slice(&text).map_err(|source| SpecError::Parse {
+            path: path.clone(),
+            source,
+        })?;
+        spec.validate(bundle)?;
+        Ok(spec)
+    }
+
+    fn validate(&self, bundle: &Path) -> Result<(), SpecError> {
+        let invalid = |m: String| Err(SpecError::Invalid(m));
+        if self.oci_version.is_empty() {
+            return invalid("config.json: ociVersion is missing".into());
+        }
+        let Some(process) = &self.process else {
+            return invalid("config.json: process is missing".into());
+        };
+        if process.args.is_empty() {
+            return invalid("config.json: process.args must not be empty".into());
+        }
+        if !process.cwd.is_empty() && !process.cwd.starts_with('/') {
+            return invalid(format!(
+                "config.json: process.cwd {:?} is not an absolute path",
+                process.cwd
+            ));
+        }
+        let rootfs = self.rootfs(bundle)?;
+        if !rootfs.is_dir() {
+            return invalid(format!("rootfs ({}) does not exist", rootfs.display()));
+        }
+        for m in &self.mounts {
+            if !m.destination.starts_with('/') {
+                return invalid(format!(
+                    "config.json: mount destination {:?} is not absolute",
+                    m.destination
+                ));
+            }
+        }
+        for (key, what) in [(ANNOTATION_MEMORY, "MiB"), (ANNOTATION_VCPUS, "count")] {
+            if let Some(v) = self.annotations.get(key) {
+                if v.parse::<u64>().map(|n| n == 0).unwrap_or(true) {
+                    return invalid(format!("annotation {key}={v:?}: want a positive {what}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The root filesystem, relative paths taken from the bundle.
+    pub fn rootfs(&self, bundle: &Path) -> Result<PathBuf, SpecError> {
+        let root = self
+            .root
+            .as_ref()
+            .filter(|r| !r.path.is_empty())
+            .ok_or_else(|| SpecError::Invalid("config.json: root.path is missing".into()))?;
+        Ok(bundle.join(&root.path))
+    }
+
+    pub fn process(&self) -> &Process {
+        self.process
+            .as_ref()
+            .expect("validated: process is present")
+    }
+
+    pub fn resources(&self) -> Option<&Resources> {
+        self.linux.as_ref()?.resources.as_ref()
+    }
+
+    pub fn memory_limit(&self) -> Option<u64> {
+        let l = self.resources()?.memory.as_ref()?.limit?;
+        (l > 0).then_some(l as u64)
+    }
+
+    /// The VM's memory: the annotation, else the container's limit plus
+    /// room for the guest itself, else the default.
+    pub fn vm_memory_mib(&self) -> u64 {
+        if let Some(m) = self.annotations.get(ANNOTATION_MEMORY) {
+            return m.parse().unwrap_or(DEFAULT_VM_MEMORY_MIB);
+        }
+        match self.memory_limit() {
+            Some(limit) => limit.div_ceil(1 << 20) + VM_OVERHEAD_MIB,
+            None => DEFAULT_VM_MEMORY_MIB,
+        }
+    }
+
+    /// The VM's vCPUs: the annotation, else the CPU quota rounded up, else 1.
+    pub fn vm_vcpus(&self) -> u32 {
+        if let Some(n) = self.annotations.get(ANNOTATION_VCPUS) {
+            return n.parse().unwrap_or(1);
+        }
+        let cpu = self.resources().and_then(|r| r.cpu.as_ref());
+        match cpu.and_then(|c| Some((c.quota?, c.period.unwrap_or(100_000)))) {
+            Some((q, p)) if q > 0 && p > 0 => (q as u64).div_ceil(p).clamp(1, 64) as u32,
+            _ => 1,
+        }
+    }
+
+    /// The network namespace the container asked for: None = the host's
+    /// (no network device), Some(None) = a new one, Some(Some(path)) = join.
+    pub fn network_namespace(&self) -> Option<Option<PathBuf>> {
+        let ns = self
+            .linux
+            .as_ref()?
+            .namespaces
+            .iter()
+            .find(|n| n.kind == "network")?;
+        Some((!ns.path.is_empty()).then(|| PathBuf::from(&ns.path)))
+    }
+
+    /// The guest-side limits of the container's cgroup.
+    pub fn agent_resources(&self) -> agent_proto::Resources {
+        let r = self.resources();
+        let cpu = r.and_then(|r| r.cpu.as_ref());
+        agent_proto::Resources {
+            memory_limit: self.memory_limit().unwrap_or(0) as i64,
+            cpu_quota: cpu.and_then(|c| c.quota).filter(|q| *q > 0).unwrap_or(0),
+            cpu_period: cpu.and_then(|c| c.period).unwrap_or(0),
+            pids_limit: r
+                .and_then(|r| r.pids.as_ref()?.limit)
+                .filter(|l| *l > 0)
+                .unwrap_or(0),
+        }
+    }
+}
+
+impl Process {
+    /// The process as the agent takes it.
+    pub fn to_agent(&self) -> agent_proto::Process {
+        agent_proto::Process {
+            args: self.args.clone(),
+            env: self.env.clone(),
+            cwd: if self.cwd.is_empty() {
+                "/".into()
+            } else {
+                self.cwd.clone()
+            },
+            user: Some(agent_proto::User {
+                uid: self.user.uid,
+                gid: self.user.gid,
+                additional_gids: self.user.additional_gids.clone(),
+            }),
+            terminal: self.terminal,
+            console_size: self.console_size.map(|c| agent_proto::ConsoleSize {
+                rows: c.height,
+                cols: c.width,
+            }),
+            rlimits: self
+                .rlimits
+                .iter()
+                .map(|r| agent_proto::Rlimit {
+                    r#type: r.kind.clone(),
+                    hard: r.hard,
+                    soft: r.soft,
+                })
+                .collect(),
+            no_new_privileges: self.no_new_privileges,
+            capabilities: self
+                .capabilities
+                .as_ref()
+                .map(|c| agent_proto::Capabilities {
+                    bounding: c.bounding.clone(),
+                    effective: c.effective.clone(),
+                    inheritable: c.inheritable.clone(),
+                    permitted: c.permitted.clone(),
+                    ambient: c.ambient.clone(),
+                }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle(config: &str) -> (tempdir::Dir, Result<Spec, SpecError>) {
+        let d = tempdir::Dir::new();
+        std::fs::create_dir(d.0.join("rootfs")).unwrap();
+        std::fs::write(d.0.join("config.json"), config).unwrap();
+        let r = Spec::load(&d.0);
+        (d, r)
+    }
+
+    mod tempdir {
+        pub struct Dir(pub std::path::PathBuf);
+        impl Dir {
+            pub fn new() -> Dir {
+                let p = std::env::temp_dir().join(format!(
+                    "podvisor-oci-{}-{:?}",
+                    std::process::id(),
+                    std::thread::current().id()
+                ));
+                let _ = std::fs::remove_dir_all(&p);
+                std::fs::create_dir_all(&p).unwrap();
+                Dir(p)
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    #[test]
+    fn sizes_the_vm_from_limits_and_annotations() {
+        let (_d, s) = bundle(
+            r#"{"ociVersion":"1.0.2","process":{"args":["sh"],"cwd":"/"},"root":{"path":"rootfs"},
+               "linux":{"resources":{"memory":{"limit":268435456},"cpu":{"quota":150000,"period":100000}},
+                        "namespaces":[{"type":"network","path":"/run/netns/x"}]},
+               "someFutureField":{"x":1}}"#,
+        );
+        let s = s.unwrap();
+        assert_eq!(s.vm_memory_mib(), 256 + VM_OVERHEAD_MIB);
+        assert_eq!(s.vm_vcpus(), 2);
+        assert_eq!(s.agent_resources().memory_limit, 268435456);
+        assert_eq!(
+            s.network_namespace(),
+            Some(Some(PathBuf::from("/run/netns/x")))
+        );
+    }
+
+    #[test]
+    fn refuses_broken_bundles() {
+        let cases = [
+            ("{", "parsing"),
+            (
+                r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"}}"#,
+                "process is missing",
+            ),
+            (
+                r#"{"ociVersion":"1.0.2","process":{"args":[]},"root":{"path":"rootfs"}}"#,
+                "args must not be empty",
+            ),
+            (
+                r#"{"ociVersion":"1.0.2","process":{"args":["sh"]},"root":{"path":"nope"}}"#,
+                "does not exist",
+            ),
+            (
+                r#"{"ociVersion":"1.0.2","process":{"args":["sh"]},"root":{"path":"rootfs"},
+                   "annotations":{"io.podvisor.vm.memory":"lots"}}"#,
+                "io.podvisor.vm.memory",
+            ),
+        ];
+        for (config, want) in cases {
+            let (_d, r) = bundle(config);
+            let e = r.unwrap_err().to_string();
+            assert!(e.contains(want), "{config}: {e}");
+        }
+    }
+}
