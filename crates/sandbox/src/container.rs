@@ -186,9 +186,21 @@ impl ContainerDir {
         self.path.join(name)
     }
 
-    /// The agent proxy the holder serves.
+    /// The id of the sandbox (VM) of this container: short, because Unix
+    /// socket paths in its directory must stay under 108 bytes whatever the
+    /// container id (docker's are 64 characters).
+    pub fn sandbox_id(&self) -> String {
+        use std::hash::{Hash, Hasher};
+        // DefaultHasher::new() has fixed keys: the same id in every process.
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.id.hash(&mut h);
+        format!("c{:015x}", h.finish() >> 4)
+    }
+
+    /// The agent proxy the holder serves, in its sandbox's directory.
     pub fn proxy_socket(&self) -> PathBuf {
-        self.file("agent.sock")
+        let root = self.path.parent().and_then(Path::parent).unwrap_or(Path::new("/"));
+        crate::state::sandbox_dir(root, &self.sandbox_id()).join("proxy.sock")
     }
 
     /// Where the container's host files are gathered for the VM.

@@ -39,6 +39,11 @@ fn sandboxes(root: &Path) -> PathBuf {
     root.join("sandboxes")
 }
 
+/// Where the sandbox `id` keeps its sockets and logs.
+pub fn sandbox_dir(root: &Path, id: &str) -> PathBuf {
+    sandboxes(root).join(id)
+}
+
 fn try_lock(file: &File) -> io::Result<bool> {
     // SAFETY: flock on a valid, open fd; no memory is passed.
     let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };

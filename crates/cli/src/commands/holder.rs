@@ -149,7 +149,7 @@ async fn run(args: &HolderArgs, root: &Path, spec: Spec, sync: &mut Sync) -> any
     let assets = sandbox::assets::GuestAssets::resolve(kernel.as_deref(), None)?;
     let accel = checked_accel(None)?;
     let config = SandboxConfig {
-        id: args.id.clone(),
+        id: dir.sandbox_id(),
         root: root.to_path_buf(),
         memory_mib: spec.vm_memory_mib(),
         vcpus: spec.vm_vcpus(),
