@@ -199,7 +199,11 @@ impl ContainerDir {
 
     /// The agent proxy the holder serves, in its sandbox's directory.
     pub fn proxy_socket(&self) -> PathBuf {
-        let root = self.path.parent().and_then(Path::parent).unwrap_or(Path::new("/"));
+        let root = self
+            .path
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or(Path::new("/"));
         crate::state::sandbox_dir(root, &self.sandbox_id()).join("proxy.sock")
     }
 

@@ -18,14 +18,18 @@ pub struct AgentProxy {
     client: AgentClient,
 }
 
-/// Serves the proxy on `socket` until `shutdown` completes.
+/// Binds the proxy's socket: once this returns, clients can connect.
+pub fn bind(socket: &Path) -> Result<UnixListener, std::io::Error> {
+    let _ = std::fs::remove_file(socket);
+    UnixListener::bind(socket)
+}
+
+/// Serves the proxy on `listener` until `shutdown` completes.
 pub async fn serve(
     client: AgentClient,
-    socket: &Path,
+    listener: UnixListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), std::io::Error> {
-    let _ = std::fs::remove_file(socket);
-    let listener = UnixListener::bind(socket)?;
     tonic::transport::Server::builder()
         .add_service(AgentServer::new(AgentProxy { client }).max_decoding_message_size(16 << 20))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)

@@ -97,10 +97,11 @@ fn bind(src: &Path, dst: &Path, readonly: bool) -> Result<(), ShareError> {
 pub fn populate(
     dir: &Path,
     rootfs: &Path,
-    readonly_root: bool,
     mounts: &[oci::Mount],
 ) -> Result<Vec<agent_proto::Mount>, ShareError> {
-    bind(rootfs, &dir.join("rootfs"), readonly_root)?;
+    // The root stays writable on the host side: the guest creates mount
+    // points in it before making it read-only, as runc does on the host.
+    bind(rootfs, &dir.join("rootfs"), false)?;
     let mut out = Vec::new();
     for (i, m) in mounts.iter().enumerate() {
         let mut am = agent_proto::Mount {

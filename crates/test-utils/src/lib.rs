@@ -59,8 +59,25 @@ impl StateRoot {
         processes_mentioning(&self.path.to_string_lossy())
     }
 
+    /// OCI container directories present under this root.
+    pub fn containers(&self) -> Vec<String> {
+        fs::read_dir(self.path.join("containers"))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Asserts nothing of a sandbox is left under this root.
     pub fn assert_clean(&self) {
+        assert_eq!(
+            self.containers(),
+            Vec::<String>::new(),
+            "container state left under {}",
+            self.path.display()
+        );
         assert_eq!(
             self.sandboxes(),
             Vec::<String>::new(),
@@ -229,5 +246,54 @@ mod tests {
         assert_eq!(img.len() % 4, 0);
         let text = String::from_utf8_lossy(&img);
         assert!(text.contains("a\0") && text.contains("a/b\0") && text.contains("TRAILER!!!"));
+    }
+}
+
+/// An OCI bundle for one test: a copy of the busybox rootfs and the
+/// config.json `podvisor spec` writes, with `edit` applied to it.
+pub struct Bundle {
+    pub path: PathBuf,
+}
+
+impl Bundle {
+    pub fn new(name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> Bundle {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "podvisor-bundle-{name}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = fs::remove_dir_all(&path);
+        fs::create_dir_all(&path).unwrap();
+        let cp = Command::new("cp")
+            .arg("-a")
+            .arg(busybox_rootfs())
+            .arg(path.join("rootfs"))
+            .status()
+            .unwrap();
+        assert!(cp.success(), "copying the busybox rootfs");
+        let spec = output(
+            Command::new(build_dir().join("podvisor"))
+                .args(["spec", "--bundle"])
+                .arg(&path),
+        );
+        assert!(spec.status.success(), "podvisor spec: {spec:?}");
+        let text = fs::read_to_string(path.join("config.json")).unwrap();
+        let mut config: serde_json::Value = serde_json::from_str(&text).unwrap();
+        config["process"]["terminal"] = false.into();
+        config["root"]["readonly"] = false.into();
+        // No network namespace: the VM gets no NIC (tests of networking add one).
+        if let Some(ns) = config["linux"]["namespaces"].as_array_mut() {
+            ns.retain(|n| n["type"] != "network");
+        }
+        edit(&mut config);
+        fs::write(path.join("config.json"), config.to_string()).unwrap();
+        Bundle { path }
+    }
+}
+
+impl Drop for Bundle {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
     }
 }

@@ -141,9 +141,8 @@ async fn run(args: &HolderArgs, root: &Path, spec: Spec, sync: &mut Sync) -> any
         None => None,
     };
     let rootfs = spec.rootfs(bundle)?;
-    let readonly = spec.root.as_ref().is_some_and(|r| r.readonly);
     std::fs::create_dir_all(dir.share()).context("creating the share directory")?;
-    let mounts = sandbox::share::populate(&dir.share(), &rootfs, readonly, &spec.mounts)?;
+    let mounts = sandbox::share::populate(&dir.share(), &rootfs, &spec.mounts)?;
 
     let kernel = spec.annotations.get(ANNOTATION_KERNEL).map(PathBuf::from);
     let assets = sandbox::assets::GuestAssets::resolve(kernel.as_deref(), None)?;
@@ -191,11 +190,11 @@ async fn run(args: &HolderArgs, root: &Path, spec: Spec, sync: &mut Sync) -> any
 
     let client = sb.agent.clone();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let proxy_socket = dir.proxy_socket();
+    let listener = sandbox::proxy::bind(&dir.proxy_socket()).context("binding the agent proxy")?;
     let proxy = tokio::spawn({
         let client = client.clone();
         async move {
-            let _ = sandbox::proxy::serve(client, &proxy_socket, async {
+            let _ = sandbox::proxy::serve(client, listener, async {
                 let _ = stop_rx.await;
             })
             .await;

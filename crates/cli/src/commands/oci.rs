@@ -36,6 +36,12 @@ pub fn agent(dir: &ContainerDir) -> anyhow::Result<AgentClient> {
 
 /// The agent's words, without gRPC's.
 pub fn rpc(status: tonic::Status) -> anyhow::Error {
+    if status.code() == tonic::Code::Unavailable {
+        return anyhow::anyhow!(
+            "the container's holder is not answering (it exited?): {}",
+            status.message()
+        );
+    }
     anyhow::anyhow!("{}", status.message())
 }
 
