@@ -2,8 +2,12 @@
 # Installs what podvisor needs on Debian 12 from Debian's own packages.
 # Idempotent: installs only what is missing.
 set -euo pipefail
+# podman, docker.io, containerd, runc, conmon and the CNI plugins are the real
+# clients the test suite drives; iproute2 (ip, tc) joins a container's
+# network namespace to its VM.
 pkgs=(qemu-system-x86 linux-source-6.1 build-essential bc flex bison libelf-dev cpio xz-utils
-      protobuf-compiler busybox-static tmux)
+      protobuf-compiler busybox-static tmux iproute2
+      podman conmon docker.io containerd runc containernetworking-plugins)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

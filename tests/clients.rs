@@ -1,0 +1,437 @@
+//! Fixtures for the real-client suites: a busybox image from local material,
+//! podman with its own storage, a dockerd and a containerd started for the
+//! test, an HTTP GET, and a terminal driven through tmux. A client that is
+//! missing fails the test with what to install.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use test_utils::{build_dir, output, StateRoot};
+
+pub fn podvisor() -> PathBuf {
+    build_dir().join("podvisor")
+}
+
+/// Fails the test unless `program` is installed.
+pub fn require(program: &str) -> PathBuf {
+    for dir in ["/usr/bin", "/usr/sbin", "/bin", "/sbin", "/usr/local/bin"] {
+        let p = Path::new(dir).join(program);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("{program} is missing: run scripts/install-deps.sh (Debian packages podman, docker.io, containerd, runc, tmux)");
+}
+
+pub fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed ({:?}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A scratch directory removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        let p = std::env::temp_dir().join(format!("pv-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Scratch(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A tarball of the busybox rootfs `make build` made (what `podman import` and
+/// `docker import` take).
+pub fn busybox_tar(dir: &Path) -> PathBuf {
+    let tar = dir.join("busybox.tar");
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(build_dir().join("rootfs"))
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success(), "tar of the busybox rootfs");
+    tar
+}
+
+/// podman with storage, run root and podvisor's state of its own.
+pub struct Podman {
+    pub dir: Scratch,
+    pub pv_root: StateRoot,
+}
+
+impl Podman {
+    pub fn new(name: &str) -> Podman {
+        require("podman");
+        require("conmon");
+        let dir = Scratch::new(&format!("podman-{name}"));
+        // This host withholds CAP_SYS_RESOURCE (no raising RLIMIT_NOFILE) and
+        // has no systemd; podman passes --log-format json only to runtimes
+        // it is told support it.
+        let pv_root = StateRoot::new(&format!("podman-{name}"));
+        // podman gives the runtime no --root, and its cleanup process (which
+        // deletes --rm containers) gets no --runtime-flag: a wrapper gives
+        // every call this test's state root.
+        let wrapper = dir.0.join("podvisor");
+        std::fs::write(
+            &wrapper,
+            format!(
+                "#!/bin/sh\nexec {} --root {} \"$@\"\n",
+                podvisor().display(),
+                pv_root.path.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            &wrapper,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let conf = format!(
+            "[containers]\ndefault_ulimits = []\n[engine]\ncgroup_manager = \"cgroupfs\"\n\
+             runtime_supports_json = [\"podvisor\", \"runc\"]\n[engine.runtimes]\npodvisor = [\"{}\"]\n",
+            wrapper.display()
+        );
+        std::fs::write(dir.0.join("containers.conf"), conf).unwrap();
+        let p = Podman { dir, pv_root };
+        let tar = busybox_tar(&p.dir.0);
+        ok(&output(
+            p.cmd()
+                .arg("import")
+                .arg(&tar)
+                .arg("localhost/busybox:latest"),
+        ));
+        p
+    }
+
+    /// `podman` with this fixture's storage; `run`/`create` go to podvisor.
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new("podman");
+        c.env("CONTAINERS_CONF", self.dir.0.join("containers.conf"))
+            .arg("--root")
+            .arg(self.dir.0.join("storage"))
+            .arg("--runroot")
+            .arg(self.dir.0.join("run"))
+            .args(["--storage-driver", "vfs", "--runtime", "podvisor"]);
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        output(self.cmd().args(args))
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        let _ = output(self.cmd().args(["rm", "-af", "-t", "0"]));
+    }
+}
+
+fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ready() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not come up within {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn stop_daemon(child: &mut Child) {
+    // SAFETY: kill with a pid we spawned and have not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A dockerd of the test's own with podvisor registered as runtime "podvisor".
+pub struct Dockerd {
+    pub dir: Scratch,
+    daemon: Child,
+}
+
+impl Dockerd {
+    pub fn start(bridge_cidr: &str) -> Dockerd {
+        let dockerd = require("dockerd");
+        require("containerd");
+        require("runc");
+        let dir = Scratch::new("dockerd");
+        let log = std::fs::File::create(dir.0.join("dockerd.log")).unwrap();
+        let daemon = Command::new(dockerd)
+            .arg("--data-root")
+            .arg(dir.0.join("data"))
+            .arg("--exec-root")
+            .arg(dir.0.join("exec"))
+            .arg("--pidfile")
+            .arg(dir.0.join("docker.pid"))
+            .arg("-H")
+            .arg(format!("unix://{}", dir.0.join("docker.sock").display()))
+            .arg("--add-runtime")
+            .arg(format!("podvisor={}", podvisor().display()))
+            .args(["--storage-driver", "vfs", "--bip", bridge_cidr])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let d = Dockerd { dir, daemon };
+        wait_for("dockerd", Duration::from_secs(60), || {
+            d.cmd()
+                .arg("version")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        });
+        let tar = busybox_tar(&d.dir.0);
+        ok(&output(
+            d.cmd().arg("import").arg(&tar).arg("busybox:local"),
+        ));
+        d
+    }
+
+    /// Debian's docker 20.10 client, on this daemon.
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new("/usr/bin/docker");
+        c.env(
+            "DOCKER_HOST",
+            format!("unix://{}", self.dir.0.join("docker.sock").display()),
+        );
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        output(self.cmd().args(args))
+    }
+
+    /// dockerd gives the runtime `--root EXEC_ROOT/runtime-runc/moby`.
+    pub fn assert_clean(&self) {
+        assert_no_runtime_left(&self.dir.0.join("exec/runtime-runc/moby"));
+    }
+}
+
+/// Nothing of podvisor's is left under the state root `root`: no container
+/// or sandbox directory, no holder, no QEMU.
+pub fn assert_no_runtime_left(root: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let entries = |sub: &str| -> Vec<String> {
+            std::fs::read_dir(root.join(sub))
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let left = (
+            entries("containers"),
+            entries("sandboxes"),
+            test_utils::processes_mentioning(&root.to_string_lossy()),
+        );
+        if left.0.is_empty() && left.1.is_empty() && left.2.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left under {}: containers {:?}, sandboxes {:?}, processes {:?}",
+            root.display(),
+            left.0,
+            left.1,
+            left.2
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        let _ = output(
+            self.cmd()
+                .args(["rm", "-f"])
+                .args(ok(&output(self.cmd().args(["ps", "-aq"]))).split_whitespace()),
+        );
+        stop_daemon(&mut self.daemon);
+    }
+}
+
+/// A containerd of the test's own (CRI plugin on, as it would be for kubelet).
+pub struct Containerd {
+    pub dir: Scratch,
+    daemon: Child,
+}
+
+impl Containerd {
+    pub fn start() -> Containerd {
+        let containerd = require("containerd");
+        require("ctr");
+        require("runc");
+        let dir = Scratch::new("containerd");
+        let config = format!(
+            "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n[grpc]\n  address = \"{0}/containerd.sock\"\n\
+             [plugins.\"io.containerd.grpc.v1.cri\"]\n  restrict_oom_score_adj = true\n",
+            dir.0.display()
+        );
+        std::fs::write(dir.0.join("config.toml"), config).unwrap();
+        let log = std::fs::File::create(dir.0.join("containerd.log")).unwrap();
+        let daemon = Command::new(containerd)
+            .arg("--config")
+            .arg(dir.0.join("config.toml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let c = Containerd { dir, daemon };
+        wait_for("containerd", Duration::from_secs(30), || {
+            c.ctr()
+                .arg("version")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+        });
+        c
+    }
+
+    pub fn ctr(&self) -> Command {
+        let mut c = Command::new("ctr");
+        c.arg("--address").arg(self.dir.0.join("containerd.sock"));
+        c
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        stop_daemon(&mut self.daemon);
+    }
+}
+
+/// GET `path` from 127.0.0.1:`port`, retrying while the server comes up.
+pub fn http_get(port: u16, path: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let attempt = (|| -> std::io::Result<String> {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+            s.set_read_timeout(Some(Duration::from_secs(5)))?;
+            write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
+            let mut body = String::new();
+            s.read_to_string(&mut body)?;
+            Ok(body)
+        })();
+        match attempt {
+            Ok(body) if body.starts_with("HTTP/1") => return body,
+            other => assert!(Instant::now() < deadline, "GET :{port}{path}: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// An interactive session in a tmux pane of its own size.
+pub struct Terminal {
+    name: String,
+}
+
+impl Terminal {
+    pub fn start(name: &str, command: &str) -> Terminal {
+        require("tmux");
+        let name = format!("pv-{name}-{}", std::process::id());
+        ok(&output(Command::new("tmux").args([
+            "new-session",
+            "-d",
+            "-s",
+            &name,
+            "-x",
+            "100",
+            "-y",
+            "30",
+            &format!("{command}; echo EXIT=$?; sleep 60"),
+        ])));
+        Terminal { name }
+    }
+
+    pub fn send(&self, keys: &str) {
+        ok(&output(Command::new("tmux").args([
+            "send-keys",
+            "-t",
+            &self.name,
+            keys,
+            "Enter",
+        ])));
+    }
+
+    pub fn resize(&self, cols: u16, rows: u16) {
+        ok(&output(Command::new("tmux").args([
+            "resize-window",
+            "-t",
+            &self.name,
+            "-x",
+            &cols.to_string(),
+            "-y",
+            &rows.to_string(),
+        ])));
+    }
+
+    pub fn screen(&self) -> String {
+        ok(&output(Command::new("tmux").args([
+            "capture-pane",
+            "-p",
+            "-t",
+            &self.name,
+        ])))
+    }
+
+    /// Waits until the screen shows `text`.
+    pub fn expect(&self, text: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.screen();
+            if s.contains(text) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{text:?} never appeared; screen:\n{s}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        let _ = output(Command::new("tmux").args(["kill-session", "-t", &self.name]));
+    }
+}
+
+/// The host's kernel release, to tell it from the guest's.
+pub fn host_kernel() -> String {
+    ok(&output(Command::new("uname").arg("-r")))
+        .trim()
+        .to_string()
+}
