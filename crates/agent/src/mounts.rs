@@ -240,7 +240,7 @@ mod tests {
     #[test]
     fn standard_mounts_are_skipped_and_escapes_refused() {
         let share = Path::new("/nonexistent-share");
-        let plan = plan(
+        let planned = plan(
             &[
                 m("/proc", "proc", "proc", &[]),
                 m("/dev/shm", "bind", "/host/shm", &["rbind"]),
@@ -249,8 +249,8 @@ mod tests {
             share,
         )
         .unwrap();
-        assert_eq!(plan.len(), 1);
-        assert_eq!(plan[0].fstype.as_deref(), Some("tmpfs"));
+        assert_eq!(planned.len(), 1);
+        assert_eq!(planned[0].fstype.as_deref(), Some("tmpfs"));
         assert!(plan(&[m("/x", "bind", "../../etc", &["bind"])], share).is_err());
         assert!(plan(&[m("relative", "tmpfs", "tmpfs", &[])], share).is_err());
         assert!(plan(&[m("/a/../b", "tmpfs", "tmpfs", &[])], share).is_err());

@@ -25,6 +25,7 @@ fn process(args: &[&str], terminal: bool) -> Process {
         console_size: terminal.then_some(ConsoleSize { rows: 24, cols: 80 }),
         rlimits: Vec::new(),
         no_new_privileges: false,
+        capabilities: None,
     }
 }
 
@@ -127,6 +128,7 @@ async fn agent_api_end_to_end() {
             pids_limit: 50,
             ..Default::default()
         }),
+        ..Default::default()
     };
     c.create_container(create.clone()).await.unwrap();
     let dup = c.create_container(create).await.unwrap_err();
@@ -359,6 +361,7 @@ async fn agent_api_end_to_end() {
             false,
         )),
         resources: None,
+        ..Default::default()
     })
     .await
     .unwrap();

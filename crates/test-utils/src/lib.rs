@@ -231,24 +231,6 @@ pub fn script_initrd(dir: &Path, script: &str) -> PathBuf {
     path
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cpio_layout() {
-        let img = cpio(&[Entry {
-            path: "a/b",
-            mode: 0o644,
-            data: b"xyz",
-        }]);
-        assert!(img.starts_with(b"070701"));
-        assert_eq!(img.len() % 4, 0);
-        let text = String::from_utf8_lossy(&img);
-        assert!(text.contains("a\0") && text.contains("a/b\0") && text.contains("TRAILER!!!"));
-    }
-}
-
 /// An OCI bundle for one test: a copy of the busybox rootfs and the
 /// config.json `podvisor spec` writes, with `edit` applied to it.
 pub struct Bundle {
@@ -295,5 +277,23 @@ impl Bundle {
 impl Drop for Bundle {
     fn drop(&mut self) {
         let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpio_layout() {
+        let img = cpio(&[Entry {
+            path: "a/b",
+            mode: 0o644,
+            data: b"xyz",
+        }]);
+        assert!(img.starts_with(b"070701"));
+        assert_eq!(img.len() % 4, 0);
+        let text = String::from_utf8_lossy(&img);
+        assert!(text.contains("a\0") && text.contains("a/b\0") && text.contains("TRAILER!!!"));
     }
 }
