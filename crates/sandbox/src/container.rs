@@ -120,11 +120,16 @@ pub fn valid_id(id: &str) -> Result<(), ContainerError> {
     }
 }
 
-/// Start time of `pid` in clock ticks since boot (field 22 of /proc/pid/stat).
+/// Start time of `pid` in clock ticks since boot (field 22 of /proc/pid/stat);
+/// None if it is gone or a zombie.
 pub fn process_start(pid: i32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command may hold spaces and parentheses: fields start after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
+    // A zombie has exited: its status only waits for its parent to read it.
+    if rest.starts_with('Z') || rest.starts_with('X') {
+        return None;
+    }
     rest.split(' ').nth(19)?.parse().ok()
 }
 

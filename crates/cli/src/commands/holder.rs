@@ -8,7 +8,6 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use agent_proto::{CreateContainerRequest, ProcessRequest};
 use anyhow::Context;
@@ -229,8 +228,10 @@ async fn run(args: &HolderArgs, root: &Path, spec: Spec, sync: &mut Sync) -> any
     };
     let _ = dir.write_exit(exit);
     attached.finish().await;
+    // Nothing more can be asked of an exited container: stop serving at once
+    // (a graceful stop would wait for every client's connection to close).
     let _ = stop_tx.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(1), proxy).await;
+    proxy.abort();
     sb.destroy().await;
     drop(network);
     Ok(exit.code.clamp(0, 255))
