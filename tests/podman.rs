@@ -140,8 +140,19 @@ fn interactive_terminal_types_answers_and_resizes() {
     drop(term);
 
     // exec -it into a running container: conmon's detached exec with a console socket.
-    ok(&pm.run(&["run", "-d", "--name", "idle", "localhost/busybox", "sleep", "600"]));
-    let term = Terminal::start("podman-exec", &line.replace("run --rm -it localhost/busybox sh", "exec -it idle sh"));
+    ok(&pm.run(&[
+        "run",
+        "-d",
+        "--name",
+        "idle",
+        "localhost/busybox",
+        "sleep",
+        "600",
+    ]));
+    let term = Terminal::start(
+        "podman-exec",
+        &line.replace("run --rm -it localhost/busybox sh", "exec -it idle sh"),
+    );
     term.expect("/ #", Duration::from_secs(60));
     term.send("echo in-exec-$((2*21)); stty size; exit 5");
     term.expect("in-exec-42", Duration::from_secs(20));
