@@ -76,6 +76,9 @@ enum Command {
     Template(commands::template::TemplateCommand),
     /// Show what this host offers and whether podvisor can run here.
     Check(commands::check::CheckArgs),
+    /// Pools of ready clones (the factory policy in /etc/podvisor/config.toml).
+    #[command(subcommand)]
+    Pool(commands::pool::PoolCommand),
     /// Create a container (boot its VM; the process waits for `start`).
     Create(commands::create::CreateArgs),
     /// Let a created container's process run.
@@ -143,6 +146,21 @@ fn main() -> ExitCode {
     let command = match cli.command {
         Command::Holder(args) => commands::holder::main(args, &cli.root, &log),
         Command::ExecHolder(args) => commands::exec::holder_main(args, &cli.root, &log),
+        Command::Pool(cmd) => {
+            // The clones' shares get the callers' roots bound in: in a mount
+            // namespace of the daemon's own, which dies with it.
+            let ready = commands::pool::check(&cmd).and_then(|()| {
+                if matches!(cmd, commands::pool::PoolCommand::Serve(_)) {
+                    sandbox::share::private_mount_namespace()?;
+                }
+                Ok(())
+            });
+            if let Err(e) = ready {
+                log.error(&format!("{e:#}"));
+                return ExitCode::from(1);
+            }
+            Command::Pool(cmd)
+        }
         other => other,
     };
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -165,6 +183,7 @@ fn main() -> ExitCode {
             Command::Sandbox(cmd) => commands::sandbox(cmd, root).await,
             Command::Template(cmd) => commands::template::run(cmd, root).await,
             Command::Check(args) => commands::check::run(args).await,
+            Command::Pool(cmd) => commands::pool::run(cmd, root).await,
             Command::Create(args) => commands::create::create(args, &g).await,
             Command::Start(args) => commands::start::run(args, root).await,
             Command::Run(args) => commands::create::run(args, &g).await,

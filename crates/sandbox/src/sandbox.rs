@@ -57,8 +57,33 @@ pub struct Sandbox {
     pub agent: AgentClient,
     pub timings: Timings,
     pub kernel_release: String,
-    vm: QemuVm,
-    dir: StateDir,
+    /// Where the container root is inside the rootfs share ("" = its top).
+    pub rootfs_subpath: String,
+    vmm: Vmm,
+}
+
+/// A VM a pool daemon handed over: it stays the daemon's until `conn` closes.
+pub(crate) struct PooledVm {
+    pub id: String,
+    pub template: String,
+    pub accel: Accel,
+    pub kernel_release: String,
+    pub conn: std::os::unix::net::UnixStream,
+    pub pid: u32,
+}
+
+/// Who owns the VM: this process, or a pool daemon that handed it over and
+/// tears it down when the connection we hold closes.
+enum Vmm {
+    Owned {
+        vm: QemuVm,
+        dir: StateDir,
+        hangup: agent::HangUp,
+    },
+    Pooled {
+        _conn: std::os::unix::net::UnixStream,
+        pid: u32,
+    },
 }
 
 /// Total host memory in MiB, from /proc/meminfo.
@@ -138,12 +163,13 @@ pub(crate) fn vm_config(config: &SandboxConfig, dir: &StateDir) -> VmConfig {
 struct Launched {
     vm: QemuVm,
     client: AgentClient,
+    hangup: agent::HangUp,
     version: agent_proto::VersionResponse,
     vmm_ready: Duration,
     agent_ready: Duration,
 }
 
-fn host_entropy() -> Vec<u8> {
+pub(crate) fn host_entropy() -> Vec<u8> {
     let mut b = vec![0u8; 64];
     if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
         let _ = std::io::Read::read_exact(&mut f, &mut b);
@@ -180,7 +206,7 @@ async fn launch(
             })?;
         }
         let vmm_ready = t0.elapsed();
-        let channel = agent::channel(&vmc.agent_socket)?;
+        let (channel, hangup) = agent::channel_with_hangup(&vmc.agent_socket)?;
         let mut client = AgentClient::new(channel).max_decoding_message_size(16 << 20);
         let version =
             wait_for_agent(&mut vm, &mut client, config.boot_timeout, &vmc.console_log).await?;
@@ -193,13 +219,14 @@ async fn launch(
                 .await
                 .map_err(AgentError::from)?;
         }
-        Ok::<_, SandboxError>((client, version, vmm_ready))
+        Ok::<_, SandboxError>((client, version, vmm_ready, hangup))
     }
     .await;
     match ready {
-        Ok((client, version, vmm_ready)) => Ok(Launched {
+        Ok((client, version, vmm_ready, hangup)) => Ok(Launched {
             vm,
             client,
+            hangup,
             version,
             vmm_ready,
             agent_ready: t0.elapsed(),
@@ -261,37 +288,111 @@ impl Sandbox {
             agent: l.client,
             timings,
             kernel_release: l.version.kernel_release,
-            vm: l.vm,
-            dir,
+            rootfs_subpath: String::new(),
+            vmm: Vmm::Owned {
+                vm: l.vm,
+                dir,
+                hangup: l.hangup,
+            },
         })
+    }
+
+    /// A sandbox whose VM a pool daemon owns (see `pool::take`).
+    pub(crate) fn pooled(vm: PooledVm, agent: AgentClient, timings: Timings) -> Sandbox {
+        Sandbox {
+            id: vm.id,
+            cloned_from: Some(vm.template),
+            fallback: None,
+            accel: vm.accel,
+            agent,
+            timings,
+            kernel_release: vm.kernel_release,
+            rootfs_subpath: crate::pool::ROOTFS_SUBPATH.into(),
+            vmm: Vmm::Pooled {
+                _conn: vm.conn,
+                pid: vm.pid,
+            },
+        }
+    }
+
+    /// Whether a pool daemon owns this sandbox's VM.
+    pub fn is_pooled(&self) -> bool {
+        matches!(self.vmm, Vmm::Pooled { .. })
     }
 
     /// The VMM's host pid.
     pub fn vmm_pid(&self) -> u32 {
-        self.vm.pid()
+        match &self.vmm {
+            Vmm::Owned { vm, .. } => vm.pid(),
+            Vmm::Pooled { pid, .. } => *pid,
+        }
     }
 
-    /// Powers the guest off and removes every trace of the sandbox.
-    pub async fn destroy(mut self) {
-        if self.vm.try_exit().is_none() {
-            let _ = tokio::time::timeout(Duration::from_millis(500), self.agent.shutdown(Empty {}))
-                .await;
+    /// Powers the guest off and removes every trace of the sandbox. A pooled
+    /// one goes back to its daemon, which tears it down.
+    pub async fn destroy(self) {
+        let Vmm::Owned { mut vm, dir, .. } = self.vmm else {
+            return;
+        };
+        let mut agent = self.agent;
+        if vm.try_exit().is_none() {
+            let _ =
+                tokio::time::timeout(Duration::from_millis(500), agent.shutdown(Empty {})).await;
             let deadline = Instant::now() + Duration::from_millis(500);
-            while self.vm.try_exit().is_none() && Instant::now() < deadline {
+            while vm.try_exit().is_none() && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
-        self.vm.stop(Duration::from_secs(2)).await;
-        self.dir.remove();
+        vm.stop(Duration::from_secs(2)).await;
+        dir.remove();
     }
 
     /// Why the VM is gone, if it is: exit status and the console's last lines.
     pub fn vm_exit(&mut self) -> Option<String> {
-        let status = self.vm.try_exit()?;
+        let Vmm::Owned { vm, dir, .. } = &mut self.vmm else {
+            return None;
+        };
+        let status = vm.try_exit()?;
         Some(format!(
             "VM exited ({status}); console: {}",
-            tail(&self.dir.file("console.log"), 5)
+            tail(&dir.file("console.log"), 5)
         ))
+    }
+
+    /// Stops the guest's vCPUs (a pool keeps its ready clones paused).
+    pub async fn pause(&mut self) -> Result<(), SandboxError> {
+        match &mut self.vmm {
+            Vmm::Owned { vm, .. } => Ok(vm.pause().await?),
+            Vmm::Pooled { .. } => Err(SandboxError::Invalid("a pooled VM is its daemon's".into())),
+        }
+    }
+
+    pub async fn resume(&mut self) -> Result<(), SandboxError> {
+        match &mut self.vmm {
+            Vmm::Owned { vm, .. } => Ok(vm.resume().await?),
+            Vmm::Pooled { .. } => Err(SandboxError::Invalid("a pooled VM is its daemon's".into())),
+        }
+    }
+
+    /// The VM's agent socket (for a new session after this one hangs up).
+    pub fn agent_socket(&self) -> Option<PathBuf> {
+        match &self.vmm {
+            Vmm::Owned { dir, .. } => Some(dir.file("agent.sock")),
+            Vmm::Pooled { .. } => None,
+        }
+    }
+
+    /// Closes this host's agent session now, so that another process can
+    /// open its own; later calls here open a fresh one.
+    pub fn hang_up_agent(&mut self) -> Result<(), SandboxError> {
+        let Vmm::Owned { dir, hangup, .. } = &mut self.vmm else {
+            return Ok(());
+        };
+        hangup.now();
+        let (channel, fresh) = agent::channel_with_hangup(&dir.file("agent.sock"))?;
+        *hangup = fresh;
+        self.agent = AgentClient::new(channel).max_decoding_message_size(16 << 20);
+        Ok(())
     }
 }
 

@@ -10,6 +10,7 @@ pub mod holder;
 pub mod kill;
 pub mod oci;
 pub mod pause;
+pub mod pool;
 pub mod ps;
 pub mod sandbox_run;
 pub mod start;

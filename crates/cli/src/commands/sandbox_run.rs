@@ -125,6 +125,51 @@ pub async fn run(args: RunArgs, root: &Path) -> anyhow::Result<u8> {
             rootfs.display()
         );
     }
+    let t0 = Instant::now();
+    // A ready clone from the template's pool, when a pool serves it; else a
+    // clone of the template, else a cold boot.
+    let pooled = match &args.template {
+        Some(name) => sandbox::pool::take(root, name, &rootfs, &args.hostname)
+            .await
+            .unwrap_or_else(|e| {
+                eprintln!("podvisor: warning: pool of {name}: {e}; cloning instead");
+                None
+            }),
+        None => None,
+    };
+    let mut sb = match pooled {
+        Some(sb) => sb,
+        None => start(&args, root, rootfs).await?,
+    };
+    let accel = sb.accel;
+    let id = sb.id.clone();
+    let result = run_in(&mut sb, &args, user, env).await;
+    let ran = t0.elapsed();
+    if let Some(why) = sb.vm_exit() {
+        tracing::warn!(sandbox = %id, "{why}");
+    }
+    let timings = sb.timings;
+    let sb_cloned = sb.cloned_from.clone();
+    let pooled = sb.is_pooled();
+    sb.destroy().await;
+    if args.timings {
+        let t = serde_json::json!({
+            "accel": accel.to_string(),
+            "cloned_from": sb_cloned,
+            "pooled": pooled,
+            "vmm_ready_ms": timings.vmm_ready.as_secs_f64() * 1e3,
+            "agent_ready_ms": timings.agent_ready.as_secs_f64() * 1e3,
+            "guest_agent_ready_ms": timings.guest_ready_ms,
+            "process_exit_ms": ran.as_secs_f64() * 1e3,
+            "total_ms": t0.elapsed().as_secs_f64() * 1e3,
+        });
+        eprintln!("{t}");
+    }
+    result
+}
+
+/// Clones the template (or boots cold) for `run`.
+async fn start(args: &RunArgs, root: &Path, rootfs: PathBuf) -> anyhow::Result<Sandbox> {
     let template = match &args.template {
         Some(name) => match Template::open(root, name) {
             Ok(t) => Some(t),
@@ -152,7 +197,6 @@ pub async fn run(args: RunArgs, root: &Path) -> anyhow::Result<u8> {
         .unwrap_or_else(|| default_boot_timeout(accel));
     let id = random_id();
     tracing::info!(sandbox = %id, %accel, "starting sandbox");
-    let t0 = Instant::now();
     let config = SandboxConfig {
         id: id.clone(),
         root: root.to_path_buf(),
@@ -170,31 +214,11 @@ pub async fn run(args: RunArgs, root: &Path) -> anyhow::Result<u8> {
         boot_timeout,
         template,
     };
-    let mut sb = Sandbox::start(config).await?;
+    let sb = Sandbox::start(config).await?;
     if let Some(why) = &sb.fallback {
         eprintln!("podvisor: warning: {why}");
     }
-    let result = run_in(&mut sb, &args, user, env).await;
-    let ran = t0.elapsed();
-    if let Some(why) = sb.vm_exit() {
-        tracing::warn!(sandbox = %id, "{why}");
-    }
-    let timings = sb.timings;
-    let sb_cloned = sb.cloned_from.clone();
-    sb.destroy().await;
-    if args.timings {
-        let t = serde_json::json!({
-            "accel": accel.to_string(),
-            "cloned_from": sb_cloned,
-            "vmm_ready_ms": timings.vmm_ready.as_secs_f64() * 1e3,
-            "agent_ready_ms": timings.agent_ready.as_secs_f64() * 1e3,
-            "guest_agent_ready_ms": timings.guest_ready_ms,
-            "process_exit_ms": ran.as_secs_f64() * 1e3,
-            "total_ms": t0.elapsed().as_secs_f64() * 1e3,
-        });
-        eprintln!("{t}");
-    }
-    result
+    Ok(sb)
 }
 
 /// How long a command may take to exit after SIGINT, SIGTERM or SIGHUP
@@ -304,7 +328,7 @@ async fn run_in(
         .create_container(CreateContainerRequest {
             container_id: CONTAINER_ID.into(),
             rootfs_tag: ROOTFS_TAG.into(),
-            rootfs_subpath: String::new(),
+            rootfs_subpath: sb.rootfs_subpath.clone(),
             rootfs_readonly: false,
             hostname: args.hostname.clone(),
             process: Some(process),
