@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark of VM templates, in one run, medians, accelerator printed:
 time to a ready sandbox running `true`, cold boot vs clone from a template
-(alternating); host memory (PSS) per idle sandbox, cold vs clone (three clones
+(alternating), and hand-out from a pool of ready clones (`podvisor pool
+serve`); host memory (PSS) per idle sandbox, cold vs clone (three clones
 alive together, as they share the template's pages); clones per second.
 """
 import argparse
@@ -33,6 +34,42 @@ def run_true(root, template=None):
     if template and timings.get("cloned_from") != template:
         sys.exit(f"expected a clone of {template}: {out.stderr.decode()}")
     return dt, timings
+
+
+def pool_runs(root, runs):
+    """`sandbox run --template bench -- true` served by a pool of 2 ready clones,
+    each run taken from a full pool. Returns (wall s, hand-out ms, agent ready ms)."""
+    config = os.path.join(root, "config.toml")
+    with open(config, "w") as f:
+        f.write('[[pool]]\ntemplate = "bench"\nsize = 2\n')
+    daemon = subprocess.Popen([PODVISOR, "--root", root, "pool", "serve", "--config", config],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    status = os.path.join(root, "pools", "bench.json")
+
+    def wait_full():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            try:
+                if json.load(open(status))["ready"] == 2:
+                    return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        sys.exit("the pool never filled")
+    try:
+        if daemon.stdout.readline() != b"ready\n":
+            sys.exit("pool serve did not start")
+        out = []
+        for _ in range(runs):
+            wait_full()
+            dt, tm = run_true(root, "bench")
+            if not tm.get("pooled"):
+                sys.exit(f"expected a pooled sandbox: {tm}")
+            out.append((dt, tm["vmm_ready_ms"], tm["agent_ready_ms"]))
+        return out
+    finally:
+        daemon.terminate()
+        daemon.wait(timeout=60)
 
 
 def start_idle(root, template=None):
@@ -99,6 +136,7 @@ def main():
             clone.append(dt)
             clone_t.append(tm)
         accel = cold_t[0]["accel"]
+        pooled = pool_runs(root, args.runs)
 
         procs = [start_idle(root)]
         wait_ready(procs)
@@ -123,7 +161,10 @@ def main():
         print(f"sandbox run --template -- true, clone     {med(clone) * 1000:7.0f} ms"
               f"   (agent ready {med(t['agent_ready_ms'] for t in clone_t):.0f} ms)")
         print(f"  speed-up cold/clone                     {med(cold) / med(clone):7.1f}x   (target 10x)")
-        print("hand-out from a pool                          n/a   (pools are not built yet)")
+        print(f"sandbox run --template -- true, pool      {med(p[0] for p in pooled) * 1000:7.0f} ms"
+              f"   (agent ready {med(p[2] for p in pooled):.0f} ms)")
+        print(f"  hand-out from the pool                  {med(p[1] for p in pooled):7.1f} ms   (target < 20 ms)")
+        print(f"  speed-up cold/pool                      {med(cold) / med(p[0] for p in pooled):7.1f}x")
         print(f"PSS per idle sandbox, cold                {cold_pss:7.1f} MiB")
         print(f"PSS per idle sandbox, clone (3 alive)     {clone_pss:7.1f} MiB   ({clone_pss / cold_pss:.2f} of cold; target <= 0.33)")
         print(f"clones per second ({args.clones} at once)           {rate:7.1f}")
@@ -132,6 +173,9 @@ def main():
                           "cold_agent_ready_ms": med(t["agent_ready_ms"] for t in cold_t),
                           "clone_agent_ready_ms": med(t["agent_ready_ms"] for t in clone_t),
                           "speedup": med(cold) / med(clone), "cold_pss_mib": cold_pss,
+                          "pool_ms": med(p[0] for p in pooled) * 1000,
+                          "pool_handout_ms": med(p[1] for p in pooled),
+                          "pool_agent_ready_ms": med(p[2] for p in pooled),
                           "clone_pss_mib": clone_pss, "clones_per_second": rate}))
     finally:
         subprocess.run([PODVISOR, "--root", root, "template", "rm", "bench"], stdout=subprocess.DEVNULL,

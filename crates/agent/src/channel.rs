@@ -134,16 +134,27 @@ fn read_port(port: &Arc<File>, sessions: &mpsc::UnboundedSender<UnixStream>) {
         }
         idle_rounds = 0;
         let mut data = &buf[..n];
-        if data.starts_with(SESSION_MAGIC) {
+        // A new host connection may arrive in the same read as the last
+        // bytes of the one before it (a VM paused and resumed between them):
+        // look for the marker anywhere in the chunk.
+        if let Some(at) = find_magic(data) {
+            if let Some(session) = &current {
+                let _ = (&session.local).write_all(&data[..at]);
+            }
             end_session(&mut current);
             current = Session::start(port, sessions);
-            data = &data[SESSION_MAGIC.len()..];
+            data = &data[at + SESSION_MAGIC.len()..];
         }
         let Some(session) = &current else { continue };
         if !data.is_empty() && (&session.local).write_all(data).is_err() {
             end_session(&mut current);
         }
     }
+}
+
+fn find_magic(data: &[u8]) -> Option<usize> {
+    data.windows(SESSION_MAGIC.len())
+        .position(|w| w == SESSION_MAGIC)
 }
 
 fn local_to_port(port: &File, mut local: UnixStream, ended: &AtomicBool) {

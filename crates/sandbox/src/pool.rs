@@ -148,7 +148,11 @@ async fn launch_member(root: &Path, template: &Template, n: u64) -> Result<Membe
     let agent_socket = sb.agent_socket().unwrap_or_default();
     // Hang up: whoever takes the clone opens a session of its own.
     let paused = match sb.hang_up_agent() {
-        Ok(()) => sb.pause().await,
+        Ok(()) => {
+            // Let the guest see the hang-up before its vCPUs stop.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            sb.pause().await
+        }
         Err(e) => Err(e),
     };
     if let Err(e) = paused {
