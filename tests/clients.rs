@@ -429,6 +429,20 @@ impl Drop for Terminal {
     }
 }
 
+/// Drives an interactive busybox shell in a 100x30 pane: type, read the
+/// answer, resize the pane and see the guest's terminal follow, exit 3.
+pub fn drive_shell(term: &Terminal) {
+    term.expect("/ #", Duration::from_secs(60));
+    term.send("echo typed-$((6*7)); stty size");
+    term.expect("typed-42", Duration::from_secs(20));
+    term.expect("30 100", Duration::from_secs(20));
+    term.resize(120, 40);
+    std::thread::sleep(Duration::from_millis(500));
+    term.send("stty size; exit 3");
+    term.expect("40 120", Duration::from_secs(20));
+    term.expect("EXIT=3", Duration::from_secs(30));
+}
+
 /// The host's kernel release, to tell it from the guest's.
 pub fn host_kernel() -> String {
     ok(&output(Command::new("uname").arg("-r")))

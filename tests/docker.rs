@@ -1,8 +1,6 @@
 //! docker (Debian's docker.io 20.10) with a dockerd the test starts and
 //! podvisor registered as a runtime: `docker run --runtime podvisor`.
 
-use std::time::Duration;
-
 use podvisor_client_tests::{host_kernel, http_get, ok, Dockerd, Scratch, Terminal};
 
 #[test]
@@ -89,15 +87,7 @@ fn docker_runs_execs_publishes_mounts_and_stops() {
         d.dir.0.join("docker.sock").display()
     );
     let term = Terminal::start("docker", &line);
-    term.expect("/ #", Duration::from_secs(60));
-    term.send("echo typed-$((6*7)); stty size");
-    term.expect("typed-42", Duration::from_secs(20));
-    term.expect("30 100", Duration::from_secs(20));
-    term.resize(120, 40);
-    std::thread::sleep(Duration::from_millis(500));
-    term.send("stty size; exit 3");
-    term.expect("40 120", Duration::from_secs(20));
-    term.expect("EXIT=3", Duration::from_secs(30));
+    podvisor_client_tests::drive_shell(&term);
     drop(term);
     d.assert_clean();
 }

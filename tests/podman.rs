@@ -128,15 +128,7 @@ fn interactive_terminal_types_answers_and_resizes() {
             .join(" ")
     );
     let term = Terminal::start("podman", &line);
-    term.expect("/ #", Duration::from_secs(60));
-    term.send("echo typed-$((6*7)); stty size");
-    term.expect("typed-42", Duration::from_secs(20));
-    term.expect("30 100", Duration::from_secs(20));
-    term.resize(120, 40);
-    std::thread::sleep(Duration::from_millis(500));
-    term.send("stty size; exit 3");
-    term.expect("40 120", Duration::from_secs(20));
-    term.expect("EXIT=3", Duration::from_secs(30));
+    podvisor_client_tests::drive_shell(&term);
     drop(term);
 
     // exec -it into a running container: conmon's detached exec with a console socket.

@@ -16,10 +16,23 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub const AGENT_PORT_NAME: &str = "io.podvisor.agent.0";
 
 /// What the host writes first on every connection to the agent channel. The
-/// agent starts a fresh session whenever a read begins with it, so a session
+/// agent starts a fresh session wherever a read holds it, so a session
 /// the guest never saw end (a clone resumed from a template saved before the
 /// template's host had hung up) cannot swallow the next host's bytes.
 pub const SESSION_MAGIC: &[u8; 16] = b"\0podvisor-sess1\0";
+
+/// Whether `id` may name a container, exec or share on both sides: letters,
+/// digits, '-', '_' and '.', not "." or "..", at most 1024 bytes (it becomes
+/// a path component).
+pub fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 1024
+        && id != "."
+        && id != ".."
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
 
 /// Kernel command-line keys the host passes to the agent.
 pub mod cmdline {

@@ -66,14 +66,7 @@ fn errno(what: &str) -> impl Fn(nix::errno::Errno) -> Status + '_ {
 }
 
 fn valid_id(id: &str) -> Result<(), Status> {
-    let ok = !id.is_empty()
-        && id.len() <= 1024
-        && id != "."
-        && id != ".."
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-    if ok {
+    if agent_proto::valid_id(id) {
         Ok(())
     } else {
         Err(Status::invalid_argument(format!("invalid id {id:?}")))

@@ -130,19 +130,23 @@ pub fn stdin_size() -> Option<(u16, u16)> {
     ok.then_some((ws.ws_row, ws.ws_col))
 }
 
-/// Signals this process gets go to the guest process; with a terminal,
-/// size changes of fd 0 follow it.
-fn forward_signals(client: &AgentClient, cid: &str, eid: &str, tty: bool) -> Vec<JoinHandle<()>> {
-    let kinds = [
+/// The signals a holder (and `run`) passes on to the container's process.
+pub fn forwarded_signals() -> [SignalKind; 6] {
+    [
         SignalKind::interrupt(),
         SignalKind::terminate(),
         SignalKind::hangup(),
         SignalKind::quit(),
         SignalKind::user_defined1(),
         SignalKind::user_defined2(),
-    ];
+    ]
+}
+
+/// Signals this process gets go to the guest process; with a terminal,
+/// size changes of fd 0 follow it.
+fn forward_signals(client: &AgentClient, cid: &str, eid: &str, tty: bool) -> Vec<JoinHandle<()>> {
     let mut tasks = Vec::new();
-    for kind in kinds {
+    for kind in forwarded_signals() {
         let Ok(mut stream) = signal(kind) else {
             continue;
         };

@@ -106,14 +106,7 @@ fn containers(root: &Path) -> PathBuf {
 }
 
 pub fn valid_id(id: &str) -> Result<(), ContainerError> {
-    let ok = !id.is_empty()
-        && id.len() <= 1024
-        && id != "."
-        && id != ".."
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
-    if ok {
+    if agent_proto::valid_id(id) {
         Ok(())
     } else {
         Err(ContainerError::InvalidId(id.into()))

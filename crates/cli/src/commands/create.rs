@@ -1,10 +1,7 @@
 //! `create` and `run`: claim the id, start the holder (which boots the VM and
 //! creates the container in it), and return once it says the container exists.
 
-use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -52,16 +49,6 @@ pub struct Holder {
     pub child: std::process::Child,
 }
 
-fn pipe() -> anyhow::Result<(OwnedFd, OwnedFd)> {
-    let (r, w) = nix::unistd::pipe().context("pipe")?;
-    nix::fcntl::fcntl(
-        r.as_raw_fd(),
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    )
-    .context("pipe")?;
-    Ok((r, w))
-}
-
 /// Starts the holder and waits for its word. On failure nothing is left.
 pub fn spawn_holder(args: &CreateArgs, g: &Globals) -> anyhow::Result<Holder> {
     let dir = ContainerDir::create(&g.root, &args.id)?;
@@ -80,30 +67,18 @@ fn spawn_in(args: &CreateArgs, g: &Globals) -> anyhow::Result<Holder> {
     if spec.process().terminal && args.console_socket.is_none() {
         bail!("cannot allocate tty if runc will detach without setting console socket");
     }
-    let (r, w) = pipe()?;
-    let exe = std::env::current_exe().context("locating podvisor")?;
-    let mut cmd = Command::new(exe);
-    cmd.args(g.to_args())
-        .arg("holder")
-        .arg("--bundle")
-        .arg(&bundle)
-        .arg("--sync-fd")
-        .arg(w.as_raw_fd().to_string());
-    if let Some(s) = &args.console_socket {
-        cmd.arg("--console-socket").arg(s);
-    }
-    cmd.arg(&args.id)
-        .stdin(Stdio::inherit())
-        .stdout(Stdio::inherit())
-        .stderr(Stdio::inherit());
-    let mut child = cmd.spawn().context("starting the container's holder")?;
-    drop(w);
-    // SAFETY: `r` is ours; the File takes it over.
-    let mut reader = unsafe { std::fs::File::from_raw_fd(r.into_raw_fd()) };
-    let mut word = String::new();
-    let _ = reader.read_to_string(&mut word);
-    let word = word.trim();
-    if word == "ok" {
+    let (mut child, outcome) = oci::spawn_helper(g, "the container's holder", |cmd, sync| {
+        cmd.arg("holder")
+            .arg("--bundle")
+            .arg(&bundle)
+            .arg("--sync-fd")
+            .arg(sync.to_string());
+        if let Some(s) = &args.console_socket {
+            cmd.arg("--console-socket").arg(s);
+        }
+        cmd.arg(&args.id);
+    })?;
+    if outcome.is_ok() {
         let pid = child.id();
         if let Some(p) = &args.pid_file {
             if let Err(e) = oci::write_pid_file(p, pid) {
@@ -119,9 +94,9 @@ fn spawn_in(args: &CreateArgs, g: &Globals) -> anyhow::Result<Holder> {
     }
     let _ = child.wait();
     sandbox::state::collect_garbage(&g.root);
-    match word.strip_prefix("error: ") {
-        Some(msg) => bail!("{msg}"),
-        None => bail!("the container's holder died while creating it"),
+    match outcome {
+        Err(msg) => bail!("{msg}"),
+        Ok(()) => unreachable!("handled above"),
     }
 }
 
@@ -156,16 +131,8 @@ pub async fn run(args: RunArgs, g: &Globals) -> anyhow::Result<u8> {
 
 /// Signals `run` gets go to the holder, which relays them into the VM.
 fn forward_to(pid: u32) -> Vec<tokio::task::JoinHandle<()>> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let kinds = [
-        SignalKind::interrupt(),
-        SignalKind::terminate(),
-        SignalKind::hangup(),
-        SignalKind::quit(),
-        SignalKind::user_defined1(),
-        SignalKind::user_defined2(),
-    ];
-    kinds
+    use tokio::signal::unix::signal;
+    crate::console::forwarded_signals()
         .into_iter()
         .filter_map(|k| signal(k).ok().map(|s| (k, s)))
         .map(|(kind, mut stream)| {

@@ -5,9 +5,8 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::os::fd::FromRawFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use agent_proto::{ExecProcessRequest, ProcessRequest};
 use anyhow::{bail, Context};
@@ -182,41 +181,24 @@ pub async fn run(args: ExecArgs, g: &Globals) -> anyhow::Result<u8> {
 }
 
 fn spawn_exec_holder(args: &ExecArgs, g: &Globals, file: &Path, eid: &str) -> anyhow::Result<u32> {
-    let (r, w) = nix::unistd::pipe().context("pipe")?;
-    nix::fcntl::fcntl(
-        r.as_raw_fd(),
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    )?;
-    let mut cmd = Command::new(std::env::current_exe().context("locating podvisor")?);
-    cmd.args(g.to_args())
-        .arg("exec-holder")
-        .arg("--sync-fd")
-        .arg(w.as_raw_fd().to_string())
-        .arg("--process")
-        .arg(file)
-        .arg("--exec-id")
-        .arg(eid);
-    if let Some(s) = &args.console_socket {
-        cmd.arg("--console-socket").arg(s);
-    }
-    cmd.arg(&args.id)
-        .stdin(Stdio::inherit())
-        .stdout(Stdio::inherit())
-        .stderr(Stdio::inherit());
-    let mut child = cmd.spawn().context("starting the exec's holder")?;
-    drop(w);
-    // SAFETY: `r` is ours; the File takes it over.
-    let mut reader = unsafe { File::from_raw_fd(r.into_raw_fd()) };
-    let mut word = String::new();
-    let _ = reader.read_to_string(&mut word);
-    match word.trim() {
-        "ok" => Ok(child.id()),
-        other => {
+    let (mut child, outcome) = oci::spawn_helper(g, "the exec's holder", |cmd, sync| {
+        cmd.arg("exec-holder")
+            .arg("--sync-fd")
+            .arg(sync.to_string())
+            .arg("--process")
+            .arg(file)
+            .arg("--exec-id")
+            .arg(eid);
+        if let Some(s) = &args.console_socket {
+            cmd.arg("--console-socket").arg(s);
+        }
+        cmd.arg(&args.id);
+    })?;
+    match outcome {
+        Ok(()) => Ok(child.id()),
+        Err(msg) => {
             let _ = child.wait();
-            match other.strip_prefix("error: ") {
-                Some(msg) => bail!("{msg}"),
-                None => bail!("the exec's holder died before the process started"),
-            }
+            bail!("{msg}")
         }
     }
 }

@@ -1,8 +1,13 @@
 //! What the runc-compatible verbs share: opening a container, reaching its
 //! agent through the holder's proxy, and waiting for a holder to go.
 
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use anyhow::Context;
 
 use anyhow::bail;
 use sandbox::agent::AgentClient;
@@ -61,6 +66,42 @@ pub async fn wait_holder_gone(record: &Record, grace: Duration) {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Starts a helper process of ours (`podvisor GLOBALS VERB ... --sync-fd N
+/// ...`) with our stdio, and waits for its word on the sync pipe: "ok", or
+/// "error: MSG". `args` gets the pipe's write end to pass on.
+pub fn spawn_helper(
+    g: &crate::Globals,
+    what: &str,
+    args: impl FnOnce(&mut Command, i32),
+) -> anyhow::Result<(Child, Result<(), String>)> {
+    let (r, w) = nix::unistd::pipe().context("pipe")?;
+    nix::fcntl::fcntl(
+        r.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .context("pipe")?;
+    let mut cmd = Command::new(std::env::current_exe().context("locating podvisor")?);
+    cmd.args(g.to_args());
+    args(&mut cmd, w.as_raw_fd());
+    cmd.stdin(Stdio::inherit())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit());
+    let child = cmd.spawn().with_context(|| format!("starting {what}"))?;
+    drop(w);
+    // SAFETY: `r` is ours; the File takes it over.
+    let mut reader = unsafe { std::fs::File::from_raw_fd(r.into_raw_fd()) };
+    let mut word = String::new();
+    let _ = reader.read_to_string(&mut word);
+    let outcome = match word.trim() {
+        "ok" => Ok(()),
+        other => Err(match other.strip_prefix("error: ") {
+            Some(msg) => msg.to_string(),
+            None => format!("{what} died before it was ready"),
+        }),
+    };
+    Ok((child, outcome))
 }
 
 /// "KILL", "SIGKILL", "kill" or "9" as a signal number.
