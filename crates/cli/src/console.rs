@@ -188,3 +188,83 @@ fn forward_signals(client: &AgentClient, cid: &str, eid: &str, tty: bool) -> Vec
     }
     tasks
 }
+
+/// The caller's side of `--console-socket`, for `run` in the foreground from
+/// a terminal: receives the pty's main side and joins it to our terminal.
+pub struct ConsoleReceiver {
+    pub path: std::path::PathBuf,
+    accepted: std::thread::JoinHandle<anyhow::Result<OwnedFd>>,
+}
+
+impl ConsoleReceiver {
+    pub fn listen(path: std::path::PathBuf) -> anyhow::Result<ConsoleReceiver> {
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path)
+            .with_context(|| format!("binding console socket {}", path.display()))?;
+        let accepted = std::thread::spawn(move || -> anyhow::Result<OwnedFd> {
+            let (conn, _) = listener.accept().context("accepting the console")?;
+            let mut buf = [0u8; 256];
+            let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+            let mut space = nix::cmsg_space!([RawFd; 1]);
+            let msg = nix::sys::socket::recvmsg::<()>(
+                conn.as_raw_fd(),
+                &mut iov,
+                Some(&mut space),
+                MsgFlags::empty(),
+            )
+            .context("receiving the console")?;
+            for c in msg.cmsgs().context("reading the console message")? {
+                if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = c {
+                    if let Some(fd) = fds.first() {
+                        // SAFETY: the kernel just installed this fd for us.
+                        return Ok(unsafe { std::os::fd::FromRawFd::from_raw_fd(*fd) });
+                    }
+                }
+            }
+            anyhow::bail!("no pty came over the console socket")
+        });
+        Ok(ConsoleReceiver { path, accepted })
+    }
+
+    /// Waits for the pty, then relays it to our stdin/stdout (raw mode) with
+    /// our window size, until the pty closes.
+    pub fn relay(self) -> anyhow::Result<std::thread::JoinHandle<()>> {
+        let master = self
+            .accepted
+            .join()
+            .map_err(|_| anyhow::anyhow!("console thread failed"))??;
+        let _ = std::fs::remove_file(&self.path);
+        if let Some((rows, cols)) = stdin_size() {
+            set_size(master.as_raw_fd(), rows, cols);
+        }
+        let raw = crate::tty::RawMode::enter();
+        let input = master.try_clone().context("pty")?;
+        std::thread::spawn(move || {
+            let mut out = std::fs::File::from(input);
+            let _ = std::io::copy(&mut std::io::stdin(), &mut out);
+        });
+        let winch_fd = master.as_raw_fd();
+        if let Ok(mut winch) = signal(SignalKind::window_change()) {
+            tokio::spawn(async move {
+                while winch.recv().await.is_some() {
+                    if let Some((rows, cols)) = stdin_size() {
+                        set_size(winch_fd, rows, cols);
+                    }
+                }
+            });
+        }
+        Ok(std::thread::spawn(move || {
+            let mut from = std::fs::File::from(master);
+            let mut out = std::io::stdout();
+            let mut buf = [0u8; 8192];
+            // EIO: the holder, the replica's last user, has exited.
+            while let Ok(n) = std::io::Read::read(&mut from, &mut buf) {
+                if n == 0 || std::io::Write::write_all(&mut out, &buf[..n]).is_err() {
+                    break;
+                }
+                let _ = std::io::Write::flush(&mut out);
+            }
+            drop(raw);
+        }))
+    }
+}

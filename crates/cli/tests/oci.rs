@@ -378,3 +378,63 @@ fn killed_holder_or_vmm_leaves_a_stopped_container_that_delete_cleans() {
     assert_eq!(state(&root, "q")["status"], "stopped");
     ok(&pv(&root, &["delete", "q"]));
 }
+
+#[test]
+fn run_in_the_foreground_joins_the_container_pty_to_our_terminal() {
+    assert!(
+        Command::new("tmux").arg("-V").output().is_ok(),
+        "tmux is missing: run scripts/install-deps.sh"
+    );
+    let root = StateRoot::new("oci-tty");
+    let bundle = Bundle::new("tty", |c| {
+        c["process"]["terminal"] = true.into();
+        c["process"]["args"] = serde_json::json!(["sh"]);
+    });
+    let session = format!("pv-oci-tty-{}", std::process::id());
+    let line = format!(
+        "{} --root {} run --bundle {} t; echo EXIT=$?; sleep 60",
+        podvisor().display(),
+        root.path.display(),
+        bundle.path.display()
+    );
+    let tmux = |args: &[&str]| ok(&output(Command::new("tmux").args(args)));
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "90",
+        "-y",
+        "25",
+        &line,
+    ]);
+    let screen = || tmux(&["capture-pane", "-p", "-t", &session]);
+    let expect = |text: &str| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !screen().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "{text:?} never showed:\n{}",
+                screen()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    expect("/ #");
+    tmux(&[
+        "send-keys",
+        "-t",
+        &session,
+        "echo run-$((3*14)); stty size",
+        "Enter",
+    ]);
+    expect("run-42");
+    expect("25 90");
+    tmux(&["resize-window", "-t", &session, "-x", "110", "-y", "35"]);
+    std::thread::sleep(Duration::from_millis(500));
+    tmux(&["send-keys", "-t", &session, "stty size; exit 4", "Enter"]);
+    expect("35 110");
+    expect("EXIT=4");
+    tmux(&["kill-session", "-t", &session]);
+}

@@ -106,8 +106,26 @@ pub async fn create(args: CreateArgs, g: &Globals) -> anyhow::Result<u8> {
     Ok(0)
 }
 
-pub async fn run(args: RunArgs, g: &Globals) -> anyhow::Result<u8> {
-    let mut holder = spawn_holder(&args.create, g)?;
+pub async fn run(mut args: RunArgs, g: &Globals) -> anyhow::Result<u8> {
+    // In the foreground from a terminal, as runc does: the container's pty
+    // comes to us and is joined to our terminal.
+    let mut console = None;
+    if !args.detach && args.create.console_socket.is_none() {
+        let bundle = std::fs::canonicalize(&args.create.bundle)
+            .with_context(|| format!("bundle {}", args.create.bundle.display()))?;
+        if Spec::load(&bundle)?.process().terminal {
+            std::fs::create_dir_all(&g.root).context("creating the state root")?;
+            let path = g.root.join(format!(".console-{}.sock", std::process::id()));
+            let receiver = crate::console::ConsoleReceiver::listen(path.clone())?;
+            args.create.console_socket = Some(path);
+            console = Some(receiver);
+        }
+    }
+    let holder = spawn_holder(&args.create, g);
+    if let (Err(_), Some(c)) = (&holder, &console) {
+        let _ = std::fs::remove_file(&c.path);
+    }
+    let mut holder = holder?;
     if let Err(e) = super::start::start_id(&g.root, &args.create.id).await {
         let _ = holder.child.kill();
         let _ = holder.child.wait();
@@ -119,11 +137,15 @@ pub async fn run(args: RunArgs, g: &Globals) -> anyhow::Result<u8> {
     if args.detach {
         return Ok(0);
     }
+    let output = console.map(|c| c.relay()).transpose()?;
     let forward = forward_to(holder.pid);
     let status = tokio::task::spawn_blocking(move || holder.child.wait())
         .await
         .context("waiting for the container")??;
     forward.iter().for_each(|t| t.abort());
+    if let Some(t) = output {
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
     let code = status.code().unwrap_or(137).clamp(0, 255) as u8;
     super::delete::remove_stopped(&g.root, &args.create.id).await;
     Ok(code)
