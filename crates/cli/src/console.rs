@@ -210,7 +210,7 @@ impl ConsoleReceiver {
                 conn.as_raw_fd(),
                 &mut iov,
                 Some(&mut space),
-                MsgFlags::empty(),
+                MsgFlags::MSG_CMSG_CLOEXEC,
             )
             .context("receiving the console")?;
             for c in msg.cmsgs().context("reading the console message")? {
@@ -243,12 +243,14 @@ impl ConsoleReceiver {
             let mut out = std::fs::File::from(input);
             let _ = std::io::copy(&mut std::io::stdin(), &mut out);
         });
-        let winch_fd = master.as_raw_fd();
+        // The size task has an fd of its own: the output thread closes its
+        // copy when the pty ends.
+        let sizer = master.try_clone().context("pty")?;
         if let Ok(mut winch) = signal(SignalKind::window_change()) {
             tokio::spawn(async move {
                 while winch.recv().await.is_some() {
                     if let Some((rows, cols)) = stdin_size() {
-                        set_size(winch_fd, rows, cols);
+                        set_size(sizer.as_raw_fd(), rows, cols);
                     }
                 }
             });

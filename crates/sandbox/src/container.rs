@@ -188,11 +188,12 @@ impl ContainerDir {
     /// socket paths in its directory must stay under 108 bytes whatever the
     /// container id (docker's are 64 characters).
     pub fn sandbox_id(&self) -> String {
-        use std::hash::{Hash, Hasher};
-        // DefaultHasher::new() has fixed keys: the same id in every process.
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        self.id.hash(&mut h);
-        format!("c{:015x}", h.finish() >> 4)
+        // FNV-1a: the same value from every build of podvisor (std's
+        // DefaultHasher may change between Rust releases).
+        let h = self.id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        format!("c{:015x}", h >> 4)
     }
 
     /// The agent proxy the holder serves, in its sandbox's directory.
@@ -249,6 +250,23 @@ impl ContainerDir {
                 id: self.id.clone(),
                 source,
             })
+    }
+
+    /// Records the holder while it creates the container (before the full
+    /// record exists), so `delete --force` can stop a creation midway.
+    pub fn write_creator(&self, pid: i32) -> Result<(), ContainerError> {
+        let r = Record {
+            id: self.id.clone(),
+            pid,
+            pid_start: process_start(pid).unwrap_or(0),
+            ..Default::default()
+        };
+        let json = serde_json::to_vec(&r).unwrap_or_default();
+        self.write_atomic("creator.json", &json)
+    }
+
+    pub fn creator(&self) -> Option<Record> {
+        serde_json::from_slice(&fs::read(self.file("creator.json")).ok()?).ok()
     }
 
     pub fn set_marker(&self, name: &str, on: bool) -> Result<(), ContainerError> {

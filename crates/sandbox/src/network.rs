@@ -28,6 +28,16 @@ pub struct Network {
     /// The tap devices' file descriptors: a tap lives as long as they do
     /// (and the VMM's copies), so nothing is left behind when we die.
     _taps: Vec<OwnedFd>,
+    /// The caller's interfaces we put an ingress redirect on; removed on drop.
+    redirected: Vec<String>,
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        for dev in &self.redirected {
+            let _ = run("tc", &["qdisc", "del", "dev", dev, "ingress"]);
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -59,7 +69,21 @@ struct RouteEntry {
     dev: String,
 }
 
-const TAP_PREFIX: &str = "pvtap";
+/// Our taps are named pv<pid>t<n>: unique per holder, under 16 bytes.
+fn tap_name(n: usize) -> String {
+    format!("pv{}t{n}", std::process::id() % 10_000_000)
+}
+
+fn is_tap(name: &str) -> bool {
+    name.strip_prefix("pv")
+        .and_then(|r| r.split_once('t'))
+        .is_some_and(|(pid, n)| {
+            !pid.is_empty()
+                && pid.chars().all(|c| c.is_ascii_digit())
+                && !n.is_empty()
+                && n.chars().all(|c| c.is_ascii_digit())
+        })
+}
 
 fn run(program: &str, args: &[&str]) -> Result<String, NetworkError> {
     let cmd = format!("{program} {}", args.join(" "));
@@ -136,26 +160,43 @@ pub fn attach() -> Result<Network, NetworkError> {
     let links: Vec<Link> = serde_json::from_str(&run("ip", &["-j", "addr", "show"])?)?;
     let routes: Vec<RouteEntry> =
         serde_json::from_str(&run("ip", &["-j", "-4", "route", "show"])?)?;
-    let mut nics = Vec::new();
-    let mut taps = Vec::new();
-    let mut request = NetworkRequest::default();
+    // Built up as we go: on an error, dropping it undoes what was done.
+    let mut net = Network {
+        nics: Vec::new(),
+        request: NetworkRequest::default(),
+        _taps: Vec::new(),
+        redirected: Vec::new(),
+    };
     for link in links
         .iter()
-        .filter(|l| l.link_type == "ether" && !l.ifname.starts_with(TAP_PREFIX))
+        .filter(|l| l.link_type == "ether" && !is_tap(&l.ifname))
     {
-        let tap = format!("{TAP_PREFIX}{}", nics.len());
+        let tap = tap_name(net.nics.len());
         let fd = open_tap(&tap)?;
+        let fd_num = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        net._taps.push(fd);
         let mtu = link.mtu.max(68).to_string();
         run("ip", &["link", "set", "dev", &tap, "mtu", &mtu, "up"])?;
-        redirect(&link.ifname, &tap)?;
+        redirect(&link.ifname, &tap).map_err(|e| match e {
+            NetworkError::Command { cmd, detail } if detail.contains("Exclusivity") || detail.contains("File exists") => {
+                NetworkError::Command {
+                    cmd,
+                    detail: format!(
+                        "{} already has an ingress qdisc: is another podvisor container using this network namespace? ({detail})",
+                        link.ifname
+                    ),
+                }
+            }
+            other => other,
+        })?;
+        net.redirected.push(link.ifname.clone());
         redirect(&tap, &link.ifname)?;
-        nics.push(Nic {
+        net.nics.push(Nic {
             tap: tap.clone(),
             mac: link.address.clone(),
-            fd: Some(std::os::fd::AsRawFd::as_raw_fd(&fd)),
+            fd: Some(fd_num),
         });
-        taps.push(fd);
-        request.interfaces.push(NetworkInterface {
+        net.request.interfaces.push(NetworkInterface {
             mac: link.address.clone(),
             name: link.ifname.clone(),
             addresses: link
@@ -172,7 +213,7 @@ pub fn attach() -> Result<Network, NetworkError> {
             .iter()
             .filter(|r| r.dev == link.ifname && r.gateway.is_some())
         {
-            request.routes.push(Route {
+            net.request.routes.push(Route {
                 destination: if r.dst == "default" {
                     String::new()
                 } else {
@@ -183,14 +224,25 @@ pub fn attach() -> Result<Network, NetworkError> {
             });
         }
     }
-    Ok(Network {
-        nics,
-        request,
-        _taps: taps,
-    })
+    Ok(net)
 }
 
 /// Brings up lo in a namespace made for the container.
 pub fn loopback_up() -> Result<(), NetworkError> {
     run("ip", &["link", "set", "dev", "lo", "up"]).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tap_names_fit_and_are_recognised() {
+        let name = tap_name(3);
+        assert!(name.len() < 16, "{name}");
+        assert!(is_tap(&name));
+        for other in ["eth0", "pv", "pvt1", "pv12t", "pvxt1", "veth1234"] {
+            assert!(!is_tap(other), "{other}");
+        }
+    }
 }

@@ -247,49 +247,77 @@ pub async fn serve(
     write_status(&root, &config.template, status);
     let mut n = 0u64;
     let mut failures = 0u32;
+    // The clone being made runs as a task of its own: a caller arriving
+    // meanwhile must not cancel it halfway (and leak its VM).
+    let mut refill: Option<tokio::task::JoinHandle<Result<Member, SandboxError>>> = None;
+    // Requests are read by their own tasks: a silent caller holds nothing up.
+    let (req_tx, mut req_rx) = tokio::sync::mpsc::unbounded_channel::<(Request, UnixStream)>();
     loop {
-        // One clone at a time: refilling must not starve the sandboxes in use.
-        let refill = async {
-            if ready.len() >= config.size {
-                return std::future::pending().await;
-            }
-            if failures > 0 {
-                tokio::time::sleep(Duration::from_secs(1 << failures.min(5))).await;
-            }
+        if refill.is_none() && ready.len() < config.size {
             n += 1;
-            launch_member(&root, &template, n).await
+            let (root, template, delay) = (root.clone(), template.clone(), failures);
+            refill = Some(tokio::spawn(async move {
+                if delay > 0 {
+                    tokio::time::sleep(Duration::from_secs(1 << delay.min(5))).await;
+                }
+                launch_member(&root, &template, n).await
+            }));
+        }
+        let made = async {
+            match refill.as_mut() {
+                Some(task) => task.await,
+                None => std::future::pending().await,
+            }
         };
         tokio::select! {
-            member = refill => match member {
-                Ok(m) => {
-                    failures = 0;
-                    ready.push_back(m);
-                }
-                Err(e) => {
-                    failures += 1;
-                    tracing::warn!(template = %config.template, "refilling the pool: {e}");
-                }
-            },
-            conn = listener.accept() => {
-                let Ok((mut conn, _)) = conn else { continue };
-                let Some(req) = read_request(&mut conn).await else { continue };
-                match ready.pop_front() {
-                    Some(m) => {
-                        status.handed_out += 1;
-                        tokio::spawn(hand_out(m, req, conn));
+            member = made => {
+                refill = None;
+                match member {
+                    Ok(Ok(m)) => {
+                        failures = 0;
+                        ready.push_back(m);
                     }
-                    None => {
-                        let reply = Reply { error: "the pool is empty".into(), ..Default::default() };
-                        let mut line = serde_json::to_vec(&reply).unwrap_or_default();
-                        line.push(b'\n');
-                        let _ = conn.write_all(&line).await;
+                    Ok(Err(e)) => {
+                        failures += 1;
+                        tracing::warn!(template = %config.template, "refilling the pool: {e}");
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        tracing::warn!(template = %config.template, "refilling the pool: {e}");
                     }
                 }
             }
+            conn = listener.accept() => {
+                if let Ok((mut conn, _)) = conn {
+                    let tx = req_tx.clone();
+                    tokio::spawn(async move {
+                        if let Some(req) = read_request(&mut conn).await {
+                            let _ = tx.send((req, conn));
+                        }
+                    });
+                }
+            }
+            Some((req, mut conn)) = req_rx.recv() => match ready.pop_front() {
+                Some(m) => {
+                    status.handed_out += 1;
+                    tokio::spawn(hand_out(m, req, conn));
+                }
+                None => {
+                    let reply = Reply { error: "the pool is empty".into(), ..Default::default() };
+                    let mut line = serde_json::to_vec(&reply).unwrap_or_default();
+                    line.push(b'\n');
+                    let _ = conn.write_all(&line).await;
+                }
+            },
             _ = shutdown.changed() => break,
         }
         status.ready = ready.len();
         write_status(&root, &config.template, status);
+    }
+    if let Some(task) = refill {
+        if let Ok(Ok(m)) = task.await {
+            ready.push_back(m);
+        }
     }
     let _ = std::fs::remove_file(&sock);
     let _ = std::fs::remove_file(pools_dir(&root).join(format!("{}.json", config.template)));
@@ -334,11 +362,30 @@ pub async fn take(
         return Ok(None);
     }
     let handout = t0.elapsed();
-    let mut client =
-        AgentClient::new(agent::channel(&reply.agent_socket)?).max_decoding_message_size(16 << 20);
-    let version = tokio::time::timeout(Duration::from_secs(10), agent::handshake(&mut client))
-        .await
-        .map_err(|_| AgentError::Timeout(Duration::from_secs(10)))??;
+    // A session the guest did not see begin (its marker split across reads
+    // of a just-resumed VM) is answered by a fresh connection: try again.
+    let mut attempt = 0;
+    let (mut client, version) = loop {
+        attempt += 1;
+        let (channel, hangup) = agent::channel_with_hangup(&reply.agent_socket)?;
+        let mut client = AgentClient::new(channel).max_decoding_message_size(16 << 20);
+        let wait = Duration::from_secs(3);
+        let answer = tokio::time::timeout(wait, agent::handshake(&mut client)).await;
+        if !matches!(answer, Ok(Ok(_))) {
+            // The VMM serves one connection at a time: free it for the next.
+            hangup.now();
+        }
+        match answer {
+            Ok(Ok(v)) => break (client, v),
+            Ok(Err(e)) if attempt >= 3 => return Err(e.into()),
+            Err(_) if attempt >= 3 => return Err(AgentError::Timeout(wait * 3).into()),
+            _ => tracing::debug!(
+                template,
+                attempt,
+                "pooled clone's agent silent; reconnecting"
+            ),
+        }
+    };
     client
         .set_identity(agent_proto::IdentityRequest {
             entropy: crate::sandbox::host_entropy(),

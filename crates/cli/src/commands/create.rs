@@ -28,7 +28,7 @@ pub struct CreateArgs {
     /// Accepted for runc compatibility (keyrings are the guest kernel's).
     #[arg(long)]
     pub no_new_keyring: bool,
-    /// Pass this many extra fds (from fd 3) to the holder.
+    /// Refused when above 0: host fds cannot reach a process in a VM.
     #[arg(long, default_value_t = 0)]
     pub preserve_fds: u32,
     pub id: String,
@@ -62,6 +62,9 @@ pub fn spawn_holder(args: &CreateArgs, g: &Globals) -> anyhow::Result<Holder> {
 fn spawn_in(args: &CreateArgs, g: &Globals) -> anyhow::Result<Holder> {
     let bundle = std::fs::canonicalize(&args.bundle)
         .with_context(|| format!("bundle {}", args.bundle.display()))?;
+    if args.preserve_fds > 0 {
+        bail!("--preserve-fds is not supported: host file descriptors cannot reach a process inside a VM");
+    }
     // Fail fast on a broken config.json, before any process starts.
     let spec = Spec::load(&bundle)?;
     if spec.process().terminal && args.console_socket.is_none() {

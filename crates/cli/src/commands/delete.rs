@@ -31,7 +31,12 @@ pub async fn run(args: DeleteArgs, root: &Path) -> anyhow::Result<u8> {
         if !args.force {
             bail!("container {} is still being created", args.id);
         }
+        // Stop the creation midway: its holder first, then its state.
+        if let Some(creator) = dir.creator() {
+            oci::wait_holder_gone(&creator, Duration::ZERO).await;
+        }
         dir.remove()?;
+        sandbox::state::collect_garbage(root);
         return Ok(0);
     };
     let status = dir.status(Some(&record));

@@ -144,12 +144,18 @@ fn process(args: &ExecArgs, bundle: &Path) -> anyhow::Result<spec::Process> {
 }
 
 pub async fn run(args: ExecArgs, g: &Globals) -> anyhow::Result<u8> {
+    if args.preserve_fds > 0 {
+        bail!("--preserve-fds is not supported: host file descriptors cannot reach a process inside a VM");
+    }
     let c = oci::open(&g.root, &args.id)?;
     match c.status {
         Status::Running => {}
         Status::Paused if args.ignore_paused => {}
         Status::Paused => bail!("cannot exec in a paused container (use --ignore-paused)"),
-        _ => bail!("cannot exec in a stopped container"),
+        Status::Created | Status::Creating => {
+            bail!("cannot exec in a container that has not been started")
+        }
+        Status::Stopped => bail!("cannot exec in a stopped container"),
     }
     let process = process(&args, &c.record.bundle)?;
     let eid = exec_id();

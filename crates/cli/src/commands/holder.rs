@@ -129,6 +129,7 @@ fn prepare(args: &HolderArgs) -> anyhow::Result<Spec> {
 
 async fn run(args: &HolderArgs, root: &Path, spec: Spec, sync: &mut Sync) -> anyhow::Result<i32> {
     let dir = ContainerDir::open(root, &args.id)?;
+    dir.write_creator(std::process::id() as i32)?;
     let bundle = &args.bundle;
     let hooks = spec.hooks.clone().unwrap_or_default();
     let state = creating_state(&args.id, bundle, &spec);
@@ -140,7 +141,9 @@ async fn run(args: &HolderArgs, root: &Path, spec: Spec, sync: &mut Sync) -> any
         None => None,
     };
     let rootfs = spec.rootfs(bundle)?;
-    std::fs::create_dir_all(dir.share()).context("creating the share directory")?;
+    // Not create_dir_all: if `delete --force` removed the container
+    // meanwhile, creation must stop here.
+    std::fs::create_dir(dir.share()).context("creating the share directory")?;
     let mounts = sandbox::share::populate(&dir.share(), &rootfs, &spec.mounts)?;
 
     let kernel = spec.annotations.get(ANNOTATION_KERNEL).map(PathBuf::from);
