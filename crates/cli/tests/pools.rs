@@ -45,6 +45,16 @@ fn wait_status(root: &StateRoot, config: &std::path::Path, want: &str) {
     }
 }
 
+/// The daemon, killed if the test fails before it stops it (its VMs die with it).
+struct Daemon(std::process::Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn pool_hands_out_ready_clones_and_refills() {
     let root = StateRoot::new("pool");
@@ -52,13 +62,14 @@ fn pool_hands_out_ready_clones_and_refills() {
     assert!(o.status.success(), "{}", text(&o.stderr));
     let config = root.path.join("config.toml");
     std::fs::write(&config, "[[pool]]\ntemplate = \"p\"\nsize = 2\n").unwrap();
-    let (mut daemon, _out) = spawn_until_ready(
+    let (daemon, _out) = spawn_until_ready(
         podvisor(&root)
             .arg("pool")
             .arg("serve")
             .arg("--config")
             .arg(&config),
     );
+    let mut daemon = Daemon(daemon);
     wait_status(&root, &config, "p: 2 of 2 ready");
 
     let mut boot_ids = Vec::new();
@@ -110,8 +121,8 @@ fn pool_hands_out_ready_clones_and_refills() {
 
     // SIGTERM: the daemon retires its ready clones and leaves nothing.
     // SAFETY: kill with the pid of our own child.
-    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
-    assert!(daemon.wait().unwrap().success());
+    unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) };
+    assert!(daemon.0.wait().unwrap().success());
     assert!(status(&root, &config).contains("not served"));
     let o = output(podvisor(&root).args(["template", "rm", "p"]));
     assert!(o.status.success());
