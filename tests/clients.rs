@@ -154,6 +154,25 @@ fn wait_for(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
     }
 }
 
+/// Starts a daemon with its output in `log`.
+fn spawn_logged(cmd: &mut Command, log: &Path) -> Child {
+    let log = std::fs::File::create(log).unwrap();
+    cmd.stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"))
+}
+
+/// Whether `cmd` runs and succeeds (output discarded).
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 fn stop_daemon(child: &mut Child) {
     // SAFETY: kill with a pid we spawned and have not reaped.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -177,8 +196,8 @@ impl Dockerd {
         require("containerd");
         require("runc");
         let dir = Scratch::new("dockerd");
-        let log = std::fs::File::create(dir.0.join("dockerd.log")).unwrap();
-        let daemon = Command::new(dockerd)
+        let mut daemon = Command::new(dockerd);
+        daemon
             .arg("--data-root")
             .arg(dir.0.join("data"))
             .arg("--exec-root")
@@ -189,22 +208,11 @@ impl Dockerd {
             .arg(format!("unix://{}", dir.0.join("docker.sock").display()))
             .arg("--add-runtime")
             .arg(format!("podvisor={}", podvisor().display()))
-            .args(["--storage-driver", "vfs", "--bip", bridge_cidr])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+            .args(["--storage-driver", "vfs", "--bip", bridge_cidr]);
+        let daemon = spawn_logged(&mut daemon, &dir.0.join("dockerd.log"));
         let d = Dockerd { dir, daemon };
         wait_for("dockerd", Duration::from_secs(60), || {
-            d.cmd()
-                .arg("version")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false)
+            succeeds(d.cmd().arg("version"))
         });
         let tar = busybox_tar(&d.dir.0);
         ok(&output(
@@ -296,25 +304,12 @@ impl Containerd {
             dir.0.display()
         );
         std::fs::write(dir.0.join("config.toml"), config).unwrap();
-        let log = std::fs::File::create(dir.0.join("containerd.log")).unwrap();
-        let daemon = Command::new(containerd)
-            .arg("--config")
-            .arg(dir.0.join("config.toml"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let mut daemon = Command::new(containerd);
+        daemon.arg("--config").arg(dir.0.join("config.toml"));
+        let daemon = spawn_logged(&mut daemon, &dir.0.join("containerd.log"));
         let c = Containerd { dir, daemon };
         wait_for("containerd", Duration::from_secs(30), || {
-            c.ctr()
-                .arg("version")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false)
+            succeeds(c.ctr().arg("version"))
         });
         c
     }
