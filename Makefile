@@ -17,7 +17,7 @@ deps:
 build: deps host kernel initrd rootfs
 
 host:
-	$(CARGO) build --release --bin podvisor
+	$(CARGO) build --release --bin podvisor --bin containerd-shim-podvisor-v2
 
 # The agent is PID 1 of an initramfs with nothing else in it: fully static.
 agent:
@@ -57,6 +57,7 @@ bench: build
 
 install: build
 	install -D -m 0755 $(OUT)/podvisor /usr/local/bin/podvisor
+	install -D -m 0755 $(OUT)/containerd-shim-podvisor-v2 /usr/local/bin/containerd-shim-podvisor-v2
 	install -D -m 0644 $(OUT)/vmlinux /usr/local/lib/podvisor/vmlinux
 	install -D -m 0644 $(OUT)/podvisor-initrd.cpio /usr/local/lib/podvisor/podvisor-initrd.cpio
 

@@ -293,19 +293,76 @@ pub struct Containerd {
 }
 
 impl Containerd {
+    /// containerd with its own root, state and sockets; the CRI plugin uses
+    /// CNI's bridge on `subnet` (an /24, unique per test) and knows the
+    /// runtime handler "podvisor" (our shim, found on PATH in the build
+    /// directory, keeping its state under `pv_root`).
     pub fn start() -> Containerd {
+        Containerd::start_with_subnet("10.88.90.0/24")
+    }
+
+    pub fn start_with_subnet(subnet: &str) -> Containerd {
         let containerd = require("containerd");
         require("ctr");
         require("runc");
+        let cni_bin = Path::new("/usr/lib/cni");
+        assert!(
+            cni_bin.join("bridge").exists() && cni_bin.join("host-local").exists(),
+            "CNI plugins are missing: install Debian's containernetworking-plugins"
+        );
         let dir = Scratch::new("containerd");
+        let cni_conf = dir.0.join("cni");
+        std::fs::create_dir_all(&cni_conf).unwrap();
+        // The bridge's name must fit in 15 bytes and differ between tests.
+        let bridge = format!("pv{}", std::process::id() % 1_000_000);
+        let net = format!("pv-{}", std::process::id());
+        std::fs::write(
+            cni_conf.join("10-podvisor-test.conflist"),
+            format!(
+                r#"{{"cniVersion": "0.4.0", "name": "{net}", "plugins": [
+  {{"type": "bridge", "bridge": "{bridge}", "isGateway": true, "ipMasq": false,
+    "ipam": {{"type": "host-local", "ranges": [[{{"subnet": "{subnet}"}}]],
+              "routes": [{{"dst": "0.0.0.0/0"}}], "dataDir": "{}"}}}},
+  {{"type": "loopback"}}
+]}}"#,
+                dir.0.join("ipam").display()
+            ),
+        )
+        .unwrap();
         let config = format!(
-            "version = 2\nroot = \"{0}/root\"\nstate = \"{0}/state\"\n[grpc]\n  address = \"{0}/containerd.sock\"\n\
-             [plugins.\"io.containerd.grpc.v1.cri\"]\n  restrict_oom_score_adj = true\n",
-            dir.0.display()
+            r#"version = 2
+root = "{0}/root"
+state = "{0}/state"
+[grpc]
+  address = "{0}/containerd.sock"
+[ttrpc]
+  address = "{0}/containerd.sock.ttrpc"
+[plugins."io.containerd.grpc.v1.cri"]
+  restrict_oom_score_adj = true
+  sandbox_image = "localhost/busybox:latest"
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{1}"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.podvisor]
+    runtime_type = "io.containerd.podvisor.v2"
+"#,
+            dir.0.display(),
+            cni_conf.display()
         );
         std::fs::write(dir.0.join("config.toml"), config).unwrap();
+        let path = format!(
+            "{}:{}",
+            build_dir().display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
         let mut daemon = Command::new(containerd);
-        daemon.arg("--config").arg(dir.0.join("config.toml"));
+        daemon
+            .arg("--config")
+            .arg(dir.0.join("config.toml"))
+            .env("PATH", path)
+            .env("PODVISOR_ROOT", dir.0.join("pv-root"));
         let daemon = spawn_logged(&mut daemon, &dir.0.join("containerd.log"));
         let c = Containerd { dir, daemon };
         wait_for("containerd", Duration::from_secs(30), || {
@@ -318,6 +375,47 @@ impl Containerd {
         let mut c = Command::new("ctr");
         c.arg("--address").arg(self.dir.0.join("containerd.sock"));
         c
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.0.join("containerd.sock")
+    }
+
+    /// Where the podvisor shim keeps its VMs' state for this containerd.
+    pub fn pv_root(&self) -> PathBuf {
+        self.dir.0.join("pv-root")
+    }
+
+    /// Imports the busybox image (an OCI archive podman makes from local
+    /// files) as localhost/busybox:latest into `namespace`.
+    pub fn import_busybox(&self, namespace: &str) {
+        let pm = Podman::new("for-ctr");
+        let archive = pm.dir.0.join("busybox-oci.tar");
+        ok(&pm.run(&[
+            "save",
+            "--format",
+            "oci-archive",
+            "-o",
+            archive.to_str().unwrap(),
+            "localhost/busybox",
+        ]));
+        ok(&output(
+            self.ctr()
+                .args([
+                    "-n",
+                    namespace,
+                    "images",
+                    "import",
+                    "--base-name",
+                    "localhost/busybox",
+                ])
+                .arg(&archive),
+        ));
+    }
+
+    /// The contents of containerd's log (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.0.join("containerd.log")).unwrap_or_default()
     }
 }
 

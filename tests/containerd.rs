@@ -3,28 +3,13 @@
 
 use std::time::Duration;
 
-use podvisor_client_tests::{assert_no_runtime_left, ok, podvisor, Containerd, Podman};
+use podvisor_client_tests::{assert_no_runtime_left, ok, podvisor, Containerd};
 use test_utils::output;
 
 #[test]
 fn ctr_runs_execs_lists_and_kills_through_the_runc_shim() {
     let c = Containerd::start();
-    // An OCI archive of the busybox image, made by podman from local files.
-    let pm = Podman::new("for-ctr");
-    let archive = pm.dir.0.join("busybox-oci.tar");
-    ok(&pm.run(&[
-        "save",
-        "--format",
-        "oci-archive",
-        "-o",
-        archive.to_str().unwrap(),
-        "localhost/busybox",
-    ]));
-    ok(&output(
-        c.ctr()
-            .args(["images", "import", "--base-name", "localhost/busybox"])
-            .arg(&archive),
-    ));
+    c.import_busybox("default");
     let pv = podvisor();
     let pv = pv.to_str().unwrap();
     let image = "localhost/busybox:latest";
@@ -97,5 +82,4 @@ fn ctr_runs_execs_lists_and_kills_through_the_runc_shim() {
     ok(&ctr(&["container", "delete", "c3"]));
     // The runc shim gives its runtime --root /run/containerd/runc/<namespace>.
     assert_no_runtime_left(std::path::Path::new("/run/containerd/runc/default"));
-    drop(pm);
 }

@@ -268,6 +268,7 @@ fn build_container(
         devpts: dir.join("pts"),
         hostname: req.hostname.clone(),
         readonly: req.rootfs_readonly,
+        pod_shared: req.pod_shared,
         mounts,
         sysctl,
     };

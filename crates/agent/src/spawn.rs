@@ -28,6 +28,9 @@ pub enum Target {
         devpts: PathBuf,
         hostname: String,
         readonly: bool,
+        /// A pod's container: stays in the VM's UTS and IPC namespaces
+        /// (the pod's hostname); `hostname` is ignored.
+        pod_shared: bool,
         /// Mounted after the root's own filesystems, in order; mount points
         /// already exist (see `mounts::prepare`).
         mounts: Vec<crate::mounts::MountPlan>,
@@ -369,6 +372,7 @@ struct RootMounts {
     links: Vec<(CString, CString)>,
     extra: Vec<crate::mounts::Prepared>,
     sysctl: Vec<(CString, CString)>,
+    pod_shared: bool,
 }
 
 fn cstr(s: impl AsRef<[u8]>) -> Result<CString, SpawnError> {
@@ -413,6 +417,7 @@ impl Prepared {
                 devpts,
                 hostname,
                 readonly,
+                pod_shared,
                 mounts,
                 sysctl,
             } => {
@@ -465,8 +470,14 @@ impl Prepared {
                     .collect::<Result<Vec<_>, SpawnError>>()?,
                     extra,
                     sysctl,
+                    pod_shared: *pod_shared,
                 };
-                (Some(mounts), Some(cstr(hostname)?))
+                let hostname = if *pod_shared {
+                    None
+                } else {
+                    Some(cstr(hostname)?)
+                };
+                (Some(mounts), hostname)
             }
             Target::Join { .. } => (None, None),
         };
@@ -545,13 +556,11 @@ fn child_setup(ctx: &ChildCtx) -> Result<Never, (Stage, Errno)> {
     }
     match &p.mounts {
         Some(m) => {
-            unshare(
-                CloneFlags::CLONE_NEWNS
-                    | CloneFlags::CLONE_NEWUTS
-                    | CloneFlags::CLONE_NEWIPC
-                    | CloneFlags::CLONE_NEWCGROUP,
-            )
-            .map_err(at(Stage::Namespaces))?;
+            let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWCGROUP;
+            if !m.pod_shared {
+                flags |= CloneFlags::CLONE_NEWUTS | CloneFlags::CLONE_NEWIPC;
+            }
+            unshare(flags).map_err(at(Stage::Namespaces))?;
             setup_root(m).map_err(at(Stage::Mounts))?;
             for extra in &m.extra {
                 extra.mount().map_err(at(Stage::Mounts))?;

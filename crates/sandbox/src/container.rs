@@ -188,12 +188,7 @@ impl ContainerDir {
     /// socket paths in its directory must stay under 108 bytes whatever the
     /// container id (docker's are 64 characters).
     pub fn sandbox_id(&self) -> String {
-        // FNV-1a: the same value from every build of podvisor (std's
-        // DefaultHasher may change between Rust releases).
-        let h = self.id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-        });
-        format!("c{:015x}", h >> 4)
+        short_id('c', &self.id)
     }
 
     /// The agent proxy the holder serves, in its sandbox's directory.
@@ -347,6 +342,16 @@ impl ContainerDir {
 }
 
 /// RFC 3339 in UTC with nanoseconds, as runc writes `created`.
+/// A short, fixed-length name for `id` (socket paths must stay under 108
+/// bytes): `prefix` and 15 hex digits of its FNV-1a hash, the same from every
+/// build of podvisor (std's DefaultHasher may change between Rust releases).
+pub fn short_id(prefix: char, id: &str) -> String {
+    let h = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("{prefix}{:015x}", h >> 4)
+}
+
 pub fn rfc3339_now() -> String {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

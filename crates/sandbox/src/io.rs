@@ -37,17 +37,36 @@ pub async fn relay_output(
 
 /// Copies `input` to the process's stdin; at EOF closes the process's stdin.
 pub async fn relay_stdin(
+    client: AgentClient,
+    container_id: String,
+    exec_id: String,
+    input: impl AsyncRead + Unpin + Send + 'static,
+) -> Result<(), AgentError> {
+    relay_stdin_until(client, container_id, exec_id, input, None).await
+}
+
+/// As `relay_stdin`, and also closes the process's stdin when `close` is
+/// notified (a caller's "close stdin" on an input that never ends by itself).
+pub async fn relay_stdin_until(
     mut client: AgentClient,
     container_id: String,
     exec_id: String,
     mut input: impl AsyncRead + Unpin + Send + 'static,
+    close: Option<std::sync::Arc<tokio::sync::Notify>>,
 ) -> Result<(), AgentError> {
     let (tx, rx) = mpsc::channel(4);
     let (cid, eid) = (container_id.clone(), exec_id.clone());
     let reader = tokio::spawn(async move {
         let mut buf = vec![0u8; 32 * 1024];
         loop {
-            let (data, close) = match input.read(&mut buf).await {
+            let read = match &close {
+                Some(c) => tokio::select! {
+                    r = input.read(&mut buf) => r,
+                    _ = c.notified() => Ok(0),
+                },
+                None => input.read(&mut buf).await,
+            };
+            let (data, close) = match read {
                 Ok(0) | Err(_) => (Vec::new(), true),
                 Ok(n) => (buf[..n].to_vec(), false),
             };

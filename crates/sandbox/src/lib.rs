@@ -16,6 +16,29 @@ pub mod template;
 
 pub use sandbox::{Sandbox, SandboxConfig, Timings};
 
+use hypervisor::{Accel, HostVirt};
+
+/// The accelerator asked for, else what the host offers; KVM only where the
+/// host has it.
+pub fn checked_accel(asked: Option<Accel>) -> Result<Accel, SandboxError> {
+    let host = HostVirt::detect();
+    let accel = asked.unwrap_or_else(|| host.default_accel());
+    if accel == Accel::Kvm && !matches!(host, HostVirt::Kvm { .. }) {
+        return Err(SandboxError::Invalid(format!(
+            "--accel kvm asked for, but this host offers {host}"
+        )));
+    }
+    Ok(accel)
+}
+
+/// How long a guest may take to boot to a ready agent.
+pub fn default_boot_timeout(accel: Accel) -> std::time::Duration {
+    std::time::Duration::from_secs(match accel {
+        Accel::Kvm => 10,
+        Accel::Tcg => 60,
+    })
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
     #[error(transparent)]

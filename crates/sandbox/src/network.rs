@@ -19,6 +19,8 @@ pub enum NetworkError {
     Parse(#[from] serde_json::Error),
     #[error("creating tap device {name}: {errno}")]
     Tap { name: String, errno: Errno },
+    #[error("{what}: {detail}")]
+    Namespace { what: String, detail: String },
 }
 
 /// The guest's network: devices for the VMM, addresses and routes for the agent.
@@ -244,5 +246,32 @@ mod tests {
         for other in ["eth0", "pv", "pvt1", "pv12t", "pvxt1", "veth1234"] {
             assert!(!is_tap(other), "{other}");
         }
+    }
+}
+
+/// Puts the calling thread (call while the process has one thread) in the
+/// network namespace `spec` asks for: the path it names, or a new one with
+/// lo up. No network namespace in the spec: stays in the caller's.
+pub fn enter_namespace(spec: &crate::oci::Spec) -> Result<(), NetworkError> {
+    use nix::sched::{setns, unshare, CloneFlags};
+    match spec.network_namespace() {
+        Some(Some(path)) => {
+            let f = std::fs::File::open(&path).map_err(|e| NetworkError::Namespace {
+                what: format!("opening network namespace {}", path.display()),
+                detail: e.to_string(),
+            })?;
+            setns(f, CloneFlags::CLONE_NEWNET).map_err(|e| NetworkError::Namespace {
+                what: format!("joining network namespace {}", path.display()),
+                detail: e.to_string(),
+            })
+        }
+        Some(None) => {
+            unshare(CloneFlags::CLONE_NEWNET).map_err(|e| NetworkError::Namespace {
+                what: "creating a network namespace".into(),
+                detail: e.to_string(),
+            })?;
+            loopback_up()
+        }
+        None => Ok(()),
     }
 }

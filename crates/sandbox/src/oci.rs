@@ -172,6 +172,17 @@ pub const ANNOTATION_MEMORY: &str = "io.podvisor.vm.memory";
 pub const ANNOTATION_VCPUS: &str = "io.podvisor.vm.vcpus";
 pub const ANNOTATION_KERNEL: &str = "io.podvisor.kernel";
 
+/// What containerd's CRI says of a pod (1.6.7 and later).
+pub const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+pub const CRI_SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+pub const CRI_SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+pub const CRI_SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+pub const CRI_SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+
+/// A pod's VM when the pod states no limits: its containers share it, and
+/// guest memory costs the host only once touched.
+pub const DEFAULT_POD_MEMORY_MIB: u64 = 512;
+
 /// Guest memory beyond the container's limit: kernel, agent, page cache.
 pub const VM_OVERHEAD_MIB: u64 = 128;
 pub const DEFAULT_VM_MEMORY_MIB: u64 = 256;
@@ -294,14 +305,59 @@ impl Spec {
 
     /// The guest-side limits of the container's cgroup.
     pub fn agent_resources(&self) -> agent_proto::Resources {
-        let r = self.resources();
-        let cpu = r.and_then(|r| r.cpu.as_ref());
+        self.resources()
+            .map(Resources::to_agent)
+            .unwrap_or_default()
+    }
+
+    /// The pod's VM, for a CRI sandbox: the podvisor annotations, else
+    /// the sum of the pod's limits that containerd's CRI passes
+    /// (`io.kubernetes.cri.sandbox-memory`, `-cpu-quota`, `-cpu-period`)
+    /// plus room for the guest, else the defaults. Returns (MiB, vCPUs).
+    pub fn pod_vm_shape(&self) -> (u64, u32) {
+        let get = |k: &str| self.annotations.get(k).and_then(|v| v.parse::<i64>().ok());
+        let memory = match (
+            self.annotations.get(ANNOTATION_MEMORY),
+            get(CRI_SANDBOX_MEMORY).filter(|m| *m > 0),
+        ) {
+            (Some(m), _) => m.parse().unwrap_or(DEFAULT_VM_MEMORY_MIB),
+            (None, Some(limit)) => (limit as u64).div_ceil(1 << 20) + VM_OVERHEAD_MIB,
+            (None, None) => DEFAULT_POD_MEMORY_MIB,
+        };
+        let vcpus = match (
+            self.annotations.get(ANNOTATION_VCPUS),
+            get(CRI_SANDBOX_CPU_QUOTA).filter(|q| *q > 0),
+        ) {
+            (Some(n), _) => n.parse().unwrap_or(1),
+            (None, Some(q)) => {
+                let p = get(CRI_SANDBOX_CPU_PERIOD)
+                    .filter(|p| *p > 0)
+                    .unwrap_or(100_000);
+                (q as u64).div_ceil(p as u64).clamp(1, 64) as u32
+            }
+            (None, None) => 1,
+        };
+        (memory, vcpus)
+    }
+}
+
+impl Resources {
+    /// The limits as the agent takes them (0 = unlimited).
+    pub fn to_agent(&self) -> agent_proto::Resources {
+        let cpu = self.cpu.as_ref();
         agent_proto::Resources {
-            memory_limit: self.memory_limit().unwrap_or(0) as i64,
+            memory_limit: self
+                .memory
+                .as_ref()
+                .and_then(|m| m.limit)
+                .filter(|l| *l > 0)
+                .unwrap_or(0),
             cpu_quota: cpu.and_then(|c| c.quota).filter(|q| *q > 0).unwrap_or(0),
             cpu_period: cpu.and_then(|c| c.period).unwrap_or(0),
-            pids_limit: r
-                .and_then(|r| r.pids.as_ref()?.limit)
+            pids_limit: self
+                .pids
+                .as_ref()
+                .and_then(|p| p.limit)
                 .filter(|l| *l > 0)
                 .unwrap_or(0),
         }

@@ -13,7 +13,6 @@ use agent_proto::{CreateContainerRequest, ProcessRequest};
 use anyhow::Context;
 use clap::Args;
 use hypervisor::Share;
-use nix::sched::{setns, unshare, CloneFlags};
 use sandbox::container::{self, ContainerDir, ExitRecord, OciState, Record, Status};
 use sandbox::oci::{Spec, ANNOTATION_KERNEL};
 use sandbox::{Sandbox, SandboxConfig};
@@ -101,19 +100,7 @@ pub fn main(args: HolderArgs, root: &Path, log: &crate::logging::Log) -> ! {
 fn prepare(args: &HolderArgs) -> anyhow::Result<Spec> {
     let _ = nix::unistd::setsid();
     let spec = Spec::load(&args.bundle)?;
-    match spec.network_namespace() {
-        Some(Some(path)) => {
-            let f = File::open(&path)
-                .with_context(|| format!("opening network namespace {}", path.display()))?;
-            setns(f, CloneFlags::CLONE_NEWNET)
-                .with_context(|| format!("joining network namespace {}", path.display()))?;
-        }
-        Some(None) => {
-            unshare(CloneFlags::CLONE_NEWNET).context("creating a network namespace")?;
-            sandbox::network::loopback_up()?;
-        }
-        None => {}
-    }
+    sandbox::network::enter_namespace(&spec)?;
     sandbox::share::private_mount_namespace()?;
     let process = spec.process();
     if process.terminal {
@@ -280,6 +267,7 @@ async fn create_in(
                 .as_ref()
                 .map(|l| l.sysctl.clone().into_iter().collect())
                 .unwrap_or_default(),
+            pod_shared: false,
         })
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?;

@@ -64,12 +64,7 @@ pub async fn run(args: UpdateArgs, root: &Path) -> anyhow::Result<u8> {
         }
         let r: sandbox::oci::Resources =
             serde_json::from_slice(&text).context("parsing the resources")?;
-        res.memory_limit = r.memory.and_then(|m| m.limit).unwrap_or(0);
-        if let Some(cpu) = r.cpu {
-            res.cpu_quota = cpu.quota.unwrap_or(0);
-            res.cpu_period = cpu.period.unwrap_or(0);
-        }
-        res.pids_limit = r.pids.and_then(|p| p.limit).unwrap_or(0);
+        res = r.to_agent();
     }
     if let Some(m) = &args.memory {
         res.memory_limit = parse_bytes(m)?;

@@ -2,10 +2,9 @@
 //! what follows from them: guest assets, the accelerator, the boot timeout.
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use clap::Args;
-use hypervisor::{Accel, HostVirt};
+use hypervisor::Accel;
 use sandbox::assets::GuestAssets;
 
 #[derive(Args)]
@@ -42,18 +41,7 @@ impl VmArgs {
 }
 
 pub fn checked_accel(asked: Option<Accel>) -> anyhow::Result<Accel> {
-    let host = HostVirt::detect();
-    let accel = asked.unwrap_or_else(|| host.default_accel());
-    if accel == Accel::Kvm && !matches!(host, HostVirt::Kvm { .. }) {
-        anyhow::bail!("--accel kvm asked for, but this host offers {host}");
-    }
-    Ok(accel)
+    Ok(sandbox::checked_accel(asked)?)
 }
 
-/// How long a guest may take to boot to a ready agent.
-pub fn default_boot_timeout(accel: Accel) -> Duration {
-    Duration::from_secs(match accel {
-        Accel::Kvm => 10,
-        Accel::Tcg => 60,
-    })
-}
+pub use sandbox::default_boot_timeout;

@@ -1,0 +1,218 @@
+//! What one shim holds: the pod's VM and the containers (tasks) in it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
+use sandbox::network::Network;
+use sandbox::oci::{Spec, CRI_CONTAINER_TYPE, CRI_SANDBOX_ID};
+use sandbox::Sandbox;
+use tokio::sync::{watch, Notify};
+
+use crate::io::Relays;
+
+/// What a container is to the pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// CRI's sandbox ("pause") container: the VM itself, no process.
+    Sandbox,
+    /// A CRI container of the pod whose sandbox has this id.
+    Member(String),
+    /// A container outside Kubernetes (`ctr run`): a pod of its own.
+    Alone,
+}
+
+impl Kind {
+    pub fn of(id: &str, spec: &Spec) -> Kind {
+        let a = &spec.annotations;
+        match a.get(CRI_CONTAINER_TYPE).map(String::as_str) {
+            Some("sandbox") => Kind::Sandbox,
+            Some(_) => match a.get(CRI_SANDBOX_ID) {
+                Some(s) if s != id => Kind::Member(s.clone()),
+                _ => Kind::Alone,
+            },
+            None => Kind::Alone,
+        }
+    }
+
+    /// Whether creating this container boots the pod's VM.
+    pub fn boots_vm(&self) -> bool {
+        !matches!(self, Kind::Member(_))
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    Created,
+    Running,
+    Paused,
+    Stopped,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Exit {
+    pub code: u32,
+    pub secs: i64,
+    pub nanos: i32,
+}
+
+impl Exit {
+    pub fn now(code: u32) -> Exit {
+        let d = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Exit {
+            code,
+            secs: d.as_secs() as i64,
+            nanos: d.subsec_nanos() as i32,
+        }
+    }
+
+    pub fn timestamp(&self) -> Timestamp {
+        Timestamp {
+            seconds: self.secs,
+            nanos: self.nanos,
+            ..Default::default()
+        }
+    }
+}
+
+/// A container's init process or one exec.
+pub struct Process {
+    pub stdin: String,
+    pub stdout: String,
+    pub stderr: String,
+    pub terminal: bool,
+    pub state: State,
+    /// None until the process ended.
+    pub exit: Arc<watch::Sender<Option<Exit>>>,
+    /// Closes the process's stdin (containerd's CloseIO).
+    pub close_stdin: Option<Arc<Notify>>,
+    /// The relays, until the process is waited for.
+    pub relays: Option<Relays>,
+    /// An exec's process, until it starts.
+    pub spec: Option<agent_proto::Process>,
+}
+
+impl Process {
+    pub fn new(stdin: &str, stdout: &str, stderr: &str, terminal: bool) -> Process {
+        Process {
+            stdin: stdin.into(),
+            stdout: stdout.into(),
+            stderr: stderr.into(),
+            terminal,
+            state: State::Created,
+            exit: Arc::new(watch::channel(None).0),
+            close_stdin: None,
+            relays: None,
+            spec: None,
+        }
+    }
+
+    pub fn exited(&self) -> Option<Exit> {
+        *self.exit.borrow()
+    }
+
+    /// Records the exit once; returns false if it was already recorded.
+    pub fn set_exit(&mut self, e: Exit) -> bool {
+        self.state = State::Stopped;
+        self.exit.send_if_modified(|x| {
+            if x.is_some() {
+                return false;
+            }
+            *x = Some(e);
+            true
+        })
+    }
+}
+
+pub struct Container {
+    pub id: String,
+    pub bundle: PathBuf,
+    pub kind: Kind,
+    /// bundle/rootfs, when we mounted it from containerd's rootfs mounts.
+    pub mounted_rootfs: Option<PathBuf>,
+    /// The container's directory in the VM's share (its root and binds).
+    pub share: Option<PathBuf>,
+    pub init: Process,
+    pub execs: HashMap<String, Process>,
+}
+
+impl Container {
+    pub fn process(&self, exec_id: &str) -> Option<&Process> {
+        if exec_id.is_empty() {
+            Some(&self.init)
+        } else {
+            self.execs.get(exec_id)
+        }
+    }
+
+    pub fn process_mut(&mut self, exec_id: &str) -> Option<&mut Process> {
+        if exec_id.is_empty() {
+            Some(&mut self.init)
+        } else {
+            self.execs.get_mut(exec_id)
+        }
+    }
+
+    /// Whether the guest knows this container (the sandbox one it does not).
+    pub fn in_guest(&self) -> bool {
+        self.kind != Kind::Sandbox
+    }
+
+    /// Unmounts what we mounted for it (on the host side).
+    pub fn unmount(&mut self) {
+        if let Some(dir) = self.share.take() {
+            unmount_tree(&dir);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        if let Some(root) = self.mounted_rootfs.take() {
+            unmount_tree(&root);
+        }
+    }
+}
+
+/// Unmounts everything at and under `dir`, deepest first.
+pub fn unmount_tree(dir: &Path) {
+    if let Some(d) = dir.to_str() {
+        let flags = libc::MNT_DETACH;
+        if let Err(e) = containerd_shim::mount::umount_recursive(Some(d), flags) {
+            tracing::warn!("unmounting {d}: {e}");
+        }
+    }
+}
+
+/// The pod's VM.
+pub struct Vm {
+    pub sandbox: Sandbox,
+    pub network: Option<Network>,
+    /// The host directory the guest sees as its share.
+    pub share: PathBuf,
+    pub pid: u32,
+}
+
+#[derive(Default)]
+pub struct Pod {
+    pub vm: Option<Vm>,
+    pub containers: HashMap<String, Container>,
+}
+
+impl Pod {
+    /// Powers the VM off and removes its share.
+    pub async fn destroy_vm(&mut self) {
+        if let Some(vm) = self.vm.take() {
+            tracing::info!(pid = vm.pid, "tearing the pod's VM down");
+            vm.sandbox.destroy().await;
+            drop(vm.network);
+            unmount_tree(&vm.share);
+            if let Some(parent) = vm.share.parent() {
+                let _ = std::fs::remove_dir_all(parent);
+            }
+        }
+    }
+
+    pub fn vm_pid(&self) -> u32 {
+        self.vm.as_ref().map(|v| v.pid).unwrap_or(0)
+    }
+}

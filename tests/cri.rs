@@ -1,0 +1,442 @@
+//! Kubernetes' view: containerd 1.6's CRI plugin (started by the test, CNI
+//! bridge networking) with the runtime handler "podvisor", driven over the
+//! CRI gRPC API as kubelet drives it. One pod is one VM with its containers
+//! inside; pods reach each other by pod IP.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::{
+    ContainerConfig, ContainerFilter, ContainerMetadata, ContainerState, ContainerStatusRequest,
+    CreateContainerRequest, ExecRequest, ExecSyncRequest, ImageSpec, ListContainersRequest,
+    PodSandboxConfig, PodSandboxMetadata, PodSandboxState, PodSandboxStatusRequest,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
+};
+use podvisor_client_tests::{Containerd, Scratch};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+const IMAGE: &str = "localhost/busybox:latest";
+
+type Cri = RuntimeServiceClient<Channel>;
+
+async fn connect(socket: PathBuf) -> Cri {
+    let channel = Endpoint::try_from("http://cri")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move {
+                let s = tokio::net::UnixStream::connect(socket).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+            }
+        }))
+        .await
+        .expect("connecting to containerd's CRI socket");
+    RuntimeServiceClient::new(channel)
+}
+
+fn pod_config(name: &str, logs: &std::path::Path) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}-{}", std::process::id()),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        log_directory: logs.to_string_lossy().into_owned(),
+        ..Default::default()
+    }
+}
+
+async fn run_pod(cri: &mut Cri, config: &PodSandboxConfig) -> String {
+    cri.run_pod_sandbox(RunPodSandboxRequest {
+        config: Some(config.clone()),
+        runtime_handler: "podvisor".into(),
+    })
+    .await
+    .expect("RunPodSandbox")
+    .into_inner()
+    .pod_sandbox_id
+}
+
+async fn start_container(
+    cri: &mut Cri,
+    pod: &str,
+    pod_config: &PodSandboxConfig,
+    name: &str,
+    command: &[&str],
+) -> String {
+    let id = cri
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.into(),
+            config: Some(ContainerConfig {
+                metadata: Some(ContainerMetadata {
+                    name: name.into(),
+                    attempt: 0,
+                }),
+                image: Some(ImageSpec {
+                    image: IMAGE.into(),
+                    ..Default::default()
+                }),
+                command: command.iter().map(|s| s.to_string()).collect(),
+                log_path: format!("{name}.log"),
+                ..Default::default()
+            }),
+            sandbox_config: Some(pod_config.clone()),
+        })
+        .await
+        .unwrap_or_else(|s| panic!("CreateContainer {name}: {s}"))
+        .into_inner()
+        .container_id;
+    cri.start_container(StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await
+    .unwrap_or_else(|s| panic!("StartContainer {name}: {s}"));
+    id
+}
+
+async fn exec_sync(cri: &mut Cri, id: &str, cmd: &[&str]) -> (i32, String) {
+    let r = cri
+        .exec_sync(ExecSyncRequest {
+            container_id: id.into(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            timeout: 60,
+        })
+        .await
+        .unwrap_or_else(|s| panic!("ExecSync {cmd:?}: {s}"))
+        .into_inner();
+    (
+        r.exit_code,
+        String::from_utf8_lossy(&r.stdout).into_owned() + &String::from_utf8_lossy(&r.stderr),
+    )
+}
+
+/// QEMU processes whose parent is the shim of `pod` (started `-id POD`).
+fn vms_of(pod: &str) -> usize {
+    let cmdline = |pid: &str| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .unwrap_or_default()
+    };
+    let ppid = |pid: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit(')')
+                    .next()?
+                    .split_whitespace()
+                    .nth(1)
+                    .map(String::from)
+            })
+            .unwrap_or_default()
+    };
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(String::from))
+        .filter(|p| p.chars().all(|c| c.is_ascii_digit()))
+        .filter(|p| cmdline(p).starts_with("qemu-system"))
+        .filter(|p| {
+            let parent = cmdline(&ppid(p));
+            parent.contains("containerd-shim-podvisor-v2") && parent.contains(pod)
+        })
+        .count()
+}
+
+async fn eventually<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !f().await {
+        assert!(Instant::now() < deadline, "{what}: not within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_pod_is_one_vm_with_two_containers_that_share_its_network() {
+    let c = Containerd::start_with_subnet("10.88.91.0/24");
+    c.import_busybox("k8s.io");
+    let logs = Scratch::new("cri-logs");
+    let mut cri = connect(c.socket()).await;
+
+    let web = pod_config("web", &logs.0);
+    let pod = run_pod(&mut cri, &web).await;
+    assert_eq!(vms_of(&pod), 1, "one VM for the pod");
+    let a = start_container(
+        &mut cri,
+        &pod,
+        &web,
+        "server",
+        &[
+            "sh",
+            "-c",
+            "mkdir -p /www && echo hello-from-a > /www/index.html && exec httpd -f -p 8080 -h /www",
+        ],
+    )
+    .await;
+    let b = start_container(&mut cri, &pod, &web, "client", &["sleep", "3600"]).await;
+    assert_eq!(vms_of(&pod), 1, "still one VM with two containers");
+
+    // ExecSync in each; each has its own root, both the pod's hostname.
+    let (code, out) = exec_sync(&mut cri, &a, &["sh", "-c", "hostname; ls /www"]).await;
+    assert_eq!((code, out.as_str()), (0, "web\nindex.html\n"));
+    let (code, out) = exec_sync(
+        &mut cri,
+        &b,
+        &["sh", "-c", "hostname; ls /www 2>&1; exit 3"],
+    )
+    .await;
+    assert_eq!(code, 3, "{out}");
+    assert!(
+        out.starts_with("web\n") && out.contains("No such file"),
+        "{out}"
+    );
+
+    // B reaches A on localhost: one network namespace for the pod.
+    let mut fetched = String::new();
+    for _ in 0..50 {
+        let (code, out) =
+            exec_sync(&mut cri, &b, &["wget", "-qO-", "http://127.0.0.1:8080/"]).await;
+        fetched = out;
+        if code == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(fetched, "hello-from-a\n");
+
+    // Statuses and the pod's IP.
+    for id in [&a, &b] {
+        let s = cri
+            .container_status(ContainerStatusRequest {
+                container_id: id.clone(),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap();
+        assert_eq!(s.state, ContainerState::ContainerRunning as i32, "{s:?}");
+    }
+    let listed = cri
+        .list_containers(ListContainersRequest {
+            filter: Some(ContainerFilter {
+                pod_sandbox_id: pod.clone(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .containers;
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    let status = cri
+        .pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: pod.clone(),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap();
+    assert_eq!(status.state, PodSandboxState::SandboxReady as i32);
+    let ip = status.network.map(|n| n.ip).unwrap_or_default();
+    assert!(ip.starts_with("10.88.91."), "pod IP {ip:?}");
+    let (_, guest_ip) = exec_sync(&mut cri, &a, &["ip", "-4", "-o", "addr", "show", "eth0"]).await;
+    assert!(
+        guest_ip.contains(&format!("{ip}/")),
+        "the guest has the pod's IP: {guest_ip}"
+    );
+
+    // A second pod reaches the first by its pod IP.
+    let other = pod_config("other", &logs.0);
+    let pod2 = run_pod(&mut cri, &other).await;
+    let o = start_container(&mut cri, &pod2, &other, "fetch", &["sleep", "3600"]).await;
+    let (code, out) = exec_sync(
+        &mut cri,
+        &o,
+        &["wget", "-qO-", &format!("http://{ip}:8080/")],
+    )
+    .await;
+    assert_eq!((code, out.as_str()), (0, "hello-from-a\n"));
+
+    // Exec through CRI streaming, with stdin and a tty.
+    let url = cri
+        .exec(ExecRequest {
+            container_id: b.clone(),
+            cmd: vec!["sh".into()],
+            tty: true,
+            stdin: true,
+            stdout: true,
+            stderr: false,
+        })
+        .await
+        .expect("Exec")
+        .into_inner()
+        .url;
+    let screen =
+        tokio::task::spawn_blocking(move || stream_exec(&url, b"echo typed-$((40+2))\nexit\n"))
+            .await
+            .unwrap();
+    assert!(
+        screen.contains("typed-42"),
+        "the tty session showed: {screen:?}"
+    );
+
+    // Teardown: both pods stop and go; no VM stays.
+    for p in [&pod, &pod2] {
+        cri.stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: p.to_string(),
+        })
+        .await
+        .expect("StopPodSandbox");
+        cri.remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: p.to_string(),
+        })
+        .await
+        .expect("RemovePodSandbox");
+    }
+    eventually("the pods' VMs gone", Duration::from_secs(20), || {
+        let (p1, p2) = (pod.clone(), pod2.clone());
+        async move { vms_of(&p1) + vms_of(&p2) == 0 }
+    })
+    .await;
+    let left = test_utils::processes_mentioning(&c.pv_root().to_string_lossy());
+    assert!(left.is_empty(), "left running: {left:?}");
+}
+
+/// Runs a CRI streaming exec over a WebSocket (channel.k8s.io, v4): sends
+/// `input` on stdin, returns what the terminal printed until the end.
+fn stream_exec(url: &str, input: &[u8]) -> String {
+    use tungstenite::client::IntoClientRequest;
+    use tungstenite::Message;
+    let ws_url = url.replacen("http://", "ws://", 1);
+    let mut req = ws_url.into_client_request().unwrap();
+    req.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        "v4.channel.k8s.io".parse().unwrap(),
+    );
+    let (mut ws, _) = tungstenite::connect(req).expect("opening the exec stream");
+    let mut stdin = vec![0u8];
+    stdin.extend_from_slice(input);
+    ws.send(Message::Binary(stdin.into())).unwrap();
+    let mut screen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        match ws.read() {
+            Ok(Message::Binary(m)) if m.first() == Some(&1) => screen.extend_from_slice(&m[1..]),
+            Ok(Message::Binary(m)) if m.first() == Some(&3) && m.len() > 1 => {
+                // The error channel carries the exit status (JSON), then ends.
+                screen.extend_from_slice(&m[1..]);
+            }
+            Ok(Message::Close(_)) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    String::from_utf8_lossy(&screen).into_owned()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn bad_cri_requests_fail_clearly_and_leave_nothing() {
+    let c = Containerd::start_with_subnet("10.88.92.0/24");
+    c.import_busybox("k8s.io");
+    let logs = Scratch::new("cri-bad");
+    let mut cri = connect(c.socket()).await;
+
+    let e = cri
+        .container_status(ContainerStatusRequest {
+            container_id: "no-such-container".into(),
+            verbose: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+    let e = cri
+        .stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: "no-such-pod".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        e.message().contains("not found") || e.code() == tonic::Code::NotFound,
+        "{e}"
+    );
+
+    let cfg = pod_config("bad", &logs.0);
+    let pod = run_pod(&mut cri, &cfg).await;
+    // A container whose command does not exist fails to start, clearly.
+    let id = cri
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(ContainerConfig {
+                metadata: Some(ContainerMetadata {
+                    name: "missing".into(),
+                    attempt: 0,
+                }),
+                image: Some(ImageSpec {
+                    image: IMAGE.into(),
+                    ..Default::default()
+                }),
+                command: vec!["/no/such/program".into()],
+                ..Default::default()
+            }),
+            sandbox_config: Some(cfg.clone()),
+        })
+        .await;
+    let started = match id {
+        Ok(r) => cri
+            .start_container(StartContainerRequest {
+                container_id: r.into_inner().container_id,
+            })
+            .await
+            .map(drop),
+        Err(e) => Err(e),
+    };
+    let e = started.expect_err("a container without its program must not start");
+    assert!(e.message().contains("/no/such/program"), "{e}");
+    // An image that is not there.
+    let e = cri
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(ContainerConfig {
+                metadata: Some(ContainerMetadata {
+                    name: "noimage".into(),
+                    attempt: 0,
+                }),
+                image: Some(ImageSpec {
+                    image: "localhost/not-there:latest".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            sandbox_config: Some(cfg.clone()),
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("not-there"), "{e}");
+
+    cri.stop_pod_sandbox(StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .unwrap();
+    cri.remove_pod_sandbox(RemovePodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await
+    .unwrap();
+    eventually("the pod's VM gone", Duration::from_secs(20), || {
+        let p = pod.clone();
+        async move { vms_of(&p) == 0 }
+    })
+    .await;
+    let left = test_utils::processes_mentioning(&c.pv_root().to_string_lossy());
+    assert!(left.is_empty(), "left running: {left:?}");
+}
