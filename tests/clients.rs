@@ -339,12 +339,16 @@ state = "{0}/state"
   address = "{0}/containerd.sock.ttrpc"
 [plugins."io.containerd.grpc.v1.cri"]
   restrict_oom_score_adj = true
-  sandbox_image = "localhost/busybox:latest"
+  sandbox_image = "localhost/pause:latest"
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "{1}"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    default_runtime_name = "runc"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
   [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.podvisor]
     runtime_type = "io.containerd.podvisor.v2"
 "#,
@@ -387,30 +391,36 @@ state = "{0}/state"
     }
 
     /// Imports the busybox image (an OCI archive podman makes from local
-    /// files) as localhost/busybox:latest into `namespace`.
+    /// files) into `namespace` as localhost/busybox:latest, and the same
+    /// files as localhost/pause:latest with `sleep infinity` for a command
+    /// (CRI's sandbox image; runc runs it, podvisor does not).
     pub fn import_busybox(&self, namespace: &str) {
         let pm = Podman::new("for-ctr");
-        let archive = pm.dir.0.join("busybox-oci.tar");
+        let tar = busybox_tar(&pm.dir.0);
         ok(&pm.run(&[
-            "save",
-            "--format",
-            "oci-archive",
-            "-o",
-            archive.to_str().unwrap(),
-            "localhost/busybox",
+            "import",
+            "--change",
+            "CMD [\"/bin/sleep\", \"infinity\"]",
+            tar.to_str().unwrap(),
+            "localhost/pause:latest",
         ]));
-        ok(&output(
-            self.ctr()
-                .args([
-                    "-n",
-                    namespace,
-                    "images",
-                    "import",
-                    "--base-name",
-                    "localhost/busybox",
-                ])
-                .arg(&archive),
-        ));
+        for image in ["busybox", "pause"] {
+            let archive = pm.dir.0.join(format!("{image}-oci.tar"));
+            ok(&pm.run(&[
+                "save",
+                "--format",
+                "oci-archive",
+                "-o",
+                archive.to_str().unwrap(),
+                &format!("localhost/{image}"),
+            ]));
+            ok(&output(
+                self.ctr()
+                    .args(["-n", namespace, "images", "import", "--base-name"])
+                    .arg(format!("localhost/{image}"))
+                    .arg(&archive),
+            ));
+        }
     }
 
     /// The contents of containerd's log (for failure messages).

@@ -137,7 +137,12 @@ fn vms_of(pod: &str) -> usize {
         .flatten()
         .filter_map(|e| e.file_name().to_str().map(String::from))
         .filter(|p| p.chars().all(|c| c.is_ascii_digit()))
-        .filter(|p| cmdline(p).starts_with("qemu-system"))
+        .filter(|p| {
+            cmdline(p)
+                .split(' ')
+                .next()
+                .is_some_and(|a| a.contains("qemu-system"))
+        })
         .filter(|p| {
             let parent = cmdline(&ppid(p));
             parent.contains("containerd-shim-podvisor-v2") && parent.contains(pod)

@@ -33,7 +33,7 @@ fn task_status(c: &Containerd, id: &str) -> String {
 }
 
 /// No VM, shim, mount or state directory of this containerd's is left.
-fn assert_nothing_left(c: &Containerd) {
+fn assert_nothing_left(c: &Containerd, after: &str) {
     let root = c.pv_root();
     let mut left = (Vec::new(), Vec::new(), Vec::new());
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -60,7 +60,7 @@ fn assert_nothing_left(c: &Containerd) {
         }
         assert!(
             Instant::now() < deadline,
-            "left behind: sandboxes {:?}, pods {:?}, processes {:?}, mounts {mounted:?}",
+            "left behind {after}: sandboxes {:?}, pods {:?}, processes {:?}, mounts {mounted:?}",
             left.0,
             left.1,
             left.2
@@ -216,7 +216,7 @@ fn ctr_runs_execs_inspects_and_kills_through_the_podvisor_shim() {
     });
     ok(&ctr(&c, &["task", "delete", "s5"]));
     ok(&ctr(&c, &["container", "delete", "s5"]));
-    assert_nothing_left(&c);
+    assert_nothing_left(&c, "the ctr session");
 }
 
 /// The pid of the process whose command line has all of `words`.
@@ -260,7 +260,7 @@ fn a_killed_shim_or_vm_ends_the_task_and_leaves_nothing() {
     let info = ok(&ctr(&c, &["task", "delete", "q1"]));
     assert!(info.contains("137") || info.is_empty(), "{info}");
     ok(&ctr(&c, &["container", "delete", "q1"]));
-    assert_nothing_left(&c);
+    assert_nothing_left(&c, "QEMU was killed");
 
     // The shim killed: containerd cleans up (shim delete), the VM dies with
     // the shim, and nothing stays behind.
@@ -289,5 +289,5 @@ fn a_killed_shim_or_vm_ends_the_task_and_leaves_nothing() {
     );
     let _ = ctr(&c, &["task", "delete", "k1"]);
     ok(&ctr(&c, &["container", "delete", "k1"]));
-    assert_nothing_left(&c);
+    assert_nothing_left(&c, "the shim was killed");
 }

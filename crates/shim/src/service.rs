@@ -236,9 +236,8 @@ impl Shim for Service {
                 let live = std::fs::read_to_string(dir.join("shim.pid"))
                     .ok()
                     .and_then(|p| p.trim().parse::<i32>().ok())
-                    .is_some_and(|p| {
-                        nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_ok()
-                    });
+                    // Not a zombie either: a dead shim may wait to be reaped.
+                    .is_some_and(|p| sandbox::container::process_start(p).is_some());
                 if !live {
                     let _ = std::fs::remove_dir_all(&dir);
                 }
