@@ -8,10 +8,12 @@ use std::time::{Duration, Instant};
 
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ContainerConfig, ContainerFilter, ContainerMetadata, ContainerState, ContainerStatusRequest,
-    CreateContainerRequest, ExecRequest, ExecSyncRequest, ImageSpec, ListContainersRequest,
-    PodSandboxConfig, PodSandboxMetadata, PodSandboxState, PodSandboxStatusRequest,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
+    AttachRequest, ContainerConfig, ContainerFilter, ContainerMetadata, ContainerState,
+    ContainerStatusRequest, CreateContainerRequest, ExecRequest, ExecSyncRequest, ImageSpec,
+    LinuxContainerResources, LinuxPodSandboxConfig, ListContainersRequest, PodSandboxConfig,
+    PodSandboxMetadata, PodSandboxState, PodSandboxStatusRequest, RemovePodSandboxRequest,
+    RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
+    UpdateContainerResourcesRequest,
 };
 use podvisor_client_tests::{Containerd, Scratch};
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -60,6 +62,22 @@ async fn run_pod(cri: &mut Cri, config: &PodSandboxConfig) -> String {
     .pod_sandbox_id
 }
 
+fn container(name: &str, command: &[&str]) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: IMAGE.into(),
+            ..Default::default()
+        }),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        log_path: format!("{name}.log"),
+        ..Default::default()
+    }
+}
+
 async fn start_container(
     cri: &mut Cri,
     pod: &str,
@@ -67,22 +85,24 @@ async fn start_container(
     name: &str,
     command: &[&str],
 ) -> String {
+    start_configured(cri, pod, pod_config, container(name, command)).await
+}
+
+async fn start_configured(
+    cri: &mut Cri,
+    pod: &str,
+    pod_config: &PodSandboxConfig,
+    config: ContainerConfig,
+) -> String {
+    let name = config
+        .metadata
+        .as_ref()
+        .map(|m| m.name.clone())
+        .unwrap_or_default();
     let id = cri
         .create_container(CreateContainerRequest {
             pod_sandbox_id: pod.into(),
-            config: Some(ContainerConfig {
-                metadata: Some(ContainerMetadata {
-                    name: name.into(),
-                    attempt: 0,
-                }),
-                image: Some(ImageSpec {
-                    image: IMAGE.into(),
-                    ..Default::default()
-                }),
-                command: command.iter().map(|s| s.to_string()).collect(),
-                log_path: format!("{name}.log"),
-                ..Default::default()
-            }),
+            config: Some(config),
             sandbox_config: Some(pod_config.clone()),
         })
         .await
@@ -180,7 +200,7 @@ async fn a_pod_is_one_vm_with_two_containers_that_share_its_network() {
         &[
             "sh",
             "-c",
-            "mkdir -p /www && echo hello-from-a > /www/index.html && exec httpd -f -p 8080 -h /www",
+            "echo serving-on-8080; mkdir -p /www && echo hello-from-a > /www/index.html && exec httpd -f -p 8080 -h /www",
         ],
     )
     .await;
@@ -260,17 +280,82 @@ async fn a_pod_is_one_vm_with_two_containers_that_share_its_network() {
         "the guest has the pod's IP: {guest_ip}"
     );
 
-    // A second pod reaches the first by its pod IP.
-    let other = pod_config("other", &logs.0);
+    // The container's output reaches its CRI log (kubectl logs).
+    let log = std::fs::read_to_string(logs.0.join("server.log")).unwrap_or_default();
+    assert!(
+        log.contains("stdout F serving-on-8080"),
+        "server.log: {log:?}"
+    );
+
+    // UpdateContainerResources changes the container's guest cgroup.
+    cri.update_container_resources(UpdateContainerResourcesRequest {
+        container_id: b.clone(),
+        linux: Some(LinuxContainerResources {
+            memory_limit_in_bytes: 64 << 20,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .expect("UpdateContainerResources");
+    let (_, max) = exec_sync(&mut cri, &b, &["cat", "/sys/fs/cgroup/memory.max"]).await;
+    assert_eq!(max.trim(), (64u64 << 20).to_string());
+
+    // A second pod, with limits that size its VM, reaches the first by its
+    // pod IP.
+    let mut other = pod_config("other", &logs.0);
+    other.linux = Some(LinuxPodSandboxConfig {
+        resources: Some(LinuxContainerResources {
+            memory_limit_in_bytes: 256 << 20,
+            cpu_quota: 200_000,
+            cpu_period: 100_000,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
     let pod2 = run_pod(&mut cri, &other).await;
     let o = start_container(&mut cri, &pod2, &other, "fetch", &["sleep", "3600"]).await;
-    let (code, out) = exec_sync(
-        &mut cri,
-        &o,
-        &["wget", "-qO-", &format!("http://{ip}:8080/")],
-    )
-    .await;
+    let url = format!("http://{ip}:8080/");
+    let (code, out) = exec_sync(&mut cri, &o, &["wget", "-qO-", &url]).await;
     assert_eq!((code, out.as_str()), (0, "hello-from-a\n"));
+    let (_, cpus) = exec_sync(&mut cri, &o, &["nproc"]).await;
+    assert_eq!(cpus.trim(), "2", "2 vCPUs from the pod's CPU quota");
+    let (_, meminfo) = exec_sync(&mut cri, &o, &["head", "-1", "/proc/meminfo"]).await;
+    let total_kib: u64 = meminfo
+        .split_whitespace()
+        .nth(1)
+        .and_then(|k| k.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        (300 << 10..=384 << 10).contains(&total_kib),
+        "the VM has the pod's 256 MiB + 128 MiB: {meminfo}"
+    );
+
+    // Attach to a container's terminal through CRI streaming.
+    let mut interactive = container("shell", &["sh"]);
+    interactive.stdin = true;
+    interactive.tty = true;
+    let sh = start_configured(&mut cri, &pod, &web, interactive).await;
+    let url = cri
+        .attach(AttachRequest {
+            container_id: sh.clone(),
+            stdin: true,
+            tty: true,
+            stdout: true,
+            stderr: false,
+        })
+        .await
+        .expect("Attach")
+        .into_inner()
+        .url;
+    let screen =
+        tokio::task::spawn_blocking(move || stream_exec(&url, b"echo attached-$((1+1))\nexit\n"))
+            .await
+            .unwrap();
+    assert!(
+        screen.contains("attached-2"),
+        "the attached terminal showed: {screen:?}"
+    );
 
     // Exec through CRI streaming, with stdin and a tty.
     let url = cri
@@ -317,8 +402,9 @@ async fn a_pod_is_one_vm_with_two_containers_that_share_its_network() {
     assert!(left.is_empty(), "left running: {left:?}");
 }
 
-/// Runs a CRI streaming exec over a WebSocket (channel.k8s.io, v4): sends
-/// `input` on stdin, returns what the terminal printed until the end.
+/// Runs a CRI streaming session (exec or attach) over a WebSocket
+/// (channel.k8s.io, v4): sends `input` on stdin, returns what the terminal
+/// printed until the end.
 fn stream_exec(url: &str, input: &[u8]) -> String {
     use tungstenite::client::IntoClientRequest;
     use tungstenite::Message;

@@ -234,21 +234,6 @@ pub fn loopback_up() -> Result<(), NetworkError> {
     run("ip", &["link", "set", "dev", "lo", "up"]).map(drop)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tap_names_fit_and_are_recognised() {
-        let name = tap_name(3);
-        assert!(name.len() < 16, "{name}");
-        assert!(is_tap(&name));
-        for other in ["eth0", "pv", "pvt1", "pv12t", "pvxt1", "veth1234"] {
-            assert!(!is_tap(other), "{other}");
-        }
-    }
-}
-
 /// Puts the calling thread (call while the process has one thread) in the
 /// network namespace `spec` asks for: the path it names, or a new one with
 /// lo up. No network namespace in the spec: stays in the caller's.
@@ -273,5 +258,20 @@ pub fn enter_namespace(spec: &crate::oci::Spec) -> Result<(), NetworkError> {
             loopback_up()
         }
         None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tap_names_fit_and_are_recognised() {
+        let name = tap_name(3);
+        assert!(name.len() < 16, "{name}");
+        assert!(is_tap(&name));
+        for other in ["eth0", "pv", "pvt1", "pv12t", "pvxt1", "veth1234"] {
+            assert!(!is_tap(other), "{other}");
+        }
     }
 }
