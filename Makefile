@@ -54,6 +54,8 @@ lint:
 bench: build
 	bench/sandbox_run.py
 	bench/template.py
+	bench/oci.py
+	bench/pod.py
 
 install: build
 	install -D -m 0755 $(OUT)/podvisor /usr/local/bin/podvisor

@@ -1,0 +1,229 @@
+//! Pod benchmark over containerd's CRI (run by `bench/pod.py`): for the
+//! runtime handlers "podvisor" and "runc" (the floor), alternating, in one
+//! run: pod start (RunPodSandbox until its first container runs), pod
+//! teardown (StopPodSandbox + RemovePodSandbox), and the host memory (PSS) of
+//! one pod with two idle containers. Medians; the accelerator is printed.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::{
+    ContainerConfig, ContainerMetadata, CreateContainerRequest, ImageSpec, PodSandboxConfig,
+    PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
+    StopPodSandboxRequest,
+};
+use podvisor_client_tests::{Containerd, Scratch};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+type Cri = RuntimeServiceClient<Channel>;
+
+async fn connect(socket: PathBuf) -> Cri {
+    let channel = Endpoint::try_from("http://cri")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let socket = socket.clone();
+            async move {
+                let s = tokio::net::UnixStream::connect(socket).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+            }
+        }))
+        .await
+        .expect("connecting to containerd's CRI socket");
+    RuntimeServiceClient::new(channel)
+}
+
+fn pod_config(name: &str, logs: &std::path::Path) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            namespace: "bench".into(),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        log_directory: logs.to_string_lossy().into_owned(),
+        ..Default::default()
+    }
+}
+
+async fn add_container(cri: &mut Cri, pod: &str, config: &PodSandboxConfig, name: &str) {
+    let id = cri
+        .create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.into(),
+            config: Some(ContainerConfig {
+                metadata: Some(ContainerMetadata {
+                    name: name.into(),
+                    attempt: 0,
+                }),
+                image: Some(ImageSpec {
+                    image: "localhost/busybox:latest".into(),
+                    ..Default::default()
+                }),
+                command: vec!["sleep".into(), "3600".into()],
+                log_path: format!("{name}.log"),
+                ..Default::default()
+            }),
+            sandbox_config: Some(config.clone()),
+        })
+        .await
+        .expect("CreateContainer")
+        .into_inner()
+        .container_id;
+    cri.start_container(StartContainerRequest { container_id: id })
+        .await
+        .expect("StartContainer");
+}
+
+/// Proportional set size (KiB) of a process, from smaps_rollup.
+fn pss_kib(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Pss:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+fn cmdline(pid: &str) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+fn parent(pid: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit(')')
+                .next()?
+                .split_whitespace()
+                .nth(1)
+                .map(String::from)
+        })
+        .unwrap_or_default()
+}
+
+/// PSS (MiB) of everything the pod runs on the host: its shim and the
+/// shim's descendants (QEMU for podvisor; pause and containers for runc).
+fn pod_pss_mib(pod: &str) -> f64 {
+    let pids: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(String::from))
+        .filter(|p| p.chars().all(|c| c.is_ascii_digit()))
+        .collect();
+    let shims: Vec<&String> = pids
+        .iter()
+        .filter(|p| {
+            let c = cmdline(p);
+            c.contains("containerd-shim") && c.contains(pod)
+        })
+        .collect();
+    let mut total = 0;
+    for p in &pids {
+        let mut q = p.clone();
+        for _ in 0..8 {
+            if shims.contains(&&q) {
+                total += pss_kib(p);
+                break;
+            }
+            q = parent(&q);
+            if q.is_empty() || q == "1" || q == "0" {
+                break;
+            }
+        }
+    }
+    total as f64 / 1024.0
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+#[derive(Default)]
+struct Results {
+    start_ms: Vec<f64>,
+    teardown_ms: Vec<f64>,
+    pss_mib: Vec<f64>,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let runs: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(7);
+    let c = Containerd::start_with_subnet("10.88.93.0/24");
+    c.import_busybox("k8s.io");
+    let logs = Scratch::new("pod-bench");
+    let mut cri = connect(c.socket()).await;
+    let handlers = ["podvisor", "runc"];
+    let mut results: Vec<Results> = handlers.iter().map(|_| Results::default()).collect();
+    for i in 0..runs {
+        for (h, handler) in handlers.iter().enumerate() {
+            let config = pod_config(&format!("{handler}-{i}"), &logs.0);
+            let t0 = Instant::now();
+            let pod = cri
+                .run_pod_sandbox(RunPodSandboxRequest {
+                    config: Some(config.clone()),
+                    runtime_handler: handler.to_string(),
+                })
+                .await
+                .unwrap_or_else(|s| panic!("RunPodSandbox ({handler}): {s}\n{}", c.log()))
+                .into_inner()
+                .pod_sandbox_id;
+            add_container(&mut cri, &pod, &config, "first").await;
+            results[h]
+                .start_ms
+                .push(t0.elapsed().as_secs_f64() * 1000.0);
+            add_container(&mut cri, &pod, &config, "second").await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            results[h].pss_mib.push(pod_pss_mib(&pod));
+            let t1 = Instant::now();
+            cri.stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: pod.clone(),
+            })
+            .await
+            .expect("StopPodSandbox");
+            cri.remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: pod.clone(),
+            })
+            .await
+            .expect("RemovePodSandbox");
+            results[h]
+                .teardown_ms
+                .push(t1.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    let accel = hypervisor::HostVirt::detect().default_accel();
+    println!("pod benchmark over containerd's CRI ({runs} runs each, alternating; medians)");
+    println!("accelerator for podvisor: {accel}");
+    println!(
+        "{:<10} {:>16} {:>16} {:>22}",
+        "handler", "pod start ms", "teardown ms", "PSS 1 pod+2 idle MiB"
+    );
+    for (h, handler) in handlers.iter().enumerate() {
+        let r = &results[h];
+        println!(
+            "{:<10} {:>16.0} {:>16.0} {:>22.1}",
+            handler,
+            median(r.start_ms.clone()),
+            median(r.teardown_ms.clone()),
+            median(r.pss_mib.clone())
+        );
+    }
+    let ratio = median(results[0].start_ms.clone()) / median(results[1].start_ms.clone());
+    println!("pod start, podvisor / runc: {ratio:.1}x");
+}
