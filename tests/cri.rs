@@ -10,9 +10,9 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     AttachRequest, ContainerConfig, ContainerFilter, ContainerMetadata, ContainerState,
     ContainerStatusRequest, CreateContainerRequest, ExecRequest, ExecSyncRequest, ImageSpec,
-    LinuxContainerResources, LinuxPodSandboxConfig, ListContainersRequest, PodSandboxConfig,
-    PodSandboxMetadata, PodSandboxState, PodSandboxStatusRequest, RemovePodSandboxRequest,
-    RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
+    LinuxContainerConfig, LinuxContainerResources, LinuxPodSandboxConfig, ListContainersRequest,
+    PodSandboxConfig, PodSandboxMetadata, PodSandboxState, PodSandboxStatusRequest,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
     UpdateContainerResourcesRequest,
 };
 use podvisor_client_tests::{Containerd, Scratch};
@@ -356,6 +356,39 @@ async fn a_pod_is_one_vm_with_two_containers_that_share_its_network() {
         screen.contains("attached-2"),
         "the attached terminal showed: {screen:?}"
     );
+
+    // A container over its memory limit is OOM-killed in the guest, and
+    // containerd learns it (TaskOOM): CRI reports OOMKilled.
+    let mut hog = container("hog", &["sh", "-c", "head -c 200m /dev/zero | tail"]);
+    hog.linux = Some(LinuxContainerConfig {
+        resources: Some(LinuxContainerResources {
+            memory_limit_in_bytes: 32 << 20,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let hog = start_configured(&mut cri, &pod, &web, hog).await;
+    let mut hog_status = None;
+    for _ in 0..100 {
+        let s = cri
+            .container_status(ContainerStatusRequest {
+                container_id: hog.clone(),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap();
+        if s.state == ContainerState::ContainerExited as i32 {
+            hog_status = Some(s);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let hog_status = hog_status.expect("the memory hog to be killed");
+    assert_eq!(hog_status.reason, "OOMKilled", "{hog_status:?}");
+    assert_eq!(hog_status.exit_code, 137, "{hog_status:?}");
 
     // Exec through CRI streaming, with stdin and a tty.
     let url = cri

@@ -120,5 +120,6 @@ pub fn stats(dir: &Path) -> ContainerStats {
         cpu_system_usec: keyed(dir, "cpu.stat", "system_usec"),
         pids_current: read_u64(dir, "pids.current"),
         pids_limit: read_u64(dir, "pids.max"),
+        oom_kills: keyed(dir, "memory.events", "oom_kill"),
     }
 }

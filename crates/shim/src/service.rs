@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use containerd_shim::api;
 use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskPaused,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
     TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::{MessageDyn, MessageField};
@@ -137,6 +137,9 @@ impl Service {
                     128 + libc::SIGKILL as u32
                 }
             };
+            if eid.is_empty() {
+                this.report_oom(client.clone(), &cid).await;
+            }
             let relays = {
                 let mut pod = this.inner.pod.lock().await;
                 pod.containers
@@ -149,6 +152,26 @@ impl Service {
             }
             this.exited(&cid, &eid, pid, code).await;
         });
+    }
+
+    /// Tells containerd the OOM killer struck in the container (kubelet then
+    /// reports the container OOMKilled).
+    async fn report_oom(&self, mut client: AgentClient, cid: &str) {
+        let stats = client
+            .stats_container(ContainerRequest {
+                container_id: cid.into(),
+            })
+            .await;
+        if stats.is_ok_and(|s| s.into_inner().oom_kills > 0) {
+            self.publish(
+                topics::TASK_OOM_EVENT_TOPIC,
+                Box::new(TaskOOM {
+                    container_id: cid.into(),
+                    ..Default::default()
+                }),
+            )
+            .await;
+        }
     }
 
     async fn exited(&self, cid: &str, eid: &str, pid: u32, code: u32) {
