@@ -133,6 +133,16 @@ async fn exec_sync(cri: &mut Cri, id: &str, cmd: &[&str]) -> (i32, String) {
     )
 }
 
+/// The pid of the shim serving `pod`.
+fn shim_of(pod: &str) -> Option<String> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid = e.file_name().to_str()?.to_string();
+        let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        (cmd.contains("containerd-shim-podvisor-v2") && cmd.contains(pod)).then_some(pid)
+    })
+}
+
 /// QEMU processes whose parent is the shim of `pod` (started `-id POD`).
 fn vms_of(pod: &str) -> usize {
     let cmdline = |pid: &str| {
@@ -389,6 +399,22 @@ async fn a_pod_is_one_vm_with_two_containers_that_share_its_network() {
     let hog_status = hog_status.expect("the memory hog to be killed");
     assert_eq!(hog_status.reason, "OOMKilled", "{hog_status:?}");
     assert_eq!(hog_status.exit_code, 137, "{hog_status:?}");
+    // CRI deletes an exited container's task: its root and binds are
+    // unmounted in the pod's shim (whose mounts live in its own namespace).
+    let shim = shim_of(&pod).expect("the pod's shim");
+    eventually(
+        "the hog's mounts gone from the shim",
+        Duration::from_secs(20),
+        || {
+            let (shim, hog) = (shim.clone(), hog.clone());
+            async move {
+                let mounts =
+                    std::fs::read_to_string(format!("/proc/{shim}/mountinfo")).unwrap_or_default();
+                !mounts.contains(&hog)
+            }
+        },
+    )
+    .await;
 
     // Exec through CRI streaming, with stdin and a tty.
     let url = cri

@@ -110,6 +110,23 @@ fn ctr_runs_execs_inspects_and_kills_through_the_podvisor_shim() {
         podvisor_client_tests::host_kernel().trim(),
         "ran in a VM"
     );
+    // stdin reaches the container whole, and its end (CloseIO) ends `cat`.
+    let data: String = (0..2000).map(|i| format!("line {i}\n")).collect();
+    let mut cat = c
+        .ctr()
+        .args(["run", "--rm", "--runtime", RUNTIME, IMAGE, "s6", "cat"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = cat.stdin.take().unwrap();
+        stdin.write_all(data.as_bytes()).unwrap();
+    }
+    let out = cat.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), data);
     let exit = ctr(
         &c,
         &[
@@ -155,6 +172,14 @@ fn ctr_runs_execs_inspects_and_kills_through_the_podvisor_shim() {
             ]
         )),
         "42\n"
+    );
+    // The agent forgets a finished exec: its id can be used again.
+    assert_eq!(
+        ok(&ctr(
+            &c,
+            &["task", "exec", "--exec-id", "e1", "s4", "echo", "again"]
+        )),
+        "again\n"
     );
     let exec_exit = ctr(
         &c,

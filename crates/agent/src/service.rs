@@ -500,6 +500,31 @@ impl Agent for AgentService {
         Ok(Response::new(Empty {}))
     }
 
+    async fn remove_process(
+        &self,
+        req: Request<ProcessRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        let req = req.into_inner();
+        if req.exec_id.is_empty() {
+            return Err(Status::invalid_argument(
+                "a container's first process goes with RemoveContainer",
+            ));
+        }
+        let c = self.container(&req.container_id)?;
+        let p = self.process(&req.container_id, &req.exec_id)?;
+        if p.exited().is_none() {
+            return Err(Status::failed_precondition(format!(
+                "exec {} is still running",
+                req.exec_id
+            )));
+        }
+        c.execs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&req.exec_id);
+        Ok(Response::new(Empty {}))
+    }
+
     async fn signal_process(
         &self,
         req: Request<SignalProcessRequest>,

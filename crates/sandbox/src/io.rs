@@ -35,6 +35,17 @@ pub async fn relay_output(
     Ok(total)
 }
 
+/// How long stdin is still read after a close was asked for.
+const STDIN_DRAIN: std::time::Duration = std::time::Duration::from_millis(50);
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Copies `input` to the process's stdin; at EOF closes the process's stdin.
 pub async fn relay_stdin(
     client: AgentClient,
@@ -58,13 +69,26 @@ pub async fn relay_stdin_until(
     let (cid, eid) = (container_id.clone(), exec_id.clone());
     let reader = tokio::spawn(async move {
         let mut buf = vec![0u8; 32 * 1024];
+        let mut closing = false;
         loop {
-            let read = match &close {
-                Some(c) => tokio::select! {
+            let read = match (&close, closing) {
+                (Some(c), false) => tokio::select! {
+                    biased;
                     r = input.read(&mut buf) => r,
-                    _ = c.notified() => Ok(0),
+                    _ = c.notified() => {
+                        closing = true;
+                        continue;
+                    }
                 },
-                None => input.read(&mut buf).await,
+                // Told to close: forward what is still buffered (the
+                // writer wrote it before asking), then end.
+                (Some(_), true) => {
+                    match tokio::time::timeout(STDIN_DRAIN, input.read(&mut buf)).await {
+                        Ok(r) => r,
+                        Err(_) => Ok(0),
+                    }
+                }
+                (None, _) => input.read(&mut buf).await,
             };
             let (data, close) = match read {
                 Ok(0) | Err(_) => (Vec::new(), true),
@@ -81,7 +105,9 @@ pub async fn relay_stdin_until(
             }
         }
     });
+    // Aborted however this ends (also when our caller aborts us): the
+    // reader may block forever on an input that never ends.
+    let _reader = AbortOnDrop(reader);
     let result = client.write_stdin(ReceiverStream::new(rx)).await;
-    reader.abort();
     result.map(drop).map_err(AgentError::from)
 }

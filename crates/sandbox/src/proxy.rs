@@ -116,6 +116,13 @@ impl Agent for AgentProxy {
         self.client.clone().wait_process(req.into_inner()).await
     }
 
+    async fn remove_process(
+        &self,
+        req: Request<ProcessRequest>,
+    ) -> Result<Response<Empty>, Status> {
+        self.client.clone().remove_process(req.into_inner()).await
+    }
+
     async fn list_processes(
         &self,
         req: Request<ContainerRequest>,

@@ -3,7 +3,7 @@
 //! the agent until the guest closes it; stdin until it ends or containerd
 //! asks to close it.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use agent_proto::OutputStream;
@@ -20,6 +20,7 @@ pub struct Relays {
     out: JoinHandle<()>,
     err: JoinHandle<()>,
     stdin: Option<JoinHandle<()>>,
+    stdin_path: Option<PathBuf>,
     pub close_stdin: Arc<Notify>,
 }
 
@@ -47,56 +48,66 @@ fn output(uri: &str) -> std::io::Result<Writer> {
     Ok(Box::new(fifo))
 }
 
-/// Opens the process's stdio and starts relaying it.
-pub fn attach(
-    client: &AgentClient,
-    container_id: &str,
-    exec_id: &str,
-    stdin: &str,
-    stdout: &str,
-    stderr: &str,
-) -> std::io::Result<Relays> {
-    let out = output(stdout)?;
-    let err = output(stderr)?;
-    let input = if stdin.is_empty() {
-        None
-    } else {
-        // Read-write, so that it never reads EOF before containerd's writer
-        // opens: stdin ends when containerd says so (CloseIO).
-        Some(
-            pipe::OpenOptions::new()
-                .read_write(true)
-                .open_receiver(Path::new(stdin))?,
-        )
-    };
-    let relay = |stream, w: Writer| {
-        let (client, cid, eid) = (
-            client.clone(),
-            container_id.to_string(),
-            exec_id.to_string(),
-        );
-        tokio::spawn(async move {
-            let _ = sandbox::io::relay_output(client, cid, eid, stream, w).await;
-        })
-    };
-    let close_stdin = Arc::new(Notify::new());
-    let stdin = input.map(|input| {
-        let (client, cid, eid) = (
-            client.clone(),
-            container_id.to_string(),
-            exec_id.to_string(),
-        );
-        let close = close_stdin.clone();
-        tokio::spawn(async move {
-            let _ = sandbox::io::relay_stdin_until(client, cid, eid, input, Some(close)).await;
-        })
-    });
-    Ok(Relays {
-        out: relay(OutputStream::Stdout, out),
-        err: relay(OutputStream::Stderr, err),
-        stdin,
-        close_stdin,
-    })
+/// A process's stdio, opened (before the process runs, so that a bad path
+/// fails the request and not the process).
+pub struct Stdio {
+    out: Writer,
+    err: Writer,
+    input: Option<PathBuf>,
+}
+
+impl Stdio {
+    pub fn open(stdin: &str, stdout: &str, stderr: &str) -> std::io::Result<Stdio> {
+        let out = output(stdout)?;
+        let err = output(stderr)?;
+        let input = if stdin.is_empty() {
+            None
+        } else {
+            std::fs::metadata(stdin)?;
+            Some(PathBuf::from(stdin))
+        };
+        Ok(Stdio { out, err, input })
+    }
+
+    /// Starts relaying between these and the guest process.
+    pub fn relay(self, client: &AgentClient, container_id: &str, exec_id: &str) -> Relays {
+        let relay = |stream, w: Writer| {
+            let (client, cid, eid) = (
+                client.clone(),
+                container_id.to_string(),
+                exec_id.to_string(),
+            );
+            tokio::spawn(async move {
+                let _ = sandbox::io::relay_output(client, cid, eid, stream, w).await;
+            })
+        };
+        let close_stdin = Arc::new(Notify::new());
+        let stdin = self.input.clone().map(|path| {
+            let (client, cid, eid) = (
+                client.clone(),
+                container_id.to_string(),
+                exec_id.to_string(),
+            );
+            let close = close_stdin.clone();
+            tokio::spawn(async move {
+                // As runc's shim does: a blocking open returns once the
+                // writer has opened, and reads end (EOF) when it closes.
+                let opened = tokio::task::spawn_blocking(move || std::fs::File::open(path)).await;
+                let Ok(Ok(file)) = opened else { return };
+                let Ok(input) = pipe::Receiver::from_file(file) else {
+                    return;
+                };
+                let _ = sandbox::io::relay_stdin_until(client, cid, eid, input, Some(close)).await;
+            })
+        });
+        Relays {
+            out: relay(OutputStream::Stdout, self.out),
+            err: relay(OutputStream::Stderr, self.err),
+            stdin,
+            stdin_path: self.input,
+            close_stdin,
+        }
+    }
 }
 
 impl Relays {
@@ -104,13 +115,26 @@ impl Relays {
     /// background process keeps it open), then stops relaying.
     pub async fn finish(self) {
         let drain = std::time::Duration::from_secs(3);
-        for mut relay in [self.out, self.err] {
-            if tokio::time::timeout(drain, &mut relay).await.is_err() {
-                relay.abort();
-            }
+        let (mut out, mut err) = (self.out, self.err);
+        let both = async {
+            let _ = (&mut out).await;
+            let _ = (&mut err).await;
+        };
+        if tokio::time::timeout(drain, both).await.is_err() {
+            out.abort();
+            err.abort();
         }
         if let Some(s) = self.stdin {
             s.abort();
+        }
+        // A blocking open of stdin still waiting for a writer that never
+        // came: open the writer side ourselves so that it returns.
+        if let Some(path) = self.stdin_path {
+            use std::os::unix::fs::OpenOptionsExt;
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(path);
         }
     }
 }

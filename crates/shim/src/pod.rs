@@ -85,7 +85,10 @@ pub struct Process {
     pub stderr: String,
     pub terminal: bool,
     pub state: State,
-    /// None until the process ended.
+    /// The guest said the process ended (its exit is reported once its
+    /// output has drained): signals no longer reach it.
+    pub ended: bool,
+    /// None until the process's exit is reported.
     pub exit: Arc<watch::Sender<Option<Exit>>>,
     /// Closes the process's stdin (containerd's CloseIO).
     pub close_stdin: Option<Arc<Notify>>,
@@ -103,6 +106,7 @@ impl Process {
             stderr: stderr.into(),
             terminal,
             state: State::Created,
+            ended: false,
             exit: Arc::new(watch::channel(None).0),
             close_stdin: None,
             relays: None,
@@ -156,6 +160,20 @@ impl Container {
         }
     }
 
+    /// Records `e` as the exit of its processes not yet exited (execs first).
+    pub fn end_all(&mut self, e: Exit) -> Vec<(String, String, Exit)> {
+        let mut ended = Vec::new();
+        for (eid, p) in self.execs.iter_mut() {
+            if p.set_exit(e) {
+                ended.push((self.id.clone(), eid.clone(), e));
+            }
+        }
+        if self.init.set_exit(e) {
+            ended.push((self.id.clone(), String::new(), e));
+        }
+        ended
+    }
+
     /// Whether the guest knows this container (the sandbox one it does not).
     pub fn in_guest(&self) -> bool {
         self.kind != Kind::Sandbox
@@ -165,7 +183,7 @@ impl Container {
     pub fn unmount(&mut self) {
         if let Some(dir) = self.share.take() {
             unmount_tree(&dir);
-            let _ = std::fs::remove_dir_all(&dir);
+            remove_unmounted(&dir);
         }
         if let Some(root) = self.mounted_rootfs.take() {
             unmount_tree(&root);
@@ -180,6 +198,28 @@ pub fn unmount_tree(dir: &Path) {
         if let Err(e) = containerd_shim::mount::umount_recursive(Some(d), flags) {
             tracing::warn!("unmounting {d}: {e}");
         }
+    }
+}
+
+/// Mount points at or under `dir`, from this process's mount table.
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let dir = dir.to_string_lossy().trim_end_matches('/').to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(String::from))
+        .filter(|m| *m == dir || m.starts_with(&format!("{dir}/")))
+        .collect()
+}
+
+/// Removes `dir` and what is in it, unless something is still mounted there:
+/// a recursive removal would go into a bind of a host volume.
+pub fn remove_unmounted(dir: &Path) {
+    let left = mounts_under(dir);
+    if left.is_empty() {
+        let _ = std::fs::remove_dir_all(dir);
+    } else {
+        tracing::error!(dir = %dir.display(), ?left, "still mounted; left in place");
     }
 }
 
@@ -207,9 +247,19 @@ impl Pod {
             drop(vm.network);
             unmount_tree(&vm.share);
             if let Some(parent) = vm.share.parent() {
-                let _ = std::fs::remove_dir_all(parent);
+                remove_unmounted(parent);
             }
         }
+    }
+
+    /// Records `e` as the exit of every process not yet exited; returns
+    /// (container, exec, exit) of each, to be reported.
+    pub fn end_all(&mut self, e: Exit) -> Vec<(String, String, Exit)> {
+        let mut ended = Vec::new();
+        for c in self.containers.values_mut() {
+            ended.extend(c.end_all(e));
+        }
+        ended
     }
 
     pub fn vm_pid(&self) -> u32 {

@@ -1,6 +1,7 @@
 //! The task service containerd calls, and the shim's start and delete.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use agent_proto::{
@@ -44,15 +45,23 @@ pub fn set_startup_error(e: Option<anyhow::Error>) {
 /// podvisor's state root: `PODVISOR_ROOT` in containerd's environment, else
 /// the CLI's default.
 fn root() -> PathBuf {
-    std::env::var_os("PODVISOR_ROOT")
+    let root = std::env::var_os("PODVISOR_ROOT")
         .filter(|r| !r.is_empty())
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(sandbox::state::DEFAULT_ROOT))
+        .unwrap_or_else(|| PathBuf::from(sandbox::state::DEFAULT_ROOT));
+    // Canonical: mount points are matched against the mount table's paths.
+    let _ = std::fs::create_dir_all(&root);
+    root.canonicalize().unwrap_or(root)
+}
+
+/// The pod's name on the host: its containerd namespace and id, hashed.
+fn pod_key(namespace: &str, pod_id: &str) -> String {
+    short_id('p', &format!("{namespace}/{pod_id}"))
 }
 
 /// Where a pod's share lives on the host.
-fn pod_dir(pod_id: &str) -> PathBuf {
-    root().join("pods").join(short_id('p', pod_id))
+fn pod_dir(key: &str) -> PathBuf {
+    root().join("pods").join(key)
 }
 
 fn err(code: Code, msg: impl ToString) -> ttrpc::Error {
@@ -63,8 +72,38 @@ fn not_found(what: &str, id: &str) -> ttrpc::Error {
     err(Code::NOT_FOUND, format!("{what} {id} not found"))
 }
 
+/// An agent error as containerd takes it: the gRPC code kept (containerd
+/// treats NotFound as "already gone"), the message said in context.
 fn agent_err(what: &str) -> impl Fn(tonic::Status) -> ttrpc::Error + '_ {
-    move |s| err(Code::UNKNOWN, format!("{what}: {}", s.message()))
+    move |s| {
+        let code = match s.code() {
+            tonic::Code::NotFound => Code::NOT_FOUND,
+            tonic::Code::InvalidArgument => Code::INVALID_ARGUMENT,
+            tonic::Code::FailedPrecondition => Code::FAILED_PRECONDITION,
+            tonic::Code::AlreadyExists => Code::ALREADY_EXISTS,
+            tonic::Code::Unimplemented => Code::UNIMPLEMENTED,
+            tonic::Code::DeadlineExceeded => Code::DEADLINE_EXCEEDED,
+            _ => Code::UNKNOWN,
+        };
+        err(code, format!("{what}: {}", s.message()))
+    }
+}
+
+/// How long one agent call may take before the shim gives up on it.
+const AGENT_CALL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// An agent call bounded by AGENT_CALL.
+async fn bounded<T>(
+    what: &str,
+    call: impl std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> TtrpcResult<T> {
+    match tokio::time::timeout(AGENT_CALL, call).await {
+        Ok(r) => r.map(tonic::Response::into_inner).map_err(agent_err(what)),
+        Err(_) => Err(err(
+            Code::DEADLINE_EXCEEDED,
+            format!("{what}: the guest did not answer within {AGENT_CALL:?}"),
+        )),
+    }
 }
 
 #[derive(Clone)]
@@ -75,6 +114,8 @@ pub struct Service {
 struct Inner {
     exit: Arc<ExitSignal>,
     namespace: String,
+    /// QEMU's pid, readable without the pod's lock (`connect`).
+    vm_pid: AtomicU32,
     publisher: OnceLock<RemotePublisher>,
     pod: Mutex<Pod>,
 }
@@ -123,34 +164,54 @@ impl Service {
     fn watch(&self, client: AgentClient, cid: String, eid: String, pid: u32) {
         let this = self.clone();
         tokio::spawn(async move {
-            let waited = client
-                .clone()
-                .wait_process(ProcessRequest {
-                    container_id: cid.clone(),
-                    exec_id: eid.clone(),
-                })
-                .await;
-            let code = match waited {
-                Ok(r) => r.into_inner().exit_code.clamp(0, 255) as u32,
-                Err(s) => {
-                    tracing::warn!(container = %cid, exec = %eid, "lost the process: {}", s.message());
-                    128 + libc::SIGKILL as u32
+            let mut failures = 0;
+            let code = loop {
+                let waited = client
+                    .clone()
+                    .wait_process(ProcessRequest {
+                        container_id: cid.clone(),
+                        exec_id: eid.clone(),
+                    })
+                    .await;
+                match waited {
+                    Ok(r) => break r.into_inner().exit_code.clamp(0, 255) as u32,
+                    Err(s) => {
+                        // A broken call is not a dead process: ask again
+                        // while the VM lives.
+                        failures += 1;
+                        let vm_alive = {
+                            let mut pod = this.inner.pod.lock().await;
+                            pod.vm
+                                .as_mut()
+                                .is_some_and(|v| v.sandbox.vm_exit().is_none())
+                        };
+                        if !vm_alive || failures > 20 || s.code() == tonic::Code::NotFound {
+                            tracing::warn!(container = %cid, exec = %eid, "lost the process: {}", s.message());
+                            break 128 + libc::SIGKILL as u32;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    }
                 }
             };
-            if eid.is_empty() {
-                this.report_oom(client.clone(), &cid).await;
-            }
+            // The exit's time is now, whatever the drain takes.
+            let e = Exit::now(code);
             let relays = {
                 let mut pod = this.inner.pod.lock().await;
                 pod.containers
                     .get_mut(&cid)
                     .and_then(|c| c.process_mut(&eid))
-                    .and_then(|p| p.relays.take())
+                    .and_then(|p| {
+                        p.ended = true;
+                        p.relays.take()
+                    })
             };
+            if eid.is_empty() {
+                this.report_oom(client.clone(), &cid).await;
+            }
             if let Some(r) = relays {
                 r.finish().await;
             }
-            this.exited(&cid, &eid, pid, code).await;
+            this.exited(&cid, &eid, pid, e).await;
         });
     }
 
@@ -174,8 +235,7 @@ impl Service {
         }
     }
 
-    async fn exited(&self, cid: &str, eid: &str, pid: u32, code: u32) {
-        let e = Exit::now(code);
+    async fn exited(&self, cid: &str, eid: &str, pid: u32, e: Exit) {
         let recorded = {
             let mut pod = self.inner.pod.lock().await;
             pod.containers
@@ -188,8 +248,9 @@ impl Service {
         }
     }
 
-    /// Watches the VM itself: if QEMU dies, the sandbox task exits too (its
-    /// processes' waits fail on their own).
+    /// Watches the VM itself: if QEMU dies, every process of the pod that
+    /// has not exited yet (the sandbox task, created tasks and execs too)
+    /// exits with 137.
     fn watch_vm(&self) {
         let this = self.clone();
         tokio::spawn(async move {
@@ -202,16 +263,12 @@ impl Service {
                 };
                 tracing::error!("the pod's VM died: {why}");
                 let pid = vm.pid;
-                let sandboxes: Vec<String> = pod
-                    .containers
-                    .values()
-                    .filter(|c| c.kind == Kind::Sandbox)
-                    .map(|c| c.id.clone())
-                    .collect();
                 pod.destroy_vm().await;
+                this.inner.vm_pid.store(0, Ordering::Relaxed);
+                let exits = pod.end_all(Exit::now(128 + libc::SIGKILL as u32));
                 drop(pod);
-                for id in sandboxes {
-                    this.exited(&id, "", pid, 128 + libc::SIGKILL as u32).await;
+                for (cid, eid, e) in exits {
+                    this.publish_exit(&cid, &eid, pid, e).await;
                 }
                 return;
             }
@@ -228,6 +285,7 @@ impl Shim for Service {
             inner: Arc::new(Inner {
                 exit: Arc::new(ExitSignal::default()),
                 namespace: args.namespace.clone(),
+                vm_pid: AtomicU32::new(0),
                 publisher: OnceLock::new(),
                 pod: Mutex::new(Pod::default()),
             }),
@@ -245,26 +303,44 @@ impl Shim for Service {
     async fn delete_shim(&mut self) -> Result<api::DeleteResponse, containerd_shim::Error> {
         let bundle = std::env::current_dir().unwrap_or_default();
         crate::pod::unmount_tree(&bundle.join("rootfs"));
-        let collected = sandbox::state::collect_garbage(&root());
-        if !collected.is_empty() {
-            tracing::info!(?collected, "removed the state of dead sandboxes");
-        }
         if let Ok(spec) = Spec::load(&bundle) {
             let id = bundle
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default();
+            // The pod's own task (not a member's, whose pod lives on):
+            // containerd gave up on its shim, so nothing of it may stay.
             if Kind::of(&id, &spec).boots_vm() {
-                let dir = pod_dir(&id);
-                let live = std::fs::read_to_string(dir.join("shim.pid"))
+                let dir = pod_dir(&pod_key(&self.inner.namespace, &id));
+                let shim = std::fs::read_to_string(dir.join("shim.pid"))
                     .ok()
                     .and_then(|p| p.trim().parse::<i32>().ok())
                     // Not a zombie either: a dead shim may wait to be reaped.
-                    .is_some_and(|p| sandbox::container::process_start(p).is_some());
-                if !live {
-                    let _ = std::fs::remove_dir_all(&dir);
+                    .filter(|p| sandbox::container::process_start(*p).is_some())
+                    .filter(|p| is_our_shim(*p));
+                if let Some(pid) = shim {
+                    tracing::warn!(
+                        pid,
+                        "killing the pod's unresponsive shim (its VM dies with it)"
+                    );
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    for _ in 0..50 {
+                        if sandbox::container::process_start(pid).is_none() {
+                            break;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
                 }
+                // Its mounts were in its own mount namespace: gone with it.
+                crate::pod::remove_unmounted(&dir);
             }
+        }
+        let collected = sandbox::state::collect_garbage(&root());
+        if !collected.is_empty() {
+            tracing::info!(?collected, "removed the state of dead sandboxes");
         }
         let e = Exit::now(128 + libc::SIGKILL as u32);
         Ok(api::DeleteResponse {
@@ -284,6 +360,12 @@ impl Shim for Service {
     }
 }
 
+/// Whether `pid` runs this same shim binary.
+fn is_our_shim(pid: i32) -> bool {
+    let exe = |p: &str| std::fs::read_link(p).ok();
+    exe(&format!("/proc/{pid}/exe")).is_some_and(|e| Some(e) == exe("/proc/self/exe"))
+}
+
 /// Starts the long-running shim for the pod of the container in the current
 /// directory (its bundle), or finds the one already serving it: a CRI
 /// container goes to the shim of its sandbox. Returns its socket address.
@@ -298,29 +380,42 @@ pub async fn start_shim(opts: StartOpts) -> Result<String, containerd_shim::Erro
 }
 
 /// Boots the pod's VM in the shim's network namespace.
-async fn boot_vm(pod_id: &str, kind: &Kind, spec: &Spec) -> anyhow::Result<Vm> {
-    let network = match spec.network_namespace() {
-        Some(_) => Some(sandbox::network::attach()?),
-        None => None,
-    };
+async fn boot_vm(key: &str, pod_id: &str, kind: &Kind, spec: &Spec) -> anyhow::Result<Vm> {
+    if *kind == Kind::Sandbox && spec.network_namespace().is_none() {
+        anyhow::bail!(
+            "hostNetwork pods are not supported: a pod's VM has its own kernel and cannot share the host's network stack"
+        );
+    }
+    let kernel = spec.annotations.get(ANNOTATION_KERNEL).map(PathBuf::from);
+    let assets = sandbox::assets::GuestAssets::resolve(kernel.as_deref(), None)?;
+    let accel = sandbox::checked_accel(None)?;
     let (memory_mib, vcpus) = match kind {
         Kind::Sandbox => spec.pod_vm_shape(),
         _ => (spec.vm_memory_mib(), spec.vm_vcpus()),
     };
-    let dir = pod_dir(pod_id);
+    let network = match spec.network_namespace() {
+        Some(_) => Some(sandbox::network::attach()?),
+        None => None,
+    };
+    let dir = pod_dir(key);
+    std::fs::create_dir_all(dir.parent().expect("pods dir"))?;
+    // Not create_dir_all: a pod of the same name must not be taken over.
+    std::fs::create_dir(&dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
     let share = dir.join("share");
-    std::fs::create_dir_all(&share)?;
-    std::fs::write(dir.join("shim.pid"), std::process::id().to_string())?;
-    let kernel = spec.annotations.get(ANNOTATION_KERNEL).map(PathBuf::from);
-    let assets = sandbox::assets::GuestAssets::resolve(kernel.as_deref(), None)?;
-    let accel = sandbox::checked_accel(None)?;
+    let prepared = std::fs::create_dir(&share)
+        .and_then(|_| std::fs::create_dir(dir.join("stage")))
+        .and_then(|_| std::fs::write(dir.join("shim.pid"), std::process::id().to_string()));
+    if let Err(e) = prepared {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Err(e.into());
+    }
     let hostname = if spec.hostname.is_empty() {
         pod_id.chars().take(12).collect()
     } else {
         spec.hostname.clone()
     };
     let config = SandboxConfig {
-        id: short_id('p', pod_id),
+        id: key.to_string(),
         root: root(),
         memory_mib,
         vcpus,
@@ -402,50 +497,58 @@ impl Service {
         spec: &Spec,
         rootfs: &Path,
     ) -> anyhow::Result<()> {
+        let p = &c.init;
+        let stdio = crate::io::Stdio::open(&p.stdin, &p.stdout, &p.stderr)
+            .map_err(|e| anyhow::anyhow!("opening the container's stdio: {e}"))?;
+        // Gathered where the guest cannot see, then moved into the share
+        // whole: the guest can write to the share, and must not steer our
+        // mounts (a symlink planted where a bind is about to go).
+        let stage = vm.share.with_file_name("stage").join(&c.id);
+        std::fs::create_dir(&stage)?;
+        let undo = |stage: &Path| {
+            crate::pod::unmount_tree(stage);
+            crate::pod::remove_unmounted(stage);
+        };
+        let mut mounts = match sandbox::share::populate(&stage, rootfs, &spec.mounts) {
+            Ok(m) => m,
+            Err(e) => {
+                undo(&stage);
+                return Err(e.into());
+            }
+        };
         let dir = vm.share.join(&c.id);
-        std::fs::create_dir(&dir)?;
-        c.share = Some(dir.clone());
-        let mut mounts = sandbox::share::populate(&dir, rootfs, &spec.mounts)?;
+        if let Err(e) = std::fs::rename(&stage, &dir) {
+            undo(&stage);
+            anyhow::bail!("moving the container's files into the share: {e}");
+        }
+        c.share = Some(dir);
         for m in mounts.iter_mut().filter(|m| m.r#type == "bind") {
             m.source = format!("{}/{}", c.id, m.source);
         }
         let mut client = vm.sandbox.agent.clone();
-        client
-            .create_container(CreateContainerRequest {
-                container_id: c.id.clone(),
-                rootfs_tag: SHARE_TAG.into(),
-                rootfs_subpath: format!("{}/rootfs", c.id),
-                rootfs_readonly: spec.root.as_ref().is_some_and(|r| r.readonly),
-                hostname: spec.hostname.clone(),
-                process: Some(spec.process().to_agent()),
-                resources: Some(spec.agent_resources()),
-                mounts,
-                sysctl: spec
-                    .linux
-                    .as_ref()
-                    .map(|l| l.sysctl.clone().into_iter().collect())
-                    .unwrap_or_default(),
-                pod_shared: matches!(c.kind, Kind::Member(_)),
-            })
+        let request = CreateContainerRequest {
+            container_id: c.id.clone(),
+            rootfs_tag: SHARE_TAG.into(),
+            rootfs_subpath: format!("{}/rootfs", c.id),
+            rootfs_readonly: spec.root.as_ref().is_some_and(|r| r.readonly),
+            hostname: spec.hostname.clone(),
+            process: Some(spec.process().to_agent()),
+            resources: Some(spec.agent_resources()),
+            mounts,
+            sysctl: spec
+                .linux
+                .as_ref()
+                .map(|l| l.sysctl.clone().into_iter().collect())
+                .unwrap_or_default(),
+            pod_shared: matches!(c.kind, Kind::Member(_)),
+        };
+        bounded("creating the container", client.create_container(request))
             .await
-            .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
-        let p = &mut c.init;
-        let relays = crate::io::attach(&client, &c.id, "", &p.stdin, &p.stdout, &p.stderr);
-        match relays {
-            Ok(r) => {
-                p.close_stdin = Some(r.close_stdin.clone());
-                p.relays = Some(r);
-                Ok(())
-            }
-            Err(e) => {
-                let _ = client
-                    .remove_container(ContainerRequest {
-                        container_id: c.id.clone(),
-                    })
-                    .await;
-                Err(anyhow::anyhow!("opening the container's stdio: {e}"))
-            }
-        }
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let relays = stdio.relay(&client, &c.id, "");
+        c.init.close_stdin = Some(relays.close_stdin.clone());
+        c.init.relays = Some(relays);
+        Ok(())
     }
 
     async fn create_task(&self, req: &api::CreateTaskRequest) -> anyhow::Result<u32> {
@@ -459,6 +562,7 @@ impl Service {
         let bundle = PathBuf::from(&req.bundle);
         let spec = Spec::load(&bundle)?;
         let kind = Kind::of(&req.id, &spec);
+        let key = pod_key(&self.inner.namespace, &req.id);
         let mut pod = self.inner.pod.lock().await;
         if pod.containers.contains_key(&req.id) {
             anyhow::bail!("container {} already exists", req.id);
@@ -494,8 +598,9 @@ impl Service {
         };
         let mut booted = false;
         if kind.boots_vm() {
-            match boot_vm(&req.id, &kind, &spec).await {
+            match boot_vm(&key, &req.id, &kind, &spec).await {
                 Ok(vm) => {
+                    self.inner.vm_pid.store(vm.pid, Ordering::Relaxed);
                     pod.vm = Some(vm);
                     booted = true;
                 }
@@ -510,7 +615,7 @@ impl Service {
             if let Err(e) = self.create_in_guest(vm, &mut c, &spec, &rootfs).await {
                 c.unmount();
                 if booted {
-                    pod.destroy_vm().await;
+                    self.destroy_vm(&mut pod).await;
                 }
                 return Err(e);
             }
@@ -604,20 +709,20 @@ impl Task for Service {
             ));
         }
         if req.exec_id.is_empty() {
-            if kind != Kind::Sandbox {
-                client?
-                    .start_container(ContainerRequest {
+            let client = match kind {
+                Kind::Sandbox => None,
+                _ => {
+                    let mut client = client?;
+                    let request = ContainerRequest {
                         container_id: req.id.clone(),
-                    })
-                    .await
-                    .map_err(agent_err("starting the container"))?;
-                self.watch(Self::agent(&pod)?, req.id.clone(), String::new(), pid);
-            }
-            let p = pod.containers.get_mut(&req.id).map(|c| &mut c.init);
-            if let Some(p) = p {
-                p.state = State::Running;
-            }
+                    };
+                    bounded("starting the container", client.start_container(request)).await?;
+                    Some(client)
+                }
+            };
+            p.state = State::Running;
             drop(pod);
+            // Started before its exit can be: the watcher comes after.
             self.publish(
                 topics::TASK_START_EVENT_TOPIC,
                 Box::new(TaskStart {
@@ -627,31 +732,31 @@ impl Task for Service {
                 }),
             )
             .await;
+            if let Some(client) = client {
+                self.watch(client, req.id.clone(), String::new(), pid);
+            }
         } else {
             let mut client = client?;
-            let process = p.spec.take().unwrap_or_default();
-            client
-                .exec_process(AgentExec {
-                    container_id: req.id.clone(),
-                    exec_id: req.exec_id.clone(),
-                    process: Some(process),
-                })
-                .await
-                .map_err(agent_err("starting the exec"))?;
-            let relays = crate::io::attach(
-                &client,
-                &req.id,
-                &req.exec_id,
-                &p.stdin,
-                &p.stdout,
-                &p.stderr,
-            )
-            .map_err(|e| err(Code::UNKNOWN, format!("opening the exec's stdio: {e}")))?;
+            // Opened first: a bad path fails the start, not a running process.
+            let stdio = crate::io::Stdio::open(&p.stdin, &p.stdout, &p.stderr).map_err(|e| {
+                err(
+                    Code::INVALID_ARGUMENT,
+                    format!("opening the exec's stdio: {e}"),
+                )
+            })?;
+            let request = AgentExec {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                process: p.spec.clone(),
+            };
+            bounded("starting the exec", client.exec_process(request)).await?;
+            p.spec = None;
+            let relays = stdio.relay(&client, &req.id, &req.exec_id);
             p.close_stdin = Some(relays.close_stdin.clone());
             p.relays = Some(relays);
             p.state = State::Running;
-            self.watch(client, req.id.clone(), req.exec_id.clone(), pid);
             drop(pod);
+            self.watch(client, req.id.clone(), req.exec_id.clone(), pid);
             self.publish(
                 topics::TASK_EXEC_STARTED_EVENT_TOPIC,
                 Box::new(TaskExecStarted {
@@ -699,22 +804,39 @@ impl Task for Service {
         };
         if !req.exec_id.is_empty() {
             c.execs.remove(&req.exec_id);
+            if let Some(mut client) = client {
+                let request = ProcessRequest {
+                    container_id: req.id.clone(),
+                    exec_id: req.exec_id.clone(),
+                };
+                let _ = bounded("forgetting the exec", client.remove_process(request)).await;
+            }
             return Ok(response);
         }
+        // Execs die with the container; those not yet reported are now.
+        let mut ended = Vec::new();
+        for (eid, p) in c.execs.iter_mut() {
+            let e = Exit::now(128 + libc::SIGKILL as u32);
+            if p.set_exit(e) {
+                ended.push((eid.clone(), e));
+            }
+        }
         if let (true, Some(mut client)) = (c.in_guest(), client) {
-            let _ = client
-                .remove_container(ContainerRequest {
-                    container_id: req.id.clone(),
-                })
-                .await;
+            let request = ContainerRequest {
+                container_id: req.id.clone(),
+            };
+            let _ = bounded("removing the container", client.remove_container(request)).await;
         }
         c.unmount();
         let kind = c.kind.clone();
         pod.containers.remove(&req.id);
         if kind.boots_vm() {
-            pod.destroy_vm().await;
+            self.destroy_vm(&mut pod).await;
         }
         drop(pod);
+        for (eid, e) in ended {
+            self.publish_exit(&req.id, &eid, pid, e).await;
+        }
         self.publish(
             topics::TASK_DELETE_EVENT_TOPIC,
             Box::new(TaskDelete {
@@ -735,22 +857,29 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::PidsRequest,
     ) -> TtrpcResult<api::PidsResponse> {
-        let pod = self.inner.pod.lock().await;
-        let c = pod
-            .containers
-            .get(&req.id)
-            .ok_or_else(|| not_found("container", &req.id))?;
-        let pids = if c.in_guest() {
-            Self::agent(&pod)?
-                .list_processes(ContainerRequest {
+        let (client, vm_pid) = {
+            let pod = self.inner.pod.lock().await;
+            let c = pod
+                .containers
+                .get(&req.id)
+                .ok_or_else(|| not_found("container", &req.id))?;
+            let client = if c.in_guest() {
+                Some(Self::agent(&pod)?)
+            } else {
+                None
+            };
+            (client, pod.vm_pid())
+        };
+        let pids = match client {
+            Some(mut client) => {
+                let request = ContainerRequest {
                     container_id: req.id.clone(),
-                })
-                .await
-                .map_err(agent_err("listing the processes"))?
-                .into_inner()
-                .pids
-        } else {
-            vec![pod.vm_pid()]
+                };
+                bounded("listing the processes", client.list_processes(request))
+                    .await?
+                    .pids
+            }
+            None => vec![vm_pid],
         };
         Ok(api::PidsResponse {
             processes: pids
@@ -799,25 +928,23 @@ impl Task for Service {
         let p = c
             .process_mut(&req.exec_id)
             .ok_or_else(|| not_found("exec", &req.exec_id))?;
-        match p.state {
-            State::Stopped => {
-                return Err(err(Code::NOT_FOUND, "process already finished"));
-            }
-            // Nothing runs yet (or, for the sandbox, ever): the task ends.
-            State::Created => {}
-            _ if kind == Kind::Sandbox => {}
-            _ => {
-                client?
-                    .signal_process(SignalProcessRequest {
-                        container_id: req.id.clone(),
-                        exec_id: req.exec_id.clone(),
-                        signal: req.signal,
-                        all: req.all,
-                    })
-                    .await
-                    .map_err(agent_err("signalling the process"))?;
-                return Ok(api::Empty::default());
-            }
+        if p.state == State::Stopped || p.ended {
+            return Err(err(Code::NOT_FOUND, "process already finished"));
+        }
+        // Nothing runs yet (or, for the sandbox, ever): the task ends here.
+        let ends_here = p.state == State::Created || kind == Kind::Sandbox;
+        if !ends_here {
+            let request = SignalProcessRequest {
+                container_id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+                signal: req.signal,
+                // "all" is the container's; an exec is one process.
+                all: req.all && req.exec_id.is_empty(),
+            };
+            let mut client = client?;
+            drop(pod);
+            bounded("signalling the process", client.signal_process(request)).await?;
+            return Ok(api::Empty::default());
         }
         let ends = req.signal == libc::SIGKILL as u32
             || req.signal == libc::SIGTERM as u32
@@ -826,15 +953,19 @@ impl Task for Service {
             return Ok(api::Empty::default());
         }
         let e = Exit::now(signal_exit(req.signal));
-        let recorded = p.set_exit(e);
+        let mut exits = Vec::new();
+        if p.set_exit(e) {
+            exits.push((req.id.clone(), req.exec_id.clone(), e));
+        }
         if kind == Kind::Sandbox {
             // The pod is over: its VM goes, and with it anything still
-            // running in it (their waits end with 137).
-            pod.destroy_vm().await;
+            // running in it.
+            self.destroy_vm(&mut pod).await;
+            exits.extend(pod.end_all(Exit::now(128 + libc::SIGKILL as u32)));
         }
         drop(pod);
-        if recorded {
-            self.publish_exit(&req.id, &req.exec_id, pid, e).await;
+        for (cid, eid, e) in exits {
+            self.publish_exit(&cid, &eid, pid, e).await;
         }
         Ok(api::Empty::default())
     }
@@ -900,19 +1031,20 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::ResizePtyRequest,
     ) -> TtrpcResult<api::Empty> {
-        let pod = self.inner.pod.lock().await;
-        if !pod.containers.contains_key(&req.id) {
-            return Err(not_found("container", &req.id));
-        }
-        Self::agent(&pod)?
-            .resize_tty(ResizeTtyRequest {
-                container_id: req.id.clone(),
-                exec_id: req.exec_id.clone(),
-                rows: req.height,
-                cols: req.width,
-            })
-            .await
-            .map_err(agent_err("resizing the terminal"))?;
+        let mut client = {
+            let pod = self.inner.pod.lock().await;
+            if !pod.containers.contains_key(&req.id) {
+                return Err(not_found("container", &req.id));
+            }
+            Self::agent(&pod)?
+        };
+        let request = ResizeTtyRequest {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            rows: req.height,
+            cols: req.width,
+        };
+        bounded("resizing the terminal", client.resize_tty(request)).await?;
         Ok(api::Empty::default())
     }
 
@@ -943,22 +1075,23 @@ impl Task for Service {
     ) -> TtrpcResult<api::Empty> {
         let resources: sandbox::oci::Resources = serde_json::from_slice(&req.resources.value)
             .map_err(|e| err(Code::INVALID_ARGUMENT, format!("resources: {e}")))?;
-        let pod = self.inner.pod.lock().await;
-        let c = pod
-            .containers
-            .get(&req.id)
-            .ok_or_else(|| not_found("container", &req.id))?;
-        if !c.in_guest() {
-            // The pod's limits size the VM; they cannot change after boot.
-            return Ok(api::Empty::default());
-        }
-        Self::agent(&pod)?
-            .update_container(UpdateContainerRequest {
-                container_id: req.id.clone(),
-                resources: Some(resources.to_agent()),
-            })
-            .await
-            .map_err(agent_err("updating the container"))?;
+        let mut client = {
+            let pod = self.inner.pod.lock().await;
+            let c = pod
+                .containers
+                .get(&req.id)
+                .ok_or_else(|| not_found("container", &req.id))?;
+            if !c.in_guest() {
+                // The pod's limits size the VM; they cannot change after boot.
+                return Ok(api::Empty::default());
+            }
+            Self::agent(&pod)?
+        };
+        let request = UpdateContainerRequest {
+            container_id: req.id.clone(),
+            resources: Some(resources.to_agent()),
+        };
+        bounded("updating the container", client.update_container(request)).await?;
         Ok(api::Empty::default())
     }
 
@@ -998,20 +1131,28 @@ impl Task for Service {
         use containerd_shim::protos::cgroups::metrics::{
             CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics, PidsStat,
         };
-        let pod = self.inner.pod.lock().await;
-        let c = pod
-            .containers
-            .get(&req.id)
-            .ok_or_else(|| not_found("container", &req.id))?;
+        let client = {
+            let pod = self.inner.pod.lock().await;
+            let c = pod
+                .containers
+                .get(&req.id)
+                .ok_or_else(|| not_found("container", &req.id))?;
+            if c.in_guest() {
+                Some(Self::agent(&pod)?)
+            } else {
+                None
+            }
+        };
         let mut metrics = Metrics::default();
-        if c.in_guest() {
-            let s = Self::agent(&pod)?
-                .stats_container(ContainerRequest {
-                    container_id: req.id.clone(),
-                })
-                .await
-                .map_err(agent_err("reading the container's cgroup"))?
-                .into_inner();
+        if let Some(mut client) = client {
+            let request = ContainerRequest {
+                container_id: req.id.clone(),
+            };
+            let s = bounded(
+                "reading the container's cgroup",
+                client.stats_container(request),
+            )
+            .await?;
             metrics.pids = MessageField::some(PidsStat {
                 current: s.pids_current,
                 limit: s.pids_limit,
@@ -1049,10 +1190,11 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         _req: api::ConnectRequest,
     ) -> TtrpcResult<api::ConnectResponse> {
-        let pod = self.inner.pod.lock().await;
+        // Without the pod's lock: containerd reconnecting after a restart
+        // gives up on a shim that does not answer within seconds.
         Ok(api::ConnectResponse {
             shim_pid: std::process::id(),
-            task_pid: pod.vm_pid(),
+            task_pid: self.inner.vm_pid.load(Ordering::Relaxed),
             version: env!("CARGO_PKG_VERSION").into(),
             ..Default::default()
         })
@@ -1067,7 +1209,7 @@ impl Task for Service {
         if !pod.containers.is_empty() {
             return Ok(api::Empty::default());
         }
-        pod.destroy_vm().await;
+        self.destroy_vm(&mut pod).await;
         self.inner.exit.signal();
         Ok(api::Empty::default())
     }
@@ -1107,6 +1249,11 @@ impl Task for Service {
 }
 
 impl Service {
+    async fn destroy_vm(&self, pod: &mut Pod) {
+        pod.destroy_vm().await;
+        self.inner.vm_pid.store(0, Ordering::Relaxed);
+    }
+
     async fn set_paused(&self, id: &str, paused: bool) -> TtrpcResult<api::Empty> {
         let mut pod = self.inner.pod.lock().await;
         let client = Self::agent(&pod);
@@ -1133,12 +1280,11 @@ impl Service {
             let req = ContainerRequest {
                 container_id: id.into(),
             };
-            let r = if paused {
-                client.pause_container(req).await
+            if paused {
+                bounded("pausing", client.pause_container(req)).await?;
             } else {
-                client.resume_container(req).await
-            };
-            r.map_err(agent_err(if paused { "pausing" } else { "resuming" }))?;
+                bounded("resuming", client.resume_container(req)).await?;
+            }
         }
         c.init.state = to;
         drop(pod);
