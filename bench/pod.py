@@ -4,8 +4,9 @@
 Starts a containerd of its own (CRI plugin, CNI bridge), then for the runtime
 handlers "podvisor" and "runc", alternating: pod start (RunPodSandbox until the
 first container runs), pod teardown (StopPodSandbox + RemovePodSandbox), and the
-host memory (PSS) of one pod with two idle containers. Medians; the accelerator
-is printed. The work is done by `target/release/pod-bench` (tests/pod_bench.rs),
+host memory (PSS) of one pod with two idle containers. Then the same for pods
+whose VM is cloned from a template (a second containerd whose podvisor factory
+policy names one). Medians; the accelerator is printed. The work is done by `target/release/pod-bench` (tests/pod_bench.rs),
 since CRI is gRPC.
 """
 import os

@@ -290,6 +290,8 @@ impl Drop for Dockerd {
 pub struct Containerd {
     pub dir: Scratch,
     daemon: Child,
+    /// The CNI bridge its pods join (removed with it).
+    bridge: String,
 }
 
 impl Containerd {
@@ -302,6 +304,12 @@ impl Containerd {
     }
 
     pub fn start_with_subnet(subnet: &str) -> Containerd {
+        Containerd::start_with(subnet, None)
+    }
+
+    /// As `start_with_subnet`; the shim reads podvisor's factory policy from
+    /// `policy` (a config.toml) when given.
+    pub fn start_with(subnet: &str, policy: Option<&str>) -> Containerd {
         let containerd = require("containerd");
         require("ctr");
         require("runc");
@@ -314,7 +322,9 @@ impl Containerd {
         let cni_conf = dir.0.join("cni");
         std::fs::create_dir_all(&cni_conf).unwrap();
         // The bridge's name must fit in 15 bytes and differ between tests.
-        let bridge = format!("pv{}", std::process::id() % 1_000_000);
+        // Unique per test process and subnet; at most 15 bytes.
+        let octet = subnet.split('.').nth(2).unwrap_or("0");
+        let bridge = format!("pv{}b{octet}", std::process::id() % 1_000_000);
         let net = format!("pv-{}", std::process::id());
         std::fs::write(
             cni_conf.join("10-podvisor-test.conflist"),
@@ -367,8 +377,20 @@ state = "{0}/state"
             .arg(dir.0.join("config.toml"))
             .env("PATH", path)
             .env("PODVISOR_ROOT", dir.0.join("pv-root"));
+        if let Some(policy) = policy {
+            let file = dir.0.join("podvisor.toml");
+            std::fs::write(&file, policy).unwrap();
+            daemon.env("PODVISOR_CONFIG", file);
+        } else {
+            // Not the machine's policy: a test states its own.
+            daemon.env("PODVISOR_CONFIG", dir.0.join("no-policy.toml"));
+        }
         let daemon = spawn_logged(&mut daemon, &dir.0.join("containerd.log"));
-        let c = Containerd { dir, daemon };
+        let c = Containerd {
+            dir,
+            daemon,
+            bridge,
+        };
         wait_for("containerd", Duration::from_secs(30), || {
             succeeds(c.ctr().arg("version"))
         });
@@ -432,6 +454,15 @@ state = "{0}/state"
 impl Drop for Containerd {
     fn drop(&mut self) {
         stop_daemon(&mut self.daemon);
+        // Shims outlive their containerd (to survive its restarts): those a
+        // failed test left running go now, and their VMs with them.
+        let socket = self.socket().to_string_lossy().into_owned();
+        for pid in test_utils::processes_mentioning(&socket) {
+            // SAFETY: kill(2) with a pid read from /proc.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+        // CNI's bridge plugin leaves its bridge behind.
+        let _ = succeeds(Command::new("ip").args(["link", "delete", &self.bridge]));
     }
 }
 

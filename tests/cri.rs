@@ -590,3 +590,123 @@ async fn bad_cri_requests_fail_clearly_and_leave_nothing() {
     let left = test_utils::processes_mentioning(&c.pv_root().to_string_lossy());
     assert!(left.is_empty(), "left running: {left:?}");
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn pods_clone_their_vm_from_the_factory_template() {
+    let c = Containerd::start_with("10.88.94.0/24", Some("template = \"pod\"\n"));
+    c.import_busybox("k8s.io");
+    // The template the policy names: the default pod shape (512 MiB, 1
+    // vCPU) with one NIC, in the shim's state root.
+    let made = test_utils::output(
+        std::process::Command::new(podvisor_client_tests::podvisor())
+            .arg("--root")
+            .arg(c.pv_root())
+            .args([
+                "template", "create", "--name", "pod", "--nics", "1", "--memory", "512",
+            ]),
+    );
+    podvisor_client_tests::ok(&made);
+    let logs = Scratch::new("cri-template");
+    let mut cri = connect(c.socket()).await;
+
+    let mut ips = Vec::new();
+    let mut pods = Vec::new();
+    let mut macs = Vec::new();
+    for name in ["one", "two"] {
+        let cfg = pod_config(name, &logs.0);
+        let pod = run_pod(&mut cri, &cfg).await;
+        let qemu_cmdline = cloned_vm_cmdline(&pod);
+        assert!(
+            qemu_cmdline.contains("-incoming"),
+            "the pod's VM was not cloned: {qemu_cmdline}\n{}",
+            c.log()
+        );
+        let id = start_container(
+            &mut cri,
+            &pod,
+            &cfg,
+            "web",
+            &["sh", "-c", &format!("mkdir /www && echo from-{name} > /www/index.html && exec httpd -f -p 8080 -h /www")],
+        )
+        .await;
+        let status = cri
+            .pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: pod.clone(),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap();
+        let ip = status.network.map(|n| n.ip).unwrap_or_default();
+        let (_, addr) = exec_sync(&mut cri, &id, &["ip", "-4", "-o", "addr", "show", "eth0"]).await;
+        assert!(
+            addr.contains(&format!("{ip}/")),
+            "clone has the pod's IP {ip}: {addr}"
+        );
+        let (_, mac) = exec_sync(&mut cri, &id, &["cat", "/sys/class/net/eth0/address"]).await;
+        assert_ne!(
+            mac.trim(),
+            "52:54:00:00:00:01",
+            "the clone took the pod's MAC"
+        );
+        macs.push(mac);
+        ips.push(ip);
+        pods.push((pod, id));
+    }
+    assert_ne!(macs[0], macs[1]);
+    // Two clones on one bridge reach each other by pod IP.
+    let (_, web2) = &pods[1];
+    let url = format!("http://{}:8080/", ips[0]);
+    let mut got = (1, String::new());
+    for _ in 0..30 {
+        got = exec_sync(&mut cri, web2, &["wget", "-qO-", &url]).await;
+        if got.0 == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(got, (0, "from-one\n".to_string()));
+
+    for (pod, _) in &pods {
+        cri.stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .expect("StopPodSandbox");
+        cri.remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .expect("RemovePodSandbox");
+    }
+    eventually("the clones gone", Duration::from_secs(20), || {
+        let pods: Vec<String> = pods.iter().map(|p| p.0.clone()).collect();
+        async move { pods.iter().map(|p| vms_of(p)).sum::<usize>() == 0 }
+    })
+    .await;
+}
+
+/// The command line of the pod's QEMU.
+fn cloned_vm_cmdline(pod: &str) -> String {
+    let shim = shim_of(pod).expect("the pod's shim");
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(String::from))
+        .filter(|p| p.chars().all(|c| c.is_ascii_digit()))
+        .find_map(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+            let ppid = stat
+                .rsplit(')')
+                .next()?
+                .split_whitespace()
+                .nth(1)?
+                .to_string();
+            let cmd = std::fs::read(format!("/proc/{p}/cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            (ppid == shim && cmd.contains("qemu-system")).then_some(cmd)
+        })
+        .unwrap_or_default()
+}

@@ -159,21 +159,15 @@ struct Results {
     pss_mib: Vec<f64>,
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() {
-    let runs: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(7);
-    let c = Containerd::start_with_subnet("10.88.93.0/24");
-    c.import_busybox("k8s.io");
-    let logs = Scratch::new("pod-bench");
+/// Pods of `handler`: start, teardown, PSS, `runs` times, alternating
+/// between the handlers given.
+async fn measure(c: &Containerd, handlers: &[&str], runs: usize, tag: &str) -> Vec<Results> {
+    let logs = Scratch::new(&format!("pod-bench-{tag}"));
     let mut cri = connect(c.socket()).await;
-    let handlers = ["podvisor", "runc"];
     let mut results: Vec<Results> = handlers.iter().map(|_| Results::default()).collect();
     for i in 0..runs {
         for (h, handler) in handlers.iter().enumerate() {
-            let config = pod_config(&format!("{handler}-{i}"), &logs.0);
+            let config = pod_config(&format!("{tag}-{handler}-{i}"), &logs.0);
             let t0 = Instant::now();
             let pod = cri
                 .run_pod_sandbox(RunPodSandboxRequest {
@@ -207,23 +201,60 @@ async fn main() {
                 .push(t1.elapsed().as_secs_f64() * 1000.0);
         }
     }
+    results
+}
+
+fn row(name: &str, r: &Results) {
+    println!(
+        "{:<20} {:>14.0} {:>14.0} {:>22.1}",
+        name,
+        median(r.start_ms.clone()),
+        median(r.teardown_ms.clone()),
+        median(r.pss_mib.clone())
+    );
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let runs: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(7);
+    // Cold boots: no factory policy.
+    let cold = {
+        let c = Containerd::start_with("10.88.93.0/24", None);
+        c.import_busybox("k8s.io");
+        measure(&c, &["podvisor", "runc"], runs, "cold").await
+    };
+    // Clones: the policy names a template of the default pod shape.
+    let cloned = {
+        let c = Containerd::start_with("10.88.95.0/24", Some("template = \"pod\"\n"));
+        c.import_busybox("k8s.io");
+        let made = std::process::Command::new(podvisor_client_tests::podvisor())
+            .arg("--root")
+            .arg(c.pv_root())
+            .args([
+                "template", "create", "--name", "pod", "--nics", "1", "--memory", "512",
+            ])
+            .output()
+            .expect("podvisor template create");
+        assert!(made.status.success(), "template create: {made:?}");
+        measure(&c, &["podvisor"], runs, "clone").await
+    };
     let accel = hypervisor::HostVirt::detect().default_accel();
     println!("pod benchmark over containerd's CRI ({runs} runs each, alternating; medians)");
     println!("accelerator for podvisor: {accel}");
     println!(
-        "{:<10} {:>16} {:>16} {:>22}",
+        "{:<20} {:>14} {:>14} {:>22}",
         "handler", "pod start ms", "teardown ms", "PSS 1 pod+2 idle MiB"
     );
-    for (h, handler) in handlers.iter().enumerate() {
-        let r = &results[h];
-        println!(
-            "{:<10} {:>16.0} {:>16.0} {:>22.1}",
-            handler,
-            median(r.start_ms.clone()),
-            median(r.teardown_ms.clone()),
-            median(r.pss_mib.clone())
-        );
-    }
-    let ratio = median(results[0].start_ms.clone()) / median(results[1].start_ms.clone());
-    println!("pod start, podvisor / runc: {ratio:.1}x");
+    row("podvisor (cold)", &cold[0]);
+    row("podvisor (template)", &cloned[0]);
+    row("runc", &cold[1]);
+    let runc = median(cold[1].start_ms.clone());
+    println!(
+        "pod start / runc: cold {:.1}x, template {:.1}x",
+        median(cold[0].start_ms.clone()) / runc,
+        median(cloned[0].start_ms.clone()) / runc
+    );
 }

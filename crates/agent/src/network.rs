@@ -35,6 +35,35 @@ fn device_by_mac(mac: &str) -> Option<String> {
         })
 }
 
+/// The Ethernet devices (not lo), in the order the kernel made them.
+fn ethernet_devices() -> Vec<String> {
+    let mut devs: Vec<(u32, String)> = fs::read_dir("/sys/class/net")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let kind = fs::read_to_string(e.path().join("type")).ok()?;
+                    // ARPHRD_ETHER
+                    (kind.trim() == "1").then_some(())?;
+                    let index = fs::read_to_string(e.path().join("ifindex")).ok()?;
+                    Some((index.trim().parse().ok()?, name))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    devs.sort();
+    devs.into_iter().map(|(_, n)| n).collect()
+}
+
+fn parse_mac(mac: &str) -> Option<[u8; 6]> {
+    let bytes: Vec<u8> = mac
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    bytes.try_into().ok()
+}
+
 fn socket() -> Result<OwnedFd, NetworkError> {
     // SAFETY: socket(2) with constant arguments; the fd is owned right away.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
@@ -185,9 +214,46 @@ fn add_route(sock: &OwnedFd, r: &Route) -> Result<(), NetworkError> {
 pub fn configure(req: &NetworkRequest) -> Result<(), NetworkError> {
     let sock = socket()?;
     set_up(&sock, "lo")?;
+    // A VM cloned from a template has the template's MACs: a device no
+    // one asked for by MAC takes the next interface's, in order.
+    let mut spare: Vec<String> = ethernet_devices()
+        .into_iter()
+        .filter(|d| {
+            let mac = fs::read_to_string(format!("/sys/class/net/{d}/address")).unwrap_or_default();
+            !req.interfaces
+                .iter()
+                .any(|i| i.mac.eq_ignore_ascii_case(mac.trim()))
+        })
+        .collect();
+    spare.reverse();
     for iface in &req.interfaces {
-        let found =
-            device_by_mac(&iface.mac).ok_or_else(|| NetworkError::NoDevice(iface.mac.clone()))?;
+        let found = match device_by_mac(&iface.mac) {
+            Some(d) => d,
+            None => {
+                let d = spare
+                    .pop()
+                    .ok_or_else(|| NetworkError::NoDevice(iface.mac.clone()))?;
+                let mac = parse_mac(&iface.mac)
+                    .ok_or_else(|| NetworkError::NoDevice(iface.mac.clone()))?;
+                let mut req = ifreq(&d)?;
+                // SAFETY: ifru_hwaddr is a sockaddr; family and the first
+                // six bytes of its data are the hardware address.
+                unsafe {
+                    req.ifr_ifru.ifru_hwaddr.sa_family = libc::ARPHRD_ETHER;
+                    for (dst, b) in req.ifr_ifru.ifru_hwaddr.sa_data.iter_mut().zip(mac) {
+                        *dst = b as libc::c_char;
+                    }
+                }
+                ioctl(
+                    &sock,
+                    libc::SIOCSIFHWADDR,
+                    (&mut req as *mut libc::ifreq).cast(),
+                    "setting the MAC address of",
+                    &d,
+                )?;
+                d
+            }
+        };
         let mut dev = found.clone();
         if !iface.name.is_empty() && iface.name != found {
             let mut req = ifreq(&found)?;

@@ -229,6 +229,24 @@ pub fn attach() -> Result<Network, NetworkError> {
     Ok(net)
 }
 
+/// Network devices for a template's VM: `n` tap devices of our own (gone
+/// when the returned fds close), with fixed MACs a clone's agent replaces.
+pub fn scratch_nics(n: usize) -> Result<(Vec<Nic>, Vec<OwnedFd>), NetworkError> {
+    let mut nics = Vec::new();
+    let mut fds = Vec::new();
+    for i in 0..n {
+        let tap = tap_name(100 + i);
+        let fd = open_tap(&tap)?;
+        nics.push(Nic {
+            tap,
+            mac: format!("52:54:00:00:00:{:02x}", i + 1),
+            fd: Some(std::os::fd::AsRawFd::as_raw_fd(&fd)),
+        });
+        fds.push(fd);
+    }
+    Ok((nics, fds))
+}
+
 /// Brings up lo in a namespace made for the container.
 pub fn loopback_up() -> Result<(), NetworkError> {
     run("ip", &["link", "set", "dev", "lo", "up"]).map(drop)

@@ -38,6 +38,53 @@ pub struct PoolConfig {
 struct ConfigFile {
     #[serde(default)]
     pool: Vec<PoolConfig>,
+    /// The template the OCI CLI and the containerd shim clone their VMs
+    /// from, when its shape fits (`template = "T"`).
+    #[serde(default)]
+    template: Option<String>,
+}
+
+/// The factory policy's file: `PODVISOR_CONFIG`, else the default.
+pub fn config_path() -> PathBuf {
+    std::env::var_os("PODVISOR_CONFIG")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG))
+}
+
+/// The template front ends clone from, if the policy names one. No policy
+/// file: none. A broken one is an error.
+pub fn front_end_template(path: &Path) -> Result<Option<String>, SandboxError> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| SandboxError::Invalid(format!("reading {}: {e}", path.display())))?;
+    let file: ConfigFile = toml::from_str(&text)
+        .map_err(|e| SandboxError::Invalid(format!("{}: {}", path.display(), e.message())))?;
+    Ok(file.template)
+}
+
+/// The front ends' template, opened, if the policy names one whose shape
+/// fits a VM of `memory_mib`, `vcpus` and `nics`; else why not (logged by
+/// the caller; the VM then boots cold).
+pub fn template_for(
+    root: &Path,
+    memory_mib: u64,
+    vcpus: u32,
+    nics: usize,
+) -> Result<Option<crate::template::Template>, SandboxError> {
+    let Some(name) = front_end_template(&config_path())? else {
+        return Ok(None);
+    };
+    let t = crate::template::Template::open(root, &name)?;
+    if t.meta.memory_mib < memory_mib || t.meta.vcpus < vcpus || t.meta.nics != nics {
+        return Err(SandboxError::Invalid(format!(
+            "template {name} ({} MiB, {} vCPUs, {} NICs) does not fit a VM of {memory_mib} MiB, {vcpus} vCPUs, {nics} NICs",
+            t.meta.memory_mib, t.meta.vcpus, t.meta.nics
+        )));
+    }
+    Ok(Some(t))
 }
 
 /// Reads the factory policy.

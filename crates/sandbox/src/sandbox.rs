@@ -187,6 +187,14 @@ async fn launch(
 ) -> Result<Launched, SandboxError> {
     let mut vmc = vm_config(config, dir);
     if let Some(t) = template {
+        if t.meta.nics != config.nics.len() {
+            return Err(SandboxError::Invalid(format!(
+                "template {} has {} network devices, this sandbox needs {}",
+                t.meta.name,
+                t.meta.nics,
+                config.nics.len()
+            )));
+        }
         (vmc.memory_mib, vmc.vcpus, _, vmc.accel) = t.shape();
         vmc.kernel = t.meta.kernel.clone();
         vmc.initrd = t.meta.initrd.clone();

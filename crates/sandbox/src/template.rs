@@ -32,6 +32,10 @@ pub struct TemplateMeta {
     pub initrd: PathBuf,
     pub accel: String,
     pub created_unix: u64,
+    /// Network devices the template's VM has: a clone supplies as many
+    /// tap devices of its own (and the agent gives each its MAC).
+    #[serde(default)]
+    pub nics: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -163,6 +167,7 @@ impl Template {
             kernel: config.assets.kernel.clone(),
             initrd: config.assets.initrd.clone(),
             accel: config.accel.to_string(),
+            nics: config.nics.len(),
             created_unix: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())

@@ -30,8 +30,9 @@ use tokio::sync::Mutex;
 
 use crate::pod::{Container, Exit, Kind, Pod, Process, State, Vm};
 
-/// The 9p tag of the pod's share; each container's root is `<id>/rootfs`.
-const SHARE_TAG: &str = "share";
+/// The 9p tag of the pod's share (a template's, so that a clone's device
+/// matches); each container's root is `<id>/rootfs` in it.
+const SHARE_TAG: &str = sandbox::template::ROOTFS_TAG;
 
 static STARTUP_ERROR: OnceLock<String> = OnceLock::new();
 
@@ -414,6 +415,15 @@ async fn boot_vm(key: &str, pod_id: &str, kind: &Kind, spec: &Spec) -> anyhow::R
     } else {
         spec.hostname.clone()
     };
+    let nics = network.as_ref().map(|n| n.nics.clone()).unwrap_or_default();
+    // The factory policy's template, when it fits; else a cold boot.
+    let template = match sandbox::pool::template_for(&root(), memory_mib, vcpus, nics.len()) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!("booting cold: {e}");
+            None
+        }
+    };
     let config = SandboxConfig {
         id: key.to_string(),
         root: root(),
@@ -426,12 +436,13 @@ async fn boot_vm(key: &str, pod_id: &str, kind: &Kind, spec: &Spec) -> anyhow::R
             path: share.clone(),
             readonly: false,
         }],
-        nics: network.as_ref().map(|n| n.nics.clone()).unwrap_or_default(),
+        nics,
         hostname,
         boot_timeout: sandbox::default_boot_timeout(accel),
-        template: None,
+        template,
     };
-    tracing::info!(pod = %pod_id, %accel, memory = memory_mib, vcpus, "booting the pod's VM");
+    let from = config.template.as_ref().map(|t| t.meta.name.clone());
+    tracing::info!(pod = %pod_id, %accel, memory = memory_mib, vcpus, template = ?from, "starting the pod's VM");
     let sb = match Sandbox::start(config).await {
         Ok(sb) => sb,
         Err(e) => {
@@ -439,6 +450,16 @@ async fn boot_vm(key: &str, pod_id: &str, kind: &Kind, spec: &Spec) -> anyhow::R
             return Err(e.into());
         }
     };
+    match (&sb.cloned_from, &sb.fallback) {
+        (Some(t), _) => {
+            tracing::info!(template = %t, ready_ms = sb.timings.agent_ready.as_millis() as u64, "cloned the pod's VM")
+        }
+        (None, Some(why)) => tracing::warn!("{why}"),
+        _ => tracing::info!(
+            ready_ms = sb.timings.agent_ready.as_millis() as u64,
+            "booted the pod's VM"
+        ),
+    }
     if let Some(n) = &network {
         if !n.request.interfaces.is_empty() {
             let configured = sb.agent.clone().configure_network(n.request.clone()).await;

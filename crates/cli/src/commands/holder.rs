@@ -20,7 +20,9 @@ use sandbox::{Sandbox, SandboxConfig};
 use super::vm_args::{checked_accel, default_boot_timeout};
 use crate::{console, hooks};
 
-pub const SHARE_TAG: &str = "share";
+/// The 9p tag of the container's share: a template's, so that a clone's
+/// device matches.
+pub const SHARE_TAG: &str = sandbox::template::ROOTFS_TAG;
 
 #[derive(Args, Clone)]
 pub struct HolderArgs {
@@ -136,11 +138,21 @@ async fn run(args: &HolderArgs, root: &Path, spec: Spec, sync: &mut Sync) -> any
     let kernel = spec.annotations.get(ANNOTATION_KERNEL).map(PathBuf::from);
     let assets = sandbox::assets::GuestAssets::resolve(kernel.as_deref(), None)?;
     let accel = checked_accel(None)?;
+    let nics = network.as_ref().map(|n| n.nics.clone()).unwrap_or_default();
+    let (memory_mib, vcpus) = (spec.vm_memory_mib(), spec.vm_vcpus());
+    // The factory policy's template, when it fits; else a cold boot.
+    let template = match sandbox::pool::template_for(root, memory_mib, vcpus, nics.len()) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(container = %args.id, "booting cold: {e}");
+            None
+        }
+    };
     let config = SandboxConfig {
         id: dir.sandbox_id(),
         root: root.to_path_buf(),
-        memory_mib: spec.vm_memory_mib(),
-        vcpus: spec.vm_vcpus(),
+        memory_mib,
+        vcpus,
         assets,
         accel,
         shares: vec![Share {
@@ -148,17 +160,24 @@ async fn run(args: &HolderArgs, root: &Path, spec: Spec, sync: &mut Sync) -> any
             path: dir.share(),
             readonly: false,
         }],
-        nics: network.as_ref().map(|n| n.nics.clone()).unwrap_or_default(),
+        nics,
         hostname: if spec.hostname.is_empty() {
             args.id.chars().take(12).collect()
         } else {
             spec.hostname.clone()
         },
         boot_timeout: default_boot_timeout(accel),
-        template: None,
+        template,
     };
     tracing::info!(container = %args.id, %accel, memory = config.memory_mib, vcpus = config.vcpus, "booting the container's VM");
     let sb = Sandbox::start(config).await?;
+    match (&sb.cloned_from, &sb.fallback) {
+        (Some(t), _) => {
+            tracing::info!(container = %args.id, template = %t, "cloned the container's VM")
+        }
+        (None, Some(why)) => tracing::warn!(container = %args.id, "{why}"),
+        _ => {}
+    }
     let created = create_in(&sb, args, &spec, network.as_ref(), mounts).await;
     if let Err(e) = created {
         sb.destroy().await;

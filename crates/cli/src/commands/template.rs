@@ -28,6 +28,11 @@ pub struct CreateArgs {
     /// Template name.
     #[arg(long)]
     name: String,
+    /// Network devices in the template's VM. Pods and OCI containers with
+    /// a network (one Ethernet interface: 1) clone only a template with as
+    /// many; each clone gets its own tap devices and MACs.
+    #[arg(long, default_value_t = 0)]
+    nics: usize,
     #[command(flatten)]
     vm: VmArgs,
 }
@@ -37,8 +42,8 @@ pub async fn run(cmd: TemplateCommand, root: &Path) -> anyhow::Result<u8> {
         TemplateCommand::Create(args) => create(args, root).await,
         TemplateCommand::List => {
             println!(
-                "{:<20} {:>8} {:>6} {:>10} {:>6} {:>10}",
-                "NAME", "MEMORY", "VCPUS", "SIZE", "ACCEL", "AGE"
+                "{:<20} {:>8} {:>6} {:>5} {:>10} {:>6} {:>10}",
+                "NAME", "MEMORY", "VCPUS", "NICS", "SIZE", "ACCEL", "AGE"
             );
             for t in Template::list(root) {
                 match t {
@@ -48,10 +53,11 @@ pub async fn run(cmd: TemplateCommand, root: &Path) -> anyhow::Result<u8> {
                             .map(|d| d.as_secs().saturating_sub(t.meta.created_unix))
                             .unwrap_or(0);
                         println!(
-                            "{:<20} {:>6}Mi {:>6} {:>8}Mi {:>6} {:>9}s",
+                            "{:<20} {:>6}Mi {:>6} {:>5} {:>8}Mi {:>6} {:>9}s",
                             t.meta.name,
                             t.meta.memory_mib,
                             t.meta.vcpus,
+                            t.meta.nics,
                             t.size() >> 20,
                             t.meta.accel,
                             age
@@ -71,6 +77,11 @@ pub async fn run(cmd: TemplateCommand, root: &Path) -> anyhow::Result<u8> {
 
 async fn create(args: CreateArgs, root: &Path) -> anyhow::Result<u8> {
     let accel = args.vm.accel()?;
+    if args.nics > 8 {
+        anyhow::bail!("--nics {}: at most 8", args.nics);
+    }
+    // Taps of our own, gone when we exit: only the device model is saved.
+    let (nics, _taps) = sandbox::network::scratch_nics(args.nics)?;
     let config = SandboxConfig {
         id: String::new(),
         root: root.to_path_buf(),
@@ -79,15 +90,15 @@ async fn create(args: CreateArgs, root: &Path) -> anyhow::Result<u8> {
         assets: args.vm.assets()?,
         accel,
         shares: Vec::new(),
-        nics: Vec::new(),
+        nics,
         hostname: "podvisor".into(),
         boot_timeout: default_boot_timeout(accel),
         template: None,
     };
     let t = Template::create(config, &args.name).await?;
     println!(
-        "{} ({} MiB, {} vcpus, {accel})",
-        t.meta.name, t.meta.memory_mib, t.meta.vcpus
+        "{} ({} MiB, {} vcpus, {} nics, {accel})",
+        t.meta.name, t.meta.memory_mib, t.meta.vcpus, t.meta.nics
     );
     Ok(0)
 }
