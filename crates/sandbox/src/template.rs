@@ -280,6 +280,7 @@ mod tests {
             initrd: "/i".into(),
             accel: "tcg".into(),
             created_unix: 0,
+            nics: 0,
         };
         fs::write(dir.join(META), serde_json::to_vec(&meta).unwrap()).unwrap();
         fs::write(dir.join(MEMORY), vec![0u8; 1024]).unwrap();
