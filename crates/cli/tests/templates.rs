@@ -211,3 +211,52 @@ fn template_verbs_refuse_bad_input() {
     );
     assert!(!root.path.join("templates/t").exists());
 }
+
+#[test]
+fn oci_run_clones_its_vm_from_the_policy_template() {
+    let root = StateRoot::new("oci-policy");
+    // The container's VM is the default shape (256 MiB, 1 vCPU, no NIC).
+    let o =
+        output(podvisor(&root).args(["template", "create", "--name", "oci", "--memory", "256"]));
+    assert!(o.status.success(), "template create: {}", text(&o.stderr));
+    let policy = root.path.join("policy.toml");
+    std::fs::write(&policy, "template = \"oci\"\n").unwrap();
+    let log = root.path.join("run.log");
+    let bundle = test_utils::Bundle::new("policy", |c| {
+        c["process"]["args"] = serde_json::json!(["sh", "-c", "echo hi from $(hostname); exit 3"]);
+        c["hostname"] = "cloned-box".into();
+    });
+    let out = output(
+        podvisor(&root)
+            .env("PODVISOR_CONFIG", &policy)
+            .arg("--log")
+            .arg(&log)
+            .args(["run", "--bundle", bundle.path.to_str().unwrap(), "c1"]),
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "hi from cloned-box\n");
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        logged.contains("cloned the container's VM") && logged.contains("oci"),
+        "the holder's log: {logged}"
+    );
+    // A policy naming a template that does not fit: a cold boot, said why.
+    let o =
+        output(podvisor(&root).args(["template", "create", "--name", "tiny", "--memory", "128"]));
+    assert!(o.status.success(), "template create: {}", text(&o.stderr));
+    std::fs::write(&policy, "template = \"tiny\"\n").unwrap();
+    let out = output(
+        podvisor(&root)
+            .env("PODVISOR_CONFIG", &policy)
+            .arg("--log")
+            .arg(&log)
+            .args(["run", "--bundle", bundle.path.to_str().unwrap(), "c2"]),
+    );
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        logged.contains("does not fit"),
+        "the holder's log: {logged}"
+    );
+    root.assert_clean();
+}
