@@ -583,3 +583,85 @@ pub fn host_kernel() -> String {
         .trim()
         .to_string()
 }
+
+/// Processes on this host, as pid strings.
+pub fn pids() -> Vec<String> {
+    std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().to_str().map(String::from))
+                .filter(|p| p.chars().all(|c| c.is_ascii_digit()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The command line of process `pid`, arguments joined by spaces ("" if gone).
+pub fn cmdline(pid: &str) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+/// The parent pid of process `pid` ("" if gone).
+pub fn parent(pid: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit(')')
+                .next()?
+                .split_whitespace()
+                .nth(1)
+                .map(String::from)
+        })
+        .unwrap_or_default()
+}
+
+/// The pid of the podvisor shim serving `pod` (started with `-id POD`).
+pub fn shim_of(pod: &str) -> Option<String> {
+    pids().into_iter().find(|p| {
+        let cmd = cmdline(p);
+        cmd.contains("containerd-shim-podvisor-v2") && cmd.contains(pod)
+    })
+}
+
+/// A CRI client (what kubelet speaks) on containerd's socket.
+pub mod cri {
+    use std::path::{Path, PathBuf};
+
+    use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+    use k8s_cri::v1::{PodSandboxConfig, PodSandboxMetadata};
+    use tonic::transport::{Channel, Endpoint, Uri};
+
+    pub type Cri = RuntimeServiceClient<Channel>;
+
+    pub async fn connect(socket: PathBuf) -> Cri {
+        let channel = Endpoint::try_from("http://cri")
+            .unwrap()
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let socket = socket.clone();
+                async move {
+                    let s = tokio::net::UnixStream::connect(socket).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+                }
+            }))
+            .await
+            .expect("connecting to containerd's CRI socket");
+        RuntimeServiceClient::new(channel)
+    }
+
+    /// A pod named `name` in Kubernetes namespace `namespace`, logging to `logs`.
+    pub fn pod_config(name: &str, namespace: &str, logs: &Path) -> PodSandboxConfig {
+        PodSandboxConfig {
+            metadata: Some(PodSandboxMetadata {
+                name: name.into(),
+                uid: format!("uid-{name}-{}", std::process::id()),
+                namespace: namespace.into(),
+                attempt: 0,
+            }),
+            hostname: name.into(),
+            log_directory: logs.to_string_lossy().into_owned(),
+            ..Default::default()
+        }
+    }
+}

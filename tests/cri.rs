@@ -3,52 +3,23 @@
 //! CRI gRPC API as kubelet drives it. One pod is one VM with its containers
 //! inside; pods reach each other by pod IP.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     AttachRequest, ContainerConfig, ContainerFilter, ContainerMetadata, ContainerState,
     ContainerStatusRequest, CreateContainerRequest, ExecRequest, ExecSyncRequest, ImageSpec,
     LinuxContainerConfig, LinuxContainerResources, LinuxPodSandboxConfig, ListContainersRequest,
-    PodSandboxConfig, PodSandboxMetadata, PodSandboxState, PodSandboxStatusRequest,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
+    PodSandboxConfig, PodSandboxState, PodSandboxStatusRequest, RemovePodSandboxRequest,
+    RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
     UpdateContainerResourcesRequest,
 };
-use podvisor_client_tests::{Containerd, Scratch};
-use tonic::transport::{Channel, Endpoint, Uri};
+use podvisor_client_tests::cri::{self, connect, Cri};
+use podvisor_client_tests::{cmdline, parent, pids, shim_of, Containerd, Scratch};
 
 const IMAGE: &str = "localhost/busybox:latest";
 
-type Cri = RuntimeServiceClient<Channel>;
-
-async fn connect(socket: PathBuf) -> Cri {
-    let channel = Endpoint::try_from("http://cri")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move {
-                let s = tokio::net::UnixStream::connect(socket).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-            }
-        }))
-        .await
-        .expect("connecting to containerd's CRI socket");
-    RuntimeServiceClient::new(channel)
-}
-
 fn pod_config(name: &str, logs: &std::path::Path) -> PodSandboxConfig {
-    PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: name.into(),
-            uid: format!("uid-{name}-{}", std::process::id()),
-            namespace: "default".into(),
-            attempt: 0,
-        }),
-        hostname: name.into(),
-        log_directory: logs.to_string_lossy().into_owned(),
-        ..Default::default()
-    }
+    cri::pod_config(name, "default", logs)
 }
 
 async fn run_pod(cri: &mut Cri, config: &PodSandboxConfig) -> String {
@@ -133,40 +104,10 @@ async fn exec_sync(cri: &mut Cri, id: &str, cmd: &[&str]) -> (i32, String) {
     )
 }
 
-/// The pid of the shim serving `pod`.
-fn shim_of(pod: &str) -> Option<String> {
-    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
-        let pid = e.file_name().to_str()?.to_string();
-        let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
-        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-        (cmd.contains("containerd-shim-podvisor-v2") && cmd.contains(pod)).then_some(pid)
-    })
-}
-
 /// QEMU processes whose parent is the shim of `pod` (started `-id POD`).
 fn vms_of(pod: &str) -> usize {
-    let cmdline = |pid: &str| {
-        std::fs::read(format!("/proc/{pid}/cmdline"))
-            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-            .unwrap_or_default()
-    };
-    let ppid = |pid: &str| {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| {
-                s.rsplit(')')
-                    .next()?
-                    .split_whitespace()
-                    .nth(1)
-                    .map(String::from)
-            })
-            .unwrap_or_default()
-    };
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().map(String::from))
-        .filter(|p| p.chars().all(|c| c.is_ascii_digit()))
+    pids()
+        .into_iter()
         .filter(|p| {
             cmdline(p)
                 .split(' ')
@@ -174,7 +115,7 @@ fn vms_of(pod: &str) -> usize {
                 .is_some_and(|a| a.contains("qemu-system"))
         })
         .filter(|p| {
-            let parent = cmdline(&ppid(p));
+            let parent = cmdline(&parent(p));
             parent.contains("containerd-shim-podvisor-v2") && parent.contains(pod)
         })
         .count()
@@ -691,22 +632,9 @@ async fn pods_clone_their_vm_from_the_factory_template() {
 /// The command line of the pod's QEMU.
 fn cloned_vm_cmdline(pod: &str) -> String {
     let shim = shim_of(pod).expect("the pod's shim");
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().map(String::from))
-        .filter(|p| p.chars().all(|c| c.is_ascii_digit()))
-        .find_map(|p| {
-            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
-            let ppid = stat
-                .rsplit(')')
-                .next()?
-                .split_whitespace()
-                .nth(1)?
-                .to_string();
-            let cmd = std::fs::read(format!("/proc/{p}/cmdline")).ok()?;
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            (ppid == shim && cmd.contains("qemu-system")).then_some(cmd)
-        })
+    pids()
+        .into_iter()
+        .find(|p| parent(p) == shim && cmdline(p).contains("qemu-system"))
+        .map(|p| cmdline(&p))
         .unwrap_or_default()
 }

@@ -4,47 +4,17 @@
 //! teardown (StopPodSandbox + RemovePodSandbox), and the host memory (PSS) of
 //! one pod with two idle containers. Medians; the accelerator is printed.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, CreateContainerRequest, ImageSpec, PodSandboxConfig,
-    PodSandboxMetadata, RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest,
-    StopPodSandboxRequest,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
 };
-use podvisor_client_tests::{Containerd, Scratch};
-use tonic::transport::{Channel, Endpoint, Uri};
-
-type Cri = RuntimeServiceClient<Channel>;
-
-async fn connect(socket: PathBuf) -> Cri {
-    let channel = Endpoint::try_from("http://cri")
-        .unwrap()
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move {
-                let s = tokio::net::UnixStream::connect(socket).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-            }
-        }))
-        .await
-        .expect("connecting to containerd's CRI socket");
-    RuntimeServiceClient::new(channel)
-}
+use podvisor_client_tests::cri::{self, connect, Cri};
+use podvisor_client_tests::{cmdline, parent, pids, Containerd, Scratch};
 
 fn pod_config(name: &str, logs: &std::path::Path) -> PodSandboxConfig {
-    PodSandboxConfig {
-        metadata: Some(PodSandboxMetadata {
-            name: name.into(),
-            uid: format!("uid-{name}"),
-            namespace: "bench".into(),
-            attempt: 0,
-        }),
-        hostname: name.into(),
-        log_directory: logs.to_string_lossy().into_owned(),
-        ..Default::default()
-    }
+    cri::pod_config(name, "bench", logs)
 }
 
 async fn add_container(cri: &mut Cri, pod: &str, config: &PodSandboxConfig, name: &str) {
@@ -90,34 +60,10 @@ fn pss_kib(pid: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn cmdline(pid: &str) -> String {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
-        .unwrap_or_default()
-}
-
-fn parent(pid: &str) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit(')')
-                .next()?
-                .split_whitespace()
-                .nth(1)
-                .map(String::from)
-        })
-        .unwrap_or_default()
-}
-
 /// PSS (MiB) of everything the pod runs on the host: its shim and the
 /// shim's descendants (QEMU for podvisor; pause and containers for runc).
 fn pod_pss_mib(pod: &str) -> f64 {
-    let pids: Vec<String> = std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().map(String::from))
-        .filter(|p| p.chars().all(|c| c.is_ascii_digit()))
-        .collect();
+    let pids = pids();
     let shims: Vec<&String> = pids
         .iter()
         .filter(|p| {

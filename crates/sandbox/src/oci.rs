@@ -303,6 +303,14 @@ impl Spec {
         Some((!ns.path.is_empty()).then(|| PathBuf::from(&ns.path)))
     }
 
+    /// The sysctls to write in the container's namespaces.
+    pub fn sysctl(&self) -> std::collections::HashMap<String, String> {
+        self.linux
+            .as_ref()
+            .map(|l| l.sysctl.clone().into_iter().collect())
+            .unwrap_or_default()
+    }
+
     /// The guest-side limits of the container's cgroup.
     pub fn agent_resources(&self) -> agent_proto::Resources {
         self.resources()

@@ -73,6 +73,31 @@ fn not_found(what: &str, id: &str) -> ttrpc::Error {
     err(Code::NOT_FOUND, format!("{what} {id} not found"))
 }
 
+fn container<'a>(pod: &'a Pod, id: &str) -> TtrpcResult<&'a Container> {
+    pod.containers
+        .get(id)
+        .ok_or_else(|| not_found("container", id))
+}
+
+fn container_mut<'a>(pod: &'a mut Pod, id: &str) -> TtrpcResult<&'a mut Container> {
+    pod.containers
+        .get_mut(id)
+        .ok_or_else(|| not_found("container", id))
+}
+
+impl Container {
+    /// The init process ("") or an exec, or NotFound.
+    fn process_or_err(&self, exec_id: &str) -> TtrpcResult<&Process> {
+        self.process(exec_id)
+            .ok_or_else(|| not_found("exec", exec_id))
+    }
+
+    fn process_mut_or_err(&mut self, exec_id: &str) -> TtrpcResult<&mut Process> {
+        self.process_mut(exec_id)
+            .ok_or_else(|| not_found("exec", exec_id))
+    }
+}
+
 /// An agent error as containerd takes it: the gRPC code kept (containerd
 /// treats NotFound as "already gone"), the message said in context.
 fn agent_err(what: &str) -> impl Fn(tonic::Status) -> ttrpc::Error + '_ {
@@ -556,11 +581,7 @@ impl Service {
             process: Some(spec.process().to_agent()),
             resources: Some(spec.agent_resources()),
             mounts,
-            sysctl: spec
-                .linux
-                .as_ref()
-                .map(|l| l.sysctl.clone().into_iter().collect())
-                .unwrap_or_default(),
+            sysctl: spec.sysctl(),
             pod_shared: matches!(c.kind, Kind::Member(_)),
         };
         bounded("creating the container", client.create_container(request))
@@ -715,14 +736,9 @@ impl Task for Service {
         let mut pod = self.inner.pod.lock().await;
         let pid = pod.vm_pid();
         let client = Self::agent(&pod);
-        let c = pod
-            .containers
-            .get_mut(&req.id)
-            .ok_or_else(|| not_found("container", &req.id))?;
+        let c = container_mut(&mut pod, &req.id)?;
         let kind = c.kind.clone();
-        let p = c
-            .process_mut(&req.exec_id)
-            .ok_or_else(|| not_found("exec", &req.exec_id))?;
+        let p = c.process_mut_or_err(&req.exec_id)?;
         if p.state != State::Created {
             return Err(err(
                 Code::FAILED_PRECONDITION,
@@ -803,13 +819,8 @@ impl Task for Service {
         let mut pod = self.inner.pod.lock().await;
         let pid = pod.vm_pid();
         let client = Self::agent(&pod).ok();
-        let c = pod
-            .containers
-            .get_mut(&req.id)
-            .ok_or_else(|| not_found("container", &req.id))?;
-        let p = c
-            .process(&req.exec_id)
-            .ok_or_else(|| not_found("exec", &req.exec_id))?;
+        let c = container_mut(&mut pod, &req.id)?;
+        let p = c.process_or_err(&req.exec_id)?;
         if matches!(p.state, State::Running | State::Paused) {
             return Err(err(
                 Code::FAILED_PRECONDITION,
@@ -880,10 +891,7 @@ impl Task for Service {
     ) -> TtrpcResult<api::PidsResponse> {
         let (client, vm_pid) = {
             let pod = self.inner.pod.lock().await;
-            let c = pod
-                .containers
-                .get(&req.id)
-                .ok_or_else(|| not_found("container", &req.id))?;
+            let c = container(&pod, &req.id)?;
             let client = if c.in_guest() {
                 Some(Self::agent(&pod)?)
             } else {
@@ -941,14 +949,9 @@ impl Task for Service {
         let mut pod = self.inner.pod.lock().await;
         let pid = pod.vm_pid();
         let client = Self::agent(&pod);
-        let c = pod
-            .containers
-            .get_mut(&req.id)
-            .ok_or_else(|| not_found("container", &req.id))?;
+        let c = container_mut(&mut pod, &req.id)?;
         let kind = c.kind.clone();
-        let p = c
-            .process_mut(&req.exec_id)
-            .ok_or_else(|| not_found("exec", &req.exec_id))?;
+        let p = c.process_mut_or_err(&req.exec_id)?;
         if p.state == State::Stopped || p.ended {
             return Err(err(Code::NOT_FOUND, "process already finished"));
         }
@@ -1007,10 +1010,7 @@ impl Task for Service {
             ));
         }
         let mut pod = self.inner.pod.lock().await;
-        let c = pod
-            .containers
-            .get_mut(&req.id)
-            .ok_or_else(|| not_found("container", &req.id))?;
+        let c = container_mut(&mut pod, &req.id)?;
         if !c.in_guest() {
             return Err(err(
                 Code::FAILED_PRECONDITION,
@@ -1075,12 +1075,7 @@ impl Task for Service {
         req: api::CloseIORequest,
     ) -> TtrpcResult<api::Empty> {
         let pod = self.inner.pod.lock().await;
-        let p = pod
-            .containers
-            .get(&req.id)
-            .ok_or_else(|| not_found("container", &req.id))?
-            .process(&req.exec_id)
-            .ok_or_else(|| not_found("exec", &req.exec_id))?;
+        let p = container(&pod, &req.id)?.process_or_err(&req.exec_id)?;
         if req.stdin {
             if let Some(n) = &p.close_stdin {
                 n.notify_one();
@@ -1098,10 +1093,7 @@ impl Task for Service {
             .map_err(|e| err(Code::INVALID_ARGUMENT, format!("resources: {e}")))?;
         let mut client = {
             let pod = self.inner.pod.lock().await;
-            let c = pod
-                .containers
-                .get(&req.id)
-                .ok_or_else(|| not_found("container", &req.id))?;
+            let c = container(&pod, &req.id)?;
             if !c.in_guest() {
                 // The pod's limits size the VM; they cannot change after boot.
                 return Ok(api::Empty::default());
@@ -1123,11 +1115,8 @@ impl Task for Service {
     ) -> TtrpcResult<api::WaitResponse> {
         let mut exit = {
             let pod = self.inner.pod.lock().await;
-            pod.containers
-                .get(&req.id)
-                .ok_or_else(|| not_found("container", &req.id))?
-                .process(&req.exec_id)
-                .ok_or_else(|| not_found("exec", &req.exec_id))?
+            container(&pod, &req.id)?
+                .process_or_err(&req.exec_id)?
                 .exit
                 .subscribe()
         };
@@ -1154,10 +1143,7 @@ impl Task for Service {
         };
         let client = {
             let pod = self.inner.pod.lock().await;
-            let c = pod
-                .containers
-                .get(&req.id)
-                .ok_or_else(|| not_found("container", &req.id))?;
+            let c = container(&pod, &req.id)?;
             if c.in_guest() {
                 Some(Self::agent(&pod)?)
             } else {
@@ -1241,13 +1227,8 @@ impl Task for Service {
         req: api::StateRequest,
     ) -> TtrpcResult<api::StateResponse> {
         let pod = self.inner.pod.lock().await;
-        let c = pod
-            .containers
-            .get(&req.id)
-            .ok_or_else(|| not_found("container", &req.id))?;
-        let p = c
-            .process(&req.exec_id)
-            .ok_or_else(|| not_found("exec", &req.exec_id))?;
+        let c = container(&pod, &req.id)?;
+        let p = c.process_or_err(&req.exec_id)?;
         let e = p.exited();
         Ok(api::StateResponse {
             id: req.id.clone(),
@@ -1278,10 +1259,7 @@ impl Service {
     async fn set_paused(&self, id: &str, paused: bool) -> TtrpcResult<api::Empty> {
         let mut pod = self.inner.pod.lock().await;
         let client = Self::agent(&pod);
-        let c = pod
-            .containers
-            .get_mut(id)
-            .ok_or_else(|| not_found("container", id))?;
+        let c = container_mut(&mut pod, id)?;
         let (from, to) = if paused {
             (State::Running, State::Paused)
         } else {

@@ -281,11 +281,7 @@ async fn create_in(
             process: Some(process),
             resources: Some(spec.agent_resources()),
             mounts,
-            sysctl: spec
-                .linux
-                .as_ref()
-                .map(|l| l.sysctl.clone().into_iter().collect())
-                .unwrap_or_default(),
+            sysctl: spec.sysctl(),
             pod_shared: false,
         })
         .await
