@@ -45,6 +45,19 @@ fn wait_status(root: &StateRoot, config: &std::path::Path, want: &str) {
     }
 }
 
+/// Waits for `n` sandboxes under the root: handed-out clones retired.
+fn wait_sandboxes(root: &StateRoot, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while root.sandboxes().len() != n {
+        assert!(
+            Instant::now() < deadline,
+            "a handed-out clone stayed: {:?}",
+            root.sandboxes()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The daemon, killed if the test fails before it stops it (its VMs die with it).
 struct Daemon(std::process::Child);
 
@@ -69,7 +82,7 @@ fn pool_hands_out_ready_clones_and_refills() {
             .arg("--config")
             .arg(&config),
     );
-    let mut daemon = Daemon(daemon);
+    let daemon = Daemon(daemon);
     wait_status(&root, &config, "p: 2 of 2 ready");
 
     let mut boot_ids = Vec::new();
@@ -109,20 +122,10 @@ fn pool_hands_out_ready_clones_and_refills() {
     caller.kill().unwrap();
     caller.wait().unwrap();
     wait_status(&root, &config, "p: 2 of 2 ready, 3 handed out");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while root.sandboxes().len() != 2 {
-        assert!(
-            Instant::now() < deadline,
-            "the killed caller's clone stayed: {:?}",
-            root.sandboxes()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_sandboxes(&root, 2);
 
     // SIGTERM: the daemon retires its ready clones and leaves nothing.
-    // SAFETY: kill with the pid of our own child.
-    unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) };
-    assert!(daemon.0.wait().unwrap().success());
+    stop(daemon);
     assert!(status(&root, &config).contains("not served"));
     let o = output(podvisor(&root).args(["template", "rm", "p"]));
     assert!(o.status.success());
@@ -162,4 +165,163 @@ fn broken_policy_is_refused() {
     }
     let o = output(podvisor(&root).args(["pool", "serve", "--config", "/nonexistent/config.toml"]));
     assert!(text(&o.stderr).contains("/nonexistent/config.toml"));
+}
+
+/// Stops the daemon with SIGTERM and waits for a clean exit.
+fn stop(mut daemon: Daemon) {
+    // SAFETY: kill with the pid of our own child.
+    unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) };
+    assert!(daemon.0.wait().unwrap().success());
+}
+
+#[test]
+fn oci_run_takes_its_vm_from_the_pool() {
+    let root = StateRoot::new("pool-oci");
+    let o =
+        output(podvisor(&root).args(["template", "create", "--name", "oci", "--memory", "256"]));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    // One policy file: the front ends' template, and a pool of it.
+    let config = root.path.join("config.toml");
+    std::fs::write(
+        &config,
+        "template = \"oci\"\n[[pool]]\ntemplate = \"oci\"\nsize = 1\n",
+    )
+    .unwrap();
+    let (daemon, _out) = spawn_until_ready(
+        podvisor(&root)
+            .arg("pool")
+            .arg("serve")
+            .arg("--config")
+            .arg(&config),
+    );
+    let daemon = Daemon(daemon);
+    wait_status(&root, &config, "oci: 1 of 1 ready");
+
+    // A volume: the container's share goes into the pooled VM whole.
+    let volume = root.path.join("volume");
+    std::fs::create_dir_all(&volume).unwrap();
+    std::fs::write(volume.join("hello"), "from the host\n").unwrap();
+    let bundle = test_utils::Bundle::new("pooled", |c| {
+        c["process"]["args"] = serde_json::json!([
+            "sh",
+            "-c",
+            "cat /data/hello; echo written > /data/back; echo on $(hostname); exit 4"
+        ]);
+        c["hostname"] = "pooled-box".into();
+        c["mounts"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({
+                "destination": "/data",
+                "type": "bind",
+                "source": volume,
+                "options": ["rbind", "rw"],
+            }));
+    });
+    let log = root.path.join("run.log");
+    let out = output(
+        podvisor(&root)
+            .env("PODVISOR_CONFIG", &config)
+            .arg("--log")
+            .arg(&log)
+            .args(["run", "--bundle", bundle.path.to_str().unwrap(), "p1"]),
+    );
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "from the host\non pooled-box\n");
+    assert_eq!(
+        std::fs::read_to_string(volume.join("back")).unwrap(),
+        "written\n"
+    );
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        logged.contains("took a ready VM from the pool"),
+        "the holder's log: {logged}"
+    );
+    // The pool refills, and the container's clone is gone with it.
+    wait_status(&root, &config, "oci: 1 of 1 ready, 1 handed out");
+    wait_sandboxes(&root, 1);
+    assert!(root.containers().is_empty(), "{:?}", root.containers());
+    stop(daemon);
+    let o = output(podvisor(&root).args(["template", "rm", "oci"]));
+    assert!(o.status.success());
+}
+
+/// Sends one line on the pool's socket and returns the answer.
+fn ask(conn: &mut std::os::unix::net::UnixStream, line: &str) -> String {
+    use std::io::{BufRead, Write};
+    conn.write_all(format!("{line}\n").as_bytes()).unwrap();
+    let mut answer = String::new();
+    std::io::BufReader::new(&*conn)
+        .read_line(&mut answer)
+        .unwrap();
+    answer
+}
+
+#[test]
+fn pool_daemon_refuses_bad_requests() {
+    let root = StateRoot::new("pool-requests");
+    let o = output(podvisor(&root).args(["template", "create", "--name", "q", "--memory", "128"]));
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    let config = root.path.join("config.toml");
+    std::fs::write(&config, "[[pool]]\ntemplate = \"q\"\nsize = 1\n").unwrap();
+    let (daemon, _out) = spawn_until_ready(
+        podvisor(&root)
+            .arg("pool")
+            .arg("serve")
+            .arg("--config")
+            .arg(&config),
+    );
+    let daemon = Daemon(daemon);
+    wait_status(&root, &config, "q: 1 of 1 ready");
+    let sock = root.path.join("pools/q.sock");
+    let connect = || std::os::unix::net::UnixStream::connect(&sock).unwrap();
+
+    // Anything but a request for a clone first; garbage; a silent caller.
+    let mut c = connect();
+    assert!(ask(&mut c, r#"{"op":"attach","name":"x"}"#).contains("ask for a clone first"));
+    let mut c = connect();
+    std::io::Write::write_all(&mut c, b"not json\n").unwrap();
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut c, &mut rest);
+    assert_eq!(rest, "", "garbage gets no answer, only a hang-up");
+    let _silent = connect();
+
+    // Tap devices the template has no NICs for: refused (the clone is
+    // retired, and the pool refills).
+    let mut c = connect();
+    assert!(
+        ask(&mut c, r#"{"op":"take","nics":2}"#).contains("the template has 0 NICs"),
+        "a take with NICs the template lacks"
+    );
+    drop(c);
+    wait_status(&root, &config, "q: 1 of 1 ready, 1 handed out");
+
+    // A clone taken: attach points must be plain names, and carry a tree.
+    let mut c = connect();
+    let taken = ask(&mut c, r#"{"op":"take","nics":0}"#);
+    assert!(taken.contains("agent_socket"), "{taken}");
+    for (line, want) in [
+        (r#"{"op":"attach","name":"../etc"}"#, "not a plain name"),
+        (r#"{"op":"attach","name":""}"#, "not a plain name"),
+        (r#"{"op":"attach","name":"ok"}"#, "no mount tree came"),
+        (r#"{"op":"detach","name":"a/b"}"#, "not a plain name"),
+        (r#"{"op":"take","nics":0}"#, "already holds a clone"),
+        (r#"{"op":"dance"}"#, "bad request"),
+    ] {
+        let answer = ask(&mut c, line);
+        assert!(answer.contains(want), "{line}: {answer}");
+    }
+    drop(c);
+    wait_status(&root, &config, "q: 1 of 1 ready, 2 handed out");
+    wait_sandboxes(&root, 1);
+    assert_eq!(
+        std::fs::read_dir(root.path.join("pools/q"))
+            .unwrap()
+            .count(),
+        1,
+        "a retired clone's share is removed"
+    );
+    stop(daemon);
+    let o = output(podvisor(&root).args(["template", "rm", "q"]));
+    assert!(o.status.success());
 }

@@ -237,7 +237,7 @@ fn oci_run_clones_its_vm_from_the_policy_template() {
     assert_eq!(text(&out.stdout), "hi from cloned-box\n");
     let logged = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
-        logged.contains("cloned the container's VM") && logged.contains("oci"),
+        logged.contains("cloned the VM") && logged.contains("oci"),
         "the holder's log: {logged}"
     );
     // A policy naming a template that does not fit: a cold boot, said why.

@@ -73,6 +73,11 @@ pub struct VmConfig {
     pub kernel_args: Vec<String>,
     pub shares: Vec<Share>,
     pub nics: Vec<Nic>,
+    /// Put each NIC behind a hub of its own, so that its tap can join after
+    /// start (templates and their clones: the tap is the clone's, the device
+    /// state the template's; both must see the same backend features). A
+    /// NIC with neither `fd` nor `tap` then starts unconnected.
+    pub nic_hubs: bool,
     pub memory: MemoryBackend,
     pub accel: Accel,
     /// Unix socket the agent channel is served on (the VMM listens).

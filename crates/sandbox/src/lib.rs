@@ -7,6 +7,7 @@ pub mod container;
 pub mod io;
 pub mod network;
 pub mod oci;
+mod fdmsg;
 pub mod pool;
 pub mod proxy;
 mod sandbox;

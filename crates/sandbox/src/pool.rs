@@ -6,21 +6,21 @@
 //! caller is done, or was killed) the daemon tears the VM down.
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use hypervisor::Share;
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::mount::{umount2, MntFlags};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 
 use crate::agent::{self, AgentClient, AgentError};
+use crate::fdmsg;
 use crate::template::{Template, ROOTFS_TAG};
 use crate::{Sandbox, SandboxConfig, SandboxError, Timings};
 
-/// Where a pooled clone's container root is bound inside its share (the
+/// Where `sandbox run` attaches its root in a pooled clone's share (the
 /// share's top is opened by the VMM at start and cannot be mounted over).
 pub const ROOTFS_SUBPATH: &str = "rootfs";
 pub const DEFAULT_CONFIG: &str = "/etc/podvisor/config.toml";
@@ -87,6 +87,52 @@ pub fn template_for(
     Ok(Some(t))
 }
 
+/// The factory, as the OCI CLI and the shim use it: a ready clone from the
+/// pool of the policy's template when a pool serves it, else a clone of the
+/// template when it fits `config`'s shape, else a cold boot. Logs which
+/// (and why not a clone). A pooled VM's share starts empty: the caller
+/// fills it with `Sandbox::attach` instead of `config.shares`.
+pub async fn provide(mut config: SandboxConfig) -> Result<Sandbox, SandboxError> {
+    let (mem, vcpus, nics) = (config.memory_mib, config.vcpus, config.nics.len());
+    let template = match template_for(&config.root, mem, vcpus, nics) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(sandbox = %config.id, "booting cold: {e}");
+            None
+        }
+    };
+    if let Some(t) = &template {
+        let taps: Option<Vec<RawFd>> = config.nics.iter().map(|n| n.fd).collect();
+        let name = &t.meta.name;
+        let taken = match taps {
+            Some(taps) => take(&config.root, name, &config.hostname, &taps).await,
+            None => Err(SandboxError::Invalid("a NIC has no open tap device".into())),
+        };
+        match taken {
+            Ok(Some(mut sb)) => {
+                if let Err(e) = sb.adopt(&config.root, &config.id) {
+                    sb.destroy().await;
+                    return Err(e);
+                }
+                let ms = sb.timings.agent_ready.as_millis() as u64;
+                tracing::info!(sandbox = %config.id, template = %name, ready_ms = ms, "took a ready VM from the pool");
+                return Ok(sb);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(sandbox = %config.id, template = %name, "pool: {e}; cloning instead"),
+        }
+    }
+    config.template = template;
+    let sb = Sandbox::start(config).await?;
+    let ms = sb.timings.agent_ready.as_millis() as u64;
+    match (&sb.cloned_from, &sb.fallback) {
+        (Some(t), _) => tracing::info!(sandbox = %sb.id, template = %t, ready_ms = ms, "cloned the VM"),
+        (None, Some(why)) => tracing::warn!(sandbox = %sb.id, "{why}"),
+        _ => tracing::info!(sandbox = %sb.id, ready_ms = ms, "booted the VM cold"),
+    }
+    Ok(sb)
+}
+
 /// Reads the factory policy.
 pub fn load_config(path: &Path) -> Result<Vec<PoolConfig>, SandboxError> {
     let text = std::fs::read_to_string(path)
@@ -136,13 +182,23 @@ fn write_status(root: &Path, template: &str, s: PoolStatus) {
     }
 }
 
-#[derive(Serialize, Deserialize)]
-struct Request {
-    rootfs: PathBuf,
+/// What a caller says on a pool's socket, a JSON line at a time; it waits
+/// for each answer before saying more.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "op")]
+pub(crate) enum Request {
+    /// A ready clone. The message carries one tap device per NIC of the
+    /// template, made in the caller's network namespace.
+    Take { nics: usize },
+    /// Mount the tree the message carries (an `open_tree` clone of one of
+    /// the caller's directories) at `name` in the clone's share.
+    Attach { name: String },
+    /// Unmount `name` from the clone's share.
+    Detach { name: String },
 }
 
 #[derive(Serialize, Deserialize, Default)]
-struct Reply {
+pub(crate) struct Reply {
     #[serde(default)]
     error: String,
     #[serde(default)]
@@ -155,7 +211,21 @@ struct Reply {
     kernel_release: String,
 }
 
-/// A ready clone: paused, its agent session closed, an empty share.
+impl Reply {
+    fn error(e: impl std::fmt::Display) -> Reply {
+        Reply {
+            error: e.to_string(),
+            ..Default::default()
+        }
+    }
+
+    fn line(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// A ready clone: paused, its agent session closed, an empty share, its
+/// NICs on hubs with no tap yet.
 struct Member {
     sb: Sandbox,
     share: PathBuf,
@@ -165,9 +235,17 @@ struct Member {
 async fn launch_member(root: &Path, template: &Template, n: u64) -> Result<Member, SandboxError> {
     let id = format!("pool-{}-{}-{n}", template.meta.name, std::process::id());
     let share = pools_dir(root).join(&template.meta.name).join(&id);
-    std::fs::create_dir_all(share.join(ROOTFS_SUBPATH))
+    std::fs::create_dir_all(&share)
         .map_err(|e| SandboxError::Invalid(format!("creating {}: {e}", share.display())))?;
     let (memory_mib, vcpus, assets, accel) = template.shape();
+    // The caller's taps join the hubs when it takes the clone.
+    let nics = (0..template.meta.nics)
+        .map(|i| hypervisor::Nic {
+            tap: String::new(),
+            mac: format!("02:00:00:00:00:{i:02x}"),
+            fd: None,
+        })
+        .collect();
     let config = SandboxConfig {
         id,
         root: root.to_path_buf(),
@@ -180,13 +258,20 @@ async fn launch_member(root: &Path, template: &Template, n: u64) -> Result<Membe
             path: share.clone(),
             readonly: false,
         }],
-        nics: Vec::new(),
+        nics,
         hostname: "podvisor".into(),
         boot_timeout: Duration::from_secs(60),
         template: Some(template.clone()),
     };
     let mut sb = match Sandbox::start(config).await {
-        Ok(sb) => sb,
+        Ok(sb) if sb.cloned_from.is_some() => sb,
+        // A pool holds clones only: a cold VM has no hubs to join taps to.
+        Ok(sb) => {
+            let why = sb.fallback.clone().unwrap_or_default();
+            sb.destroy().await;
+            let _ = std::fs::remove_dir_all(&share);
+            return Err(SandboxError::Invalid(why));
+        }
         Err(e) => {
             let _ = std::fs::remove_dir_all(&share);
             return Err(e);
@@ -214,61 +299,170 @@ async fn launch_member(root: &Path, template: &Template, n: u64) -> Result<Membe
     })
 }
 
-async fn retire(member: Member) {
-    let rootfs = member.share.join(ROOTFS_SUBPATH);
-    member.sb.destroy().await;
-    while umount2(&rootfs, MntFlags::MNT_DETACH).is_ok() {}
-    let _ = std::fs::remove_dir(&rootfs);
-    let _ = std::fs::remove_dir(&member.share);
+/// Unmounts everything a caller attached and removes the (then empty) share.
+fn clear_share(share: &Path) {
+    if let Ok(entries) = std::fs::read_dir(share) {
+        for e in entries.flatten() {
+            let path = e.path();
+            while umount2(&path, MntFlags::MNT_DETACH).is_ok() {}
+            let _ = std::fs::remove_dir(&path);
+        }
+    }
+    let _ = std::fs::remove_dir(share);
 }
 
-/// Hands `member` to the caller on `conn`; tears it down when `conn` closes.
-async fn hand_out(mut member: Member, req: Request, mut conn: UnixStream) {
-    let rootfs = member.share.join(ROOTFS_SUBPATH);
-    let bound = mount(
-        Some(&req.rootfs),
-        &rootfs,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
-    );
-    let reply = match bound {
-        Err(e) => Reply {
-            error: format!("binding {} into the clone: {e}", req.rootfs.display()),
-            ..Default::default()
-        },
-        Ok(()) => match member.sb.resume().await {
-            Err(e) => Reply {
-                error: e.to_string(),
-                ..Default::default()
-            },
-            Ok(()) => Reply {
-                sandbox_id: member.sb.id.clone(),
-                agent_socket: member.agent_socket.clone(),
-                vmm_pid: member.sb.vmm_pid(),
-                kernel_release: member.sb.kernel_release.clone(),
-                ..Default::default()
-            },
-        },
-    };
-    let mut line = serde_json::to_vec(&reply).unwrap_or_default();
-    line.push(b'\n');
-    if conn.write_all(&line).await.is_ok() && reply.error.is_empty() {
+async fn retire(member: Member) {
+    member.sb.destroy().await;
+    clear_share(&member.share);
+}
+
+/// A name a caller may attach a tree at: one plain path component.
+fn attach_point(share: &Path, name: &str) -> Result<PathBuf, String> {
+    let plain = !name.is_empty()
+        && name.len() <= 255
+        && name != "."
+        && name != ".."
+        && !name.contains('/')
+        && !name.contains('\0');
+    if plain {
+        Ok(share.join(name))
+    } else {
+        Err(format!("{name:?} is not a plain name"))
+    }
+}
+
+/// Mounts the detached tree `tree` (from `open_tree`) at `share/name`.
+fn attach(share: &Path, name: &str, tree: Option<&OwnedFd>) -> Result<(), String> {
+    let at = attach_point(share, name)?;
+    let tree = tree.ok_or("no mount tree came with the request")?;
+    std::fs::create_dir(&at).map_err(|e| format!("creating {}: {e}", at.display()))?;
+    let moved = move_mount(tree, &at);
+    if let Err(e) = moved {
+        let _ = std::fs::remove_dir(&at);
+        return Err(format!("mounting the tree at {name}: {e}"));
+    }
+    Ok(())
+}
+
+fn detach(share: &Path, name: &str) -> Result<(), String> {
+    let at = attach_point(share, name)?;
+    while umount2(&at, MntFlags::MNT_DETACH).is_ok() {}
+    std::fs::remove_dir(&at).map_err(|e| format!("removing {name}: {e}"))
+}
+
+/// Resumes `member` for the caller on `conn`, its taps joined to the NICs.
+async fn wake(member: &mut Member, nics: usize, taps: &[OwnedFd]) -> Result<Reply, SandboxError> {
+    let want = member.sb.nics();
+    if nics != want || taps.len() != want {
+        return Err(SandboxError::Invalid(format!(
+            "the template has {want} NICs; the request named {nics} and carried {} tap devices",
+            taps.len()
+        )));
+    }
+    for (i, tap) in taps.iter().enumerate() {
+        member.sb.connect_tap(i, tap.as_fd()).await?;
+    }
+    member.sb.resume().await?;
+    Ok(Reply {
+        sandbox_id: member.sb.id.clone(),
+        agent_socket: member.agent_socket.clone(),
+        vmm_pid: member.sb.vmm_pid(),
+        kernel_release: member.sb.kernel_release.clone(),
+        ..Default::default()
+    })
+}
+
+/// Hands `member` to the caller on `conn`, serves its attach and detach
+/// requests, and tears the clone down when `conn` closes.
+async fn hand_out(
+    mut member: Member,
+    nics: usize,
+    taps: Vec<OwnedFd>,
+    mut reader: fdmsg::Reader,
+    conn: UnixStream,
+) {
+    let reply = wake(&mut member, nics, &taps)
+        .await
+        .unwrap_or_else(Reply::error);
+    drop(taps);
+    let ok = reply.error.is_empty();
+    if fdmsg::send_async(&conn, &reply.line()).await.is_ok() && ok {
         // The caller holds the connection while it uses the sandbox.
-        let mut buf = [0u8; 64];
-        while matches!(conn.read(&mut buf).await, Ok(n) if n > 0) {}
+        while let Ok(Some((line, fds))) = reader.recv_async(&conn).await {
+            let done = match serde_json::from_slice::<Request>(&line) {
+                Ok(Request::Attach { name }) => attach(&member.share, &name, fds.first()),
+                Ok(Request::Detach { name }) => detach(&member.share, &name),
+                Ok(Request::Take { .. }) => Err("this connection already holds a clone".into()),
+                Err(e) => Err(format!("bad request: {e}")),
+            };
+            let reply = done.err().map(Reply::error).unwrap_or_default();
+            if fdmsg::send_async(&conn, &reply.line()).await.is_err() {
+                break;
+            }
+        }
     }
     retire(member).await;
 }
 
-async fn read_request(conn: &mut UnixStream) -> Option<Request> {
-    let mut line = String::new();
-    let mut reader = tokio::io::BufReader::new(conn);
-    tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
+/// `move_mount(2)` of a detached tree onto `at`.
+fn move_mount(tree: &OwnedFd, at: &Path) -> std::io::Result<()> {
+    let at = std::ffi::CString::new(at.as_os_str().as_encoded_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: plain syscall; both strings are NUL-terminated and live.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            at.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+
+/// A detached copy of the mount tree at `dir` (with everything mounted
+/// below it), to hand to a pool daemon in another mount namespace.
+pub fn open_tree(dir: &Path) -> Result<OwnedFd, SandboxError> {
+    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|e| SandboxError::Invalid(format!("{}: {e}", dir.display())))?;
+    // SAFETY: plain syscall on a NUL-terminated path.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_RECURSIVE as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(SandboxError::Invalid(format!(
+            "cloning the mount tree at {}: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: a descriptor the kernel just gave us.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// The caller's first message, with its descriptors.
+async fn read_request(
+    conn: &UnixStream,
+    reader: &mut fdmsg::Reader,
+) -> Option<(Request, Vec<OwnedFd>)> {
+    let (line, fds) = tokio::time::timeout(Duration::from_secs(5), reader.recv_async(conn))
         .await
         .ok()?
-        .ok()?;
-    serde_json::from_str(&line).ok()
+        .ok()??;
+    Some((serde_json::from_slice(&line).ok()?, fds))
 }
 
 /// Serves one pool until `shutdown` fires; then retires its ready clones.
@@ -298,7 +492,8 @@ pub async fn serve(
     // meanwhile must not cancel it halfway (and leak its VM).
     let mut refill: Option<tokio::task::JoinHandle<Result<Member, SandboxError>>> = None;
     // Requests are read by their own tasks: a silent caller holds nothing up.
-    let (req_tx, mut req_rx) = tokio::sync::mpsc::unbounded_channel::<(Request, UnixStream)>();
+    type Asked = (usize, Vec<OwnedFd>, fdmsg::Reader, UnixStream);
+    let (req_tx, mut req_rx) = tokio::sync::mpsc::unbounded_channel::<Asked>();
     loop {
         if refill.is_none() && ready.len() < config.size {
             n += 1;
@@ -335,25 +530,31 @@ pub async fn serve(
                 }
             }
             conn = listener.accept() => {
-                if let Ok((mut conn, _)) = conn {
+                if let Ok((conn, _)) = conn {
                     let tx = req_tx.clone();
                     tokio::spawn(async move {
-                        if let Some(req) = read_request(&mut conn).await {
-                            let _ = tx.send((req, conn));
+                        let mut reader = fdmsg::Reader::default();
+                        match read_request(&conn, &mut reader).await {
+                            Some((Request::Take { nics }, taps)) => {
+                                let _ = tx.send((nics, taps, reader, conn));
+                            }
+                            Some(_) => {
+                                let no = Reply::error("ask for a clone first");
+                                let _ = fdmsg::send_async(&conn, &no.line()).await;
+                            }
+                            None => {}
                         }
                     });
                 }
             }
-            Some((req, mut conn)) = req_rx.recv() => match ready.pop_front() {
+            Some((nics, taps, reader, conn)) = req_rx.recv() => match ready.pop_front() {
                 Some(m) => {
                     status.handed_out += 1;
-                    tokio::spawn(hand_out(m, req, conn));
+                    tokio::spawn(hand_out(m, nics, taps, reader, conn));
                 }
                 None => {
-                    let reply = Reply { error: "the pool is empty".into(), ..Default::default() };
-                    let mut line = serde_json::to_vec(&reply).unwrap_or_default();
-                    line.push(b'\n');
-                    let _ = conn.write_all(&line).await;
+                    let empty = Reply::error("the pool is empty");
+                    let _ = fdmsg::send_async(&conn, &empty.line()).await;
                 }
             },
             _ = shutdown.changed() => break,
@@ -375,13 +576,34 @@ pub async fn serve(
     Ok(())
 }
 
-/// Takes a ready sandbox from template `template`'s pool, for a container
-/// rooted at `rootfs`. None when no pool serves it or it is empty.
+/// Asks `conn` one thing and reads the answer (blocking, bounded by the
+/// socket's read timeout).
+pub(crate) fn ask(
+    conn: &std::os::unix::net::UnixStream,
+    reader: &mut fdmsg::Reader,
+    request: &Request,
+    fds: &[RawFd],
+) -> Result<Reply, SandboxError> {
+    let io = |e: std::io::Error| SandboxError::Invalid(format!("asking the pool: {e}"));
+    let line = serde_json::to_vec(request).unwrap_or_default();
+    fdmsg::send(conn, &line, fds).map_err(io)?;
+    let (answer, _) = reader
+        .recv(conn)
+        .map_err(io)?
+        .ok_or_else(|| SandboxError::Invalid("the pool daemon hung up".into()))?;
+    serde_json::from_slice(&answer)
+        .map_err(|e| SandboxError::Invalid(format!("the pool's answer: {e}")))
+}
+
+/// Takes a ready clone from template `template`'s pool, its NICs joined to
+/// `taps` (tap devices of this process's network namespace, one per NIC of
+/// the template). None when no pool serves the template or it is empty.
+/// The clone's share starts empty: `Sandbox::attach` fills it.
 pub async fn take(
     root: &Path,
     template: &str,
-    rootfs: &Path,
     hostname: &str,
+    taps: &[RawFd],
 ) -> Result<Option<Sandbox>, SandboxError> {
     let sock = socket(root, template);
     if !sock.exists() {
@@ -389,21 +611,14 @@ pub async fn take(
     }
     let accel = Template::open(root, template)?.shape().3;
     let t0 = Instant::now();
-    let Ok(mut conn) = std::os::unix::net::UnixStream::connect(&sock) else {
+    let Ok(conn) = std::os::unix::net::UnixStream::connect(&sock) else {
         return Ok(None);
     };
-    let rootfs = std::fs::canonicalize(rootfs)
-        .map_err(|e| SandboxError::Invalid(format!("rootfs {}: {e}", rootfs.display())))?;
-    let mut line = serde_json::to_vec(&Request { rootfs }).unwrap_or_default();
-    line.push(b'\n');
-    let io = |e: std::io::Error| SandboxError::Invalid(format!("asking the pool: {e}"));
     conn.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(io)?;
-    conn.write_all(&line).map_err(io)?;
-    let mut answer = String::new();
-    BufReader::new(&conn).read_line(&mut answer).map_err(io)?;
-    let reply: Reply = serde_json::from_str(&answer)
-        .map_err(|e| SandboxError::Invalid(format!("the pool's answer: {e}")))?;
+        .map_err(|e| SandboxError::Invalid(format!("asking the pool: {e}")))?;
+    let mut reader = fdmsg::Reader::default();
+    let request = Request::Take { nics: taps.len() };
+    let reply = ask(&conn, &mut reader, &request, taps)?;
     if !reply.error.is_empty() {
         tracing::info!(template, "pool: {}", reply.error);
         return Ok(None);
@@ -450,10 +665,48 @@ pub async fn take(
         template: template.into(),
         accel,
         kernel_release: version.kernel_release,
-        conn,
+        conn: std::sync::Mutex::new((conn, reader)),
         pid: reply.vmm_pid,
     };
     Ok(Some(Sandbox::pooled(vm, client, timings)))
+}
+
+/// Asks the daemon that owns a pooled VM to mount `dir`'s tree at `name`
+/// in its share.
+pub(crate) fn attach_remote(
+    conn: &std::sync::Mutex<(std::os::unix::net::UnixStream, fdmsg::Reader)>,
+    dir: &Path,
+    name: &str,
+) -> Result<(), SandboxError> {
+    let tree = open_tree(dir)?;
+    let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+    let (conn, reader) = &mut *guard;
+    let request = Request::Attach { name: name.into() };
+    let reply = ask(conn, reader, &request, &[tree.as_raw_fd()])?;
+    match reply.error.is_empty() {
+        true => Ok(()),
+        false => Err(SandboxError::Invalid(format!(
+            "attaching {} to the pooled VM: {}",
+            dir.display(),
+            reply.error
+        ))),
+    }
+}
+
+pub(crate) fn detach_remote(
+    conn: &std::sync::Mutex<(std::os::unix::net::UnixStream, fdmsg::Reader)>,
+    name: &str,
+) -> Result<(), SandboxError> {
+    let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
+    let (conn, reader) = &mut *guard;
+    let reply = ask(conn, reader, &Request::Detach { name: name.into() }, &[])?;
+    match reply.error.is_empty() {
+        true => Ok(()),
+        false => Err(SandboxError::Invalid(format!(
+            "detaching {name} from the pooled VM: {}",
+            reply.error
+        ))),
+    }
 }
 
 #[cfg(test)]

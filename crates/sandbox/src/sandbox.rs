@@ -57,8 +57,6 @@ pub struct Sandbox {
     pub agent: AgentClient,
     pub timings: Timings,
     pub kernel_release: String,
-    /// Where the container root is inside the rootfs share ("" = its top).
-    pub rootfs_subpath: String,
     vmm: Vmm,
 }
 
@@ -68,9 +66,13 @@ pub(crate) struct PooledVm {
     pub template: String,
     pub accel: Accel,
     pub kernel_release: String,
-    pub conn: std::os::unix::net::UnixStream,
+    pub conn: PoolConn,
     pub pid: u32,
 }
+
+/// The connection to the pool daemon that owns a VM, and its reader.
+pub(crate) type PoolConn =
+    std::sync::Mutex<(std::os::unix::net::UnixStream, crate::fdmsg::Reader)>;
 
 /// Who owns the VM: this process, or a pool daemon that handed it over and
 /// tears it down when the connection we hold closes.
@@ -79,10 +81,14 @@ enum Vmm {
         vm: QemuVm,
         dir: StateDir,
         hangup: agent::HangUp,
+        nics: usize,
     },
     Pooled {
-        _conn: std::os::unix::net::UnixStream,
+        conn: PoolConn,
         pid: u32,
+        /// A state directory of the caller's, for its sockets (no VMM pid:
+        /// the VMM is the daemon's).
+        dir: Option<StateDir>,
     },
 }
 
@@ -157,6 +163,7 @@ pub(crate) fn vm_config(config: &SandboxConfig, dir: &StateDir) -> VmConfig {
         console_log: dir.file("console.log"),
         vmm_log: dir.file("vmm.log"),
         incoming: false,
+        nic_hubs: false,
     }
 }
 
@@ -203,6 +210,7 @@ async fn launch(
             shared: false,
         };
         vmc.incoming = true;
+        vmc.nic_hubs = t.meta.nic_hubs;
     }
     let t0 = Instant::now();
     let mut vm = driver.launch(&vmc).await?;
@@ -296,11 +304,11 @@ impl Sandbox {
             agent: l.client,
             timings,
             kernel_release: l.version.kernel_release,
-            rootfs_subpath: String::new(),
             vmm: Vmm::Owned {
                 vm: l.vm,
                 dir,
                 hangup: l.hangup,
+                nics: config.nics.len(),
             },
         })
     }
@@ -315,17 +323,67 @@ impl Sandbox {
             agent,
             timings,
             kernel_release: vm.kernel_release,
-            rootfs_subpath: crate::pool::ROOTFS_SUBPATH.into(),
             vmm: Vmm::Pooled {
-                _conn: vm.conn,
+                conn: vm.conn,
                 pid: vm.pid,
+                dir: None,
             },
         }
+    }
+
+    /// Names a pooled sandbox `id` and gives it a state directory of ours.
+    pub(crate) fn adopt(&mut self, root: &std::path::Path, id: &str) -> Result<(), SandboxError> {
+        if let Vmm::Pooled { dir, .. } = &mut self.vmm {
+            *dir = Some(StateDir::create(root, id)?);
+            self.id = id.into();
+        }
+        Ok(())
     }
 
     /// Whether a pool daemon owns this sandbox's VM.
     pub fn is_pooled(&self) -> bool {
         matches!(self.vmm, Vmm::Pooled { .. })
+    }
+
+    /// Makes directory `dir` of this process's mount namespace, with what
+    /// is mounted below it, appear at `name` in a pooled VM's root share
+    /// (its daemon mounts a copy of the tree). A VM of our own shares a
+    /// directory of ours: its caller fills that directly.
+    pub fn attach(&self, dir: &std::path::Path, name: &str) -> Result<(), SandboxError> {
+        match &self.vmm {
+            Vmm::Pooled { conn, .. } => crate::pool::attach_remote(conn, dir, name),
+            Vmm::Owned { .. } => Err(SandboxError::Invalid(
+                "attach: this VM shares its caller's own directory".into(),
+            )),
+        }
+    }
+
+    /// Undoes `attach`.
+    pub fn detach(&self, name: &str) -> Result<(), SandboxError> {
+        match &self.vmm {
+            Vmm::Pooled { conn, .. } => crate::pool::detach_remote(conn, name),
+            Vmm::Owned { .. } => Ok(()),
+        }
+    }
+
+    /// How many NICs the VM has (known for VMs of our own).
+    pub(crate) fn nics(&self) -> usize {
+        match &self.vmm {
+            Vmm::Owned { nics, .. } => *nics,
+            Vmm::Pooled { .. } => 0,
+        }
+    }
+
+    /// Joins tap device `fd` to NIC `index` of a clone started without one.
+    pub(crate) async fn connect_tap(
+        &mut self,
+        index: usize,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<(), SandboxError> {
+        match &mut self.vmm {
+            Vmm::Owned { vm, .. } => Ok(vm.connect_tap(index, fd).await?),
+            Vmm::Pooled { .. } => Err(SandboxError::Invalid("a pooled VM is its daemon's".into())),
+        }
     }
 
     /// The VMM's host pid.
@@ -339,8 +397,16 @@ impl Sandbox {
     /// Powers the guest off and removes every trace of the sandbox. A pooled
     /// one goes back to its daemon, which tears it down.
     pub async fn destroy(self) {
-        let Vmm::Owned { mut vm, dir, .. } = self.vmm else {
-            return;
+        let (mut vm, dir) = match self.vmm {
+            Vmm::Owned { vm, dir, .. } => (vm, dir),
+            Vmm::Pooled { dir, conn, .. } => {
+                // Hanging up hands the VM back: its daemon tears it down.
+                drop(conn);
+                if let Some(dir) = dir {
+                    dir.remove();
+                }
+                return;
+            }
         };
         let mut agent = self.agent;
         if vm.try_exit().is_none() {
@@ -357,8 +423,19 @@ impl Sandbox {
 
     /// Why the VM is gone, if it is: exit status and the console's last lines.
     pub fn vm_exit(&mut self) -> Option<String> {
-        let Vmm::Owned { vm, dir, .. } = &mut self.vmm else {
-            return None;
+        let (vm, dir) = match &mut self.vmm {
+            Vmm::Owned { vm, dir, .. } => (vm, dir),
+            // The daemon's child: gone, or a zombie it has not reaped yet.
+            Vmm::Pooled { pid, .. } => {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                let state = stat.rsplit_once(") ").and_then(|(_, r)| r.chars().next());
+                return match state {
+                    Some('Z' | 'X') | None => Some(format!(
+                        "VM exited (process {pid} of its pool daemon is gone)"
+                    )),
+                    Some(_) => None,
+                };
+            }
         };
         let status = vm.try_exit()?;
         Some(format!(

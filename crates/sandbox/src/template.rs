@@ -36,6 +36,10 @@ pub struct TemplateMeta {
     /// tap devices of its own (and the agent gives each its MAC).
     #[serde(default)]
     pub nics: usize,
+    /// The NICs sit behind hubs (`VmConfig::nic_hubs`), so a pool's clones
+    /// can take their taps after start. Templates made before had not.
+    #[serde(default)]
+    pub nic_hubs: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -140,6 +144,7 @@ impl Template {
             path: dir.join(MEMORY),
             shared: true,
         };
+        vmc.nic_hubs = true;
         let result = async {
             let mut vm = driver.launch(&vmc).await?;
             state_dir.record_vmm_pid(vm.pid());
@@ -168,6 +173,7 @@ impl Template {
             initrd: config.assets.initrd.clone(),
             accel: config.accel.to_string(),
             nics: config.nics.len(),
+            nic_hubs: true,
             created_unix: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -281,6 +287,7 @@ mod tests {
             accel: "tcg".into(),
             created_unix: 0,
             nics: 0,
+            nic_hubs: true,
         };
         fs::write(dir.join(META), serde_json::to_vec(&meta).unwrap()).unwrap();
         fs::write(dir.join(MEMORY), vec![0u8; 1024]).unwrap();

@@ -139,6 +139,8 @@ pub struct Container {
     pub mounted_rootfs: Option<PathBuf>,
     /// The container's directory in the VM's share (its root and binds).
     pub share: Option<PathBuf>,
+    /// A pool daemon mounted a copy of `share` in the VM's share.
+    pub attached: bool,
     pub init: Process,
     pub execs: HashMap<String, Process>,
 }
@@ -179,8 +181,16 @@ impl Container {
         self.kind != Kind::Sandbox
     }
 
-    /// Unmounts what we mounted for it (on the host side).
-    pub fn unmount(&mut self) {
+    /// Unmounts what we mounted for it (on the host side), and has the pool
+    /// daemon owning `vm` unmount its copy.
+    pub fn unmount(&mut self, vm: Option<&Vm>) {
+        if std::mem::take(&mut self.attached) {
+            if let Some(vm) = vm {
+                if let Err(e) = vm.sandbox.detach(&self.id) {
+                    tracing::warn!(container = %self.id, "{e}");
+                }
+            }
+        }
         if let Some(dir) = self.share.take() {
             unmount_tree(&dir);
             remove_unmounted(&dir);

@@ -25,7 +25,7 @@ use hypervisor::Share;
 use sandbox::agent::AgentClient;
 use sandbox::container::short_id;
 use sandbox::oci::{Spec, ANNOTATION_KERNEL, CRI_SANDBOX_ID};
-use sandbox::{Sandbox, SandboxConfig};
+use sandbox::SandboxConfig;
 use tokio::sync::Mutex;
 
 use crate::pod::{Container, Exit, Kind, Pod, Process, State, Vm};
@@ -441,14 +441,6 @@ async fn boot_vm(key: &str, pod_id: &str, kind: &Kind, spec: &Spec) -> anyhow::R
         spec.hostname.clone()
     };
     let nics = network.as_ref().map(|n| n.nics.clone()).unwrap_or_default();
-    // The factory policy's template, when it fits; else a cold boot.
-    let template = match sandbox::pool::template_for(&root(), memory_mib, vcpus, nics.len()) {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::warn!("booting cold: {e}");
-            None
-        }
-    };
     let config = SandboxConfig {
         id: key.to_string(),
         root: root(),
@@ -464,27 +456,17 @@ async fn boot_vm(key: &str, pod_id: &str, kind: &Kind, spec: &Spec) -> anyhow::R
         nics,
         hostname,
         boot_timeout: sandbox::default_boot_timeout(accel),
-        template,
+        template: None,
     };
-    let from = config.template.as_ref().map(|t| t.meta.name.clone());
-    tracing::info!(pod = %pod_id, %accel, memory = memory_mib, vcpus, template = ?from, "starting the pod's VM");
-    let sb = match Sandbox::start(config).await {
+    tracing::info!(pod = %pod_id, %accel, memory = memory_mib, vcpus, "starting the pod's VM");
+    // From the factory: a pool's ready clone, a clone, or a cold boot.
+    let sb = match sandbox::pool::provide(config).await {
         Ok(sb) => sb,
         Err(e) => {
             let _ = std::fs::remove_dir_all(&dir);
             return Err(e.into());
         }
     };
-    match (&sb.cloned_from, &sb.fallback) {
-        (Some(t), _) => {
-            tracing::info!(template = %t, ready_ms = sb.timings.agent_ready.as_millis() as u64, "cloned the pod's VM")
-        }
-        (None, Some(why)) => tracing::warn!("{why}"),
-        _ => tracing::info!(
-            ready_ms = sb.timings.agent_ready.as_millis() as u64,
-            "booted the pod's VM"
-        ),
-    }
     if let Some(n) = &network {
         if !n.request.interfaces.is_empty() {
             let configured = sb.agent.clone().configure_network(n.request.clone()).await;
@@ -562,12 +544,22 @@ impl Service {
                 return Err(e.into());
             }
         };
-        let dir = vm.share.join(&c.id);
-        if let Err(e) = std::fs::rename(&stage, &dir) {
-            undo(&stage);
-            anyhow::bail!("moving the container's files into the share: {e}");
+        if vm.sandbox.is_pooled() {
+            // The pool daemon mounts a copy of the tree in the VM's share.
+            if let Err(e) = vm.sandbox.attach(&stage, &c.id) {
+                undo(&stage);
+                return Err(e.into());
+            }
+            c.attached = true;
+            c.share = Some(stage);
+        } else {
+            let dir = vm.share.join(&c.id);
+            if let Err(e) = std::fs::rename(&stage, &dir) {
+                undo(&stage);
+                anyhow::bail!("moving the container's files into the share: {e}");
+            }
+            c.share = Some(dir);
         }
-        c.share = Some(dir);
         for m in mounts.iter_mut().filter(|m| m.r#type == "bind") {
             m.source = format!("{}/{}", c.id, m.source);
         }
@@ -635,6 +627,7 @@ impl Service {
             kind: kind.clone(),
             mounted_rootfs: mounted,
             share: None,
+            attached: false,
             init: Process::new(&req.stdin, &req.stdout, &req.stderr, req.terminal),
             execs: Default::default(),
         };
@@ -647,7 +640,7 @@ impl Service {
                     booted = true;
                 }
                 Err(e) => {
-                    c.unmount();
+                    c.unmount(None);
                     return Err(e);
                 }
             }
@@ -655,7 +648,7 @@ impl Service {
         if c.in_guest() {
             let vm = pod.vm.as_ref().expect("the pod's VM");
             if let Err(e) = self.create_in_guest(vm, &mut c, &spec, &rootfs).await {
-                c.unmount();
+                c.unmount(Some(vm));
                 if booted {
                     self.destroy_vm(&mut pod).await;
                 }
@@ -859,9 +852,9 @@ impl Task for Service {
             };
             let _ = bounded("removing the container", client.remove_container(request)).await;
         }
-        c.unmount();
+        let mut c = pod.containers.remove(&req.id).expect("looked up above");
+        c.unmount(pod.vm.as_ref());
         let kind = c.kind.clone();
-        pod.containers.remove(&req.id);
         if kind.boots_vm() {
             self.destroy_vm(&mut pod).await;
         }

@@ -23,6 +23,8 @@ use crate::{console, hooks};
 /// The 9p tag of the container's share: a template's, so that a clone's
 /// device matches.
 pub const SHARE_TAG: &str = sandbox::template::ROOTFS_TAG;
+/// Where the container's share goes in a pooled VM's share.
+const POOLED_SUBDIR: &str = "ctr";
 
 #[derive(Args, Clone)]
 pub struct HolderArgs {
@@ -139,20 +141,11 @@ async fn run(args: &HolderArgs, root: &Path, spec: Spec, sync: &mut Sync) -> any
     let assets = sandbox::assets::GuestAssets::resolve(kernel.as_deref(), None)?;
     let accel = checked_accel(None)?;
     let nics = network.as_ref().map(|n| n.nics.clone()).unwrap_or_default();
-    let (memory_mib, vcpus) = (spec.vm_memory_mib(), spec.vm_vcpus());
-    // The factory policy's template, when it fits; else a cold boot.
-    let template = match sandbox::pool::template_for(root, memory_mib, vcpus, nics.len()) {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::warn!(container = %args.id, "booting cold: {e}");
-            None
-        }
-    };
     let config = SandboxConfig {
         id: dir.sandbox_id(),
         root: root.to_path_buf(),
-        memory_mib,
-        vcpus,
+        memory_mib: spec.vm_memory_mib(),
+        vcpus: spec.vm_vcpus(),
         assets,
         accel,
         shares: vec![Share {
@@ -167,18 +160,32 @@ async fn run(args: &HolderArgs, root: &Path, spec: Spec, sync: &mut Sync) -> any
             spec.hostname.clone()
         },
         boot_timeout: default_boot_timeout(accel),
-        template,
+        template: None,
     };
-    tracing::info!(container = %args.id, %accel, memory = config.memory_mib, vcpus = config.vcpus, "booting the container's VM");
-    let sb = Sandbox::start(config).await?;
-    match (&sb.cloned_from, &sb.fallback) {
-        (Some(t), _) => {
-            tracing::info!(container = %args.id, template = %t, "cloned the container's VM")
-        }
-        (None, Some(why)) => tracing::warn!(container = %args.id, "{why}"),
-        _ => {}
-    }
-    let created = create_in(&sb, args, &spec, network.as_ref(), mounts).await;
+    tracing::info!(container = %args.id, %accel, memory = config.memory_mib, vcpus = config.vcpus, "starting the container's VM");
+    // From the factory: a pool's ready clone, a clone, or a cold boot.
+    let sb = sandbox::pool::provide(config).await?;
+    // A pooled VM shares its daemon's directory: ours goes in as a subtree.
+    let prefix = match sb.is_pooled() {
+        true => match sb.attach(&dir.share(), POOLED_SUBDIR) {
+            Ok(()) => format!("{POOLED_SUBDIR}/"),
+            Err(e) => {
+                sb.destroy().await;
+                return Err(e.into());
+            }
+        },
+        false => String::new(),
+    };
+    let mounts = mounts
+        .into_iter()
+        .map(|mut m| {
+            if m.r#type == "bind" {
+                m.source = format!("{prefix}{}", m.source);
+            }
+            m
+        })
+        .collect();
+    let created = create_in(&sb, args, &spec, network.as_ref(), mounts, &prefix).await;
     if let Err(e) = created {
         sb.destroy().await;
         return Err(e);
@@ -252,6 +259,7 @@ async fn create_in(
     spec: &Spec,
     network: Option<&sandbox::network::Network>,
     mounts: Vec<agent_proto::Mount>,
+    prefix: &str,
 ) -> anyhow::Result<()> {
     let mut client = sb.agent.clone();
     if let Some(n) = network {
@@ -275,7 +283,7 @@ async fn create_in(
         .create_container(CreateContainerRequest {
             container_id: args.id.clone(),
             rootfs_tag: SHARE_TAG.into(),
-            rootfs_subpath: "rootfs".into(),
+            rootfs_subpath: format!("{prefix}rootfs"),
             rootfs_readonly: spec.root.as_ref().is_some_and(|r| r.readonly),
             hostname: spec.hostname.clone(),
             process: Some(process),

@@ -129,7 +129,7 @@ pub async fn run(args: RunArgs, root: &Path) -> anyhow::Result<u8> {
     // A ready clone from the template's pool, when a pool serves it; else a
     // clone of the template, else a cold boot.
     let pooled = match &args.template {
-        Some(name) => sandbox::pool::take(root, name, &rootfs, &args.hostname)
+        Some(name) => take_pooled(root, name, &rootfs, &args.hostname)
             .await
             .unwrap_or_else(|e| {
                 eprintln!("podvisor: warning: pool of {name}: {e}; cloning instead");
@@ -166,6 +166,23 @@ pub async fn run(args: RunArgs, root: &Path) -> anyhow::Result<u8> {
         eprintln!("{t}");
     }
     result
+}
+
+/// A ready clone from template `name`'s pool, with `rootfs` attached.
+async fn take_pooled(
+    root: &Path,
+    name: &str,
+    rootfs: &Path,
+    hostname: &str,
+) -> anyhow::Result<Option<Sandbox>> {
+    let Some(sb) = sandbox::pool::take(root, name, hostname, &[]).await? else {
+        return Ok(None);
+    };
+    if let Err(e) = sb.attach(rootfs, sandbox::pool::ROOTFS_SUBPATH) {
+        sb.destroy().await;
+        return Err(e.into());
+    }
+    Ok(Some(sb))
 }
 
 /// Clones the template (or boots cold) for `run`.
@@ -328,7 +345,11 @@ async fn run_in(
         .create_container(CreateContainerRequest {
             container_id: CONTAINER_ID.into(),
             rootfs_tag: ROOTFS_TAG.into(),
-            rootfs_subpath: sb.rootfs_subpath.clone(),
+            // A pooled VM's share is its daemon's, with our root attached.
+            rootfs_subpath: match sb.is_pooled() {
+                true => sandbox::pool::ROOTFS_SUBPATH.into(),
+                false => String::new(),
+            },
             rootfs_readonly: false,
             hostname: args.hostname.clone(),
             process: Some(process),

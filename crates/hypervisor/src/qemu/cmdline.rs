@@ -96,11 +96,29 @@ pub fn args(config: &VmConfig, root: bool) -> Vec<String> {
         ]);
     }
     for (i, nic) in config.nics.iter().enumerate() {
-        let netdev = match nic.fd {
-            Some(fd) => format!("tap,id=net{i},fd={fd}"),
-            None => format!("tap,id=net{i},ifname={},script=no,downscript=no", nic.tap),
+        let tap = match (nic.fd, nic.tap.is_empty()) {
+            (Some(fd), _) => Some(format!("fd={fd}")),
+            (None, false) => Some(format!(
+                "ifname={},script=no,downscript=no",
+                nic.tap
+            )),
+            (None, true) => None,
         };
-        push(&["-netdev", &netdev]);
+        if config.nic_hubs {
+            // The device's peer is a hub port; the tap joins the hub, now or
+            // later (`QemuVm::connect_tap`).
+            push(&["-netdev", &format!("hubport,id=net{i},hubid={i}")]);
+            if let Some(tap) = tap {
+                push(&["-netdev", &format!("tap,id=tap{i},{tap}")]);
+                push(&[
+                    "-netdev",
+                    &format!("hubport,id=up{i},hubid={i},netdev=tap{i}"),
+                ]);
+            }
+        } else {
+            let tap = tap.unwrap_or_default();
+            push(&["-netdev", &format!("tap,id=net{i},{tap}")]);
+        }
         push(&[
             "-device",
             &format!("virtio-net-device,netdev=net{i},mac={}", nic.mac),
@@ -145,6 +163,7 @@ mod tests {
             console_log: "/run/s/console.log".into(),
             vmm_log: "/run/s/qemu.log".into(),
             incoming: false,
+            nic_hubs: false,
         }
     }
 
@@ -176,5 +195,29 @@ mod tests {
         c.incoming = true;
         assert!(args(&c, false).join(" ").ends_with("-incoming defer -S"));
         assert!(line.contains("security_model=none"));
+    }
+
+    #[test]
+    fn nics_direct_or_behind_hubs() {
+        let mut c = config();
+        c.nics = vec![
+            crate::Nic {
+                tap: "pv1t0".into(),
+                mac: "02:00:00:00:00:01".into(),
+                fd: Some(7),
+            },
+            crate::Nic {
+                tap: String::new(),
+                mac: "02:00:00:00:00:02".into(),
+                fd: None,
+            },
+        ];
+        let line = args(&c, false).join(" ");
+        assert!(line.contains("-netdev tap,id=net0,fd=7 -device virtio-net-device,netdev=net0,mac=02:00:00:00:00:01"));
+        c.nic_hubs = true;
+        let line = args(&c, false).join(" ");
+        assert!(line.contains("-netdev hubport,id=net0,hubid=0 -netdev tap,id=tap0,fd=7 -netdev hubport,id=up0,hubid=0,netdev=tap0 -device virtio-net-device,netdev=net0"));
+        // No tap yet: the hub waits for one.
+        assert!(line.contains("-netdev hubport,id=net1,hubid=1 -device virtio-net-device,netdev=net1,mac=02:00:00:00:00:02"));
     }
 }

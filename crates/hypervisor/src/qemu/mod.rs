@@ -166,6 +166,37 @@ impl QemuVm {
         self.qmp.status().await
     }
 
+    /// Joins tap device `fd` to NIC `index`'s hub (a VM launched with
+    /// `nic_hubs` whose NIC has no tap yet). QEMU keeps its own copy of `fd`.
+    pub async fn connect_tap(
+        &mut self,
+        index: usize,
+        fd: std::os::fd::BorrowedFd<'_>,
+    ) -> Result<(), HypervisorError> {
+        let name = format!("tap{index}");
+        self.qmp
+            .execute_with_fd("getfd", Some(serde_json::json!({ "fdname": name })), fd)
+            .await?;
+        self.qmp
+            .execute(
+                "netdev_add",
+                Some(serde_json::json!({ "type": "tap", "id": name, "fd": name })),
+            )
+            .await?;
+        self.qmp
+            .execute(
+                "netdev_add",
+                Some(serde_json::json!({
+                    "type": "hubport",
+                    "id": format!("up{index}"),
+                    "hubid": index,
+                    "netdev": name,
+                })),
+            )
+            .await
+            .map(drop)
+    }
+
     async fn ignore_shared(&mut self) -> Result<(), HypervisorError> {
         let caps =
             serde_json::json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]});

@@ -1,10 +1,14 @@
 //! A minimal QMP client: the greeting, capability negotiation, and commands
 //! whose replies are matched by skipping interleaved events.
 
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
 
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Interest};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 
@@ -45,6 +49,17 @@ pub fn parse_reply(line: &str) -> Result<Reply, HypervisorError> {
         return Ok(Reply::Greeting);
     }
     Err(HypervisorError::Qmp(format!("unexpected reply {line:?}")))
+}
+
+/// One command as QMP takes it: a JSON object on a line.
+fn command_line(command: &str, arguments: Option<Value>) -> String {
+    let mut msg = json!({ "execute": command });
+    if let Some(args) = arguments {
+        msg["arguments"] = args;
+    }
+    let mut line = msg.to_string();
+    line.push('\n');
+    line
 }
 
 impl Qmp {
@@ -88,16 +103,51 @@ impl Qmp {
         command: &str,
         arguments: Option<Value>,
     ) -> Result<Value, HypervisorError> {
-        let mut msg = json!({ "execute": command });
-        if let Some(args) = arguments {
-            msg["arguments"] = args;
-        }
-        let mut line = msg.to_string();
-        line.push('\n');
+        let line = command_line(command, arguments);
         self.writer
             .write_all(line.as_bytes())
             .await
             .map_err(HypervisorError::QmpIo)?;
+        self.reply_to(command).await
+    }
+
+    /// Runs one command with `fd` passed alongside (SCM_RIGHTS), as `getfd`
+    /// and `add-fd` take theirs.
+    pub async fn execute_with_fd(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+        fd: BorrowedFd<'_>,
+    ) -> Result<Value, HypervisorError> {
+        let line = command_line(command, arguments);
+        let stream = self.writer.as_ref();
+        let sent = loop {
+            stream.writable().await.map_err(HypervisorError::QmpIo)?;
+            let fds = [fd.as_raw_fd()];
+            let sent = stream.try_io(Interest::WRITABLE, || {
+                sendmsg::<()>(
+                    stream.as_raw_fd(),
+                    &[IoSlice::new(line.as_bytes())],
+                    &[ControlMessage::ScmRights(&fds)],
+                    MsgFlags::MSG_NOSIGNAL,
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            });
+            match sent {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                other => break other.map_err(HypervisorError::QmpIo)?,
+            }
+        };
+        // The fd went with the first byte; the rest of a long line follows.
+        self.writer
+            .write_all(&line.as_bytes()[sent..])
+            .await
+            .map_err(HypervisorError::QmpIo)?;
+        self.reply_to(command).await
+    }
+
+    async fn reply_to(&mut self, command: &str) -> Result<Value, HypervisorError> {
         loop {
             match self.read_reply().await? {
                 Reply::Return(v) => return Ok(v),
