@@ -407,6 +407,11 @@ state = "{0}/state"
         self.dir.0.join("containerd.sock")
     }
 
+    /// The factory policy the shim reads (written by `start_with`).
+    pub fn policy(&self) -> PathBuf {
+        self.dir.0.join("podvisor.toml")
+    }
+
     /// Where the podvisor shim keeps its VMs' state for this containerd.
     pub fn pv_root(&self) -> PathBuf {
         self.dir.0.join("pv-root")

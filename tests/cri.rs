@@ -533,8 +533,9 @@ async fn bad_cri_requests_fail_clearly_and_leave_nothing() {
 }
 
 #[tokio::test(flavor = "current_thread")]
-async fn pods_clone_their_vm_from_the_factory_template() {
-    let c = Containerd::start_with("10.88.94.0/24", Some("template = \"pod\"\n"));
+async fn pods_take_their_vm_from_the_factory() {
+    let policy = "template = \"pod\"\n[[pool]]\ntemplate = \"pod\"\nsize = 1\n";
+    let c = Containerd::start_with("10.88.94.0/24", Some(policy));
     c.import_busybox("k8s.io");
     // The template the policy names: the default pod shape (512 MiB, 1
     // vCPU) with one NIC, in the shim's state root.
@@ -553,15 +554,29 @@ async fn pods_clone_their_vm_from_the_factory_template() {
     let mut ips = Vec::new();
     let mut pods = Vec::new();
     let mut macs = Vec::new();
+    let mut pool = None;
     for name in ["one", "two"] {
         let cfg = pod_config(name, &logs.0);
         let pod = run_pod(&mut cri, &cfg).await;
-        let qemu_cmdline = cloned_vm_cmdline(&pod);
-        assert!(
-            qemu_cmdline.contains("-incoming"),
-            "the pod's VM was not cloned: {qemu_cmdline}\n{}",
-            c.log()
-        );
+        if pool.is_none() {
+            // No pool serves the template yet: the shim clones it.
+            let qemu_cmdline = cloned_vm_cmdline(&pod);
+            assert!(
+                qemu_cmdline.contains("-incoming"),
+                "the pod's VM was not cloned: {qemu_cmdline}\n{}",
+                c.log()
+            );
+            pool = Some(PoolDaemon::start(&c));
+        } else {
+            // The pool's ready clone, its NIC joined to the pod's tap.
+            assert_eq!(
+                cloned_vm_cmdline(&pod),
+                "",
+                "the shim booted a VM of its own"
+            );
+            let status = pool.as_ref().unwrap().status();
+            assert!(status.contains("1 handed out"), "{status}\n{}", c.log());
+        }
         let id = start_container(
             &mut cri,
             &pod,
@@ -627,6 +642,70 @@ async fn pods_clone_their_vm_from_the_factory_template() {
         async move { pods.iter().map(|p| vms_of(p)).sum::<usize>() == 0 }
     })
     .await;
+    // The pooled pod's VM went back to the daemon, which retired it: left
+    // is the pool's one ready clone.
+    let sandboxes = c.pv_root().join("sandboxes");
+    eventually("the pooled VM retired", Duration::from_secs(20), || {
+        let n = std::fs::read_dir(&sandboxes)
+            .map(|d| d.count())
+            .unwrap_or(0);
+        async move { n == 1 }
+    })
+    .await;
+    drop(pool);
+}
+
+/// `podvisor pool serve` on the containerd's state root and policy; killed
+/// (with its VMs) when dropped.
+struct PoolDaemon {
+    child: std::process::Child,
+    root: std::path::PathBuf,
+    policy: std::path::PathBuf,
+}
+
+impl PoolDaemon {
+    fn start(c: &Containerd) -> PoolDaemon {
+        let (child, _out) = test_utils::spawn_until_ready(
+            std::process::Command::new(podvisor_client_tests::podvisor())
+                .arg("--root")
+                .arg(c.pv_root())
+                .args(["pool", "serve", "--config"])
+                .arg(c.policy()),
+        );
+        let d = PoolDaemon {
+            child,
+            root: c.pv_root(),
+            policy: c.policy(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !d.status().contains("1 of 1 ready") {
+            assert!(
+                Instant::now() < deadline,
+                "the pool never filled: {}",
+                d.status()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        d
+    }
+
+    fn status(&self) -> String {
+        let o = test_utils::output(
+            std::process::Command::new(podvisor_client_tests::podvisor())
+                .arg("--root")
+                .arg(&self.root)
+                .args(["pool", "status", "--config"])
+                .arg(&self.policy),
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+}
+
+impl Drop for PoolDaemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// The command line of the pod's QEMU.

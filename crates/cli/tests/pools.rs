@@ -208,15 +208,12 @@ fn oci_run_takes_its_vm_from_the_pool() {
             "cat /data/hello; echo written > /data/back; echo on $(hostname); exit 4"
         ]);
         c["hostname"] = "pooled-box".into();
-        c["mounts"]
-            .as_array_mut()
-            .unwrap()
-            .push(serde_json::json!({
-                "destination": "/data",
-                "type": "bind",
-                "source": volume,
-                "options": ["rbind", "rw"],
-            }));
+        c["mounts"].as_array_mut().unwrap().push(serde_json::json!({
+            "destination": "/data",
+            "type": "bind",
+            "source": volume,
+            "options": ["rbind", "rw"],
+        }));
     });
     let log = root.path.join("run.log");
     let out = output(

@@ -4,10 +4,10 @@
 pub mod agent;
 pub mod assets;
 pub mod container;
+mod fdmsg;
 pub mod io;
 pub mod network;
 pub mod oci;
-mod fdmsg;
 pub mod pool;
 pub mod proxy;
 mod sandbox;

@@ -119,14 +119,18 @@ pub async fn provide(mut config: SandboxConfig) -> Result<Sandbox, SandboxError>
                 return Ok(sb);
             }
             Ok(None) => {}
-            Err(e) => tracing::warn!(sandbox = %config.id, template = %name, "pool: {e}; cloning instead"),
+            Err(e) => {
+                tracing::warn!(sandbox = %config.id, template = %name, "pool: {e}; cloning instead")
+            }
         }
     }
     config.template = template;
     let sb = Sandbox::start(config).await?;
     let ms = sb.timings.agent_ready.as_millis() as u64;
     match (&sb.cloned_from, &sb.fallback) {
-        (Some(t), _) => tracing::info!(sandbox = %sb.id, template = %t, ready_ms = ms, "cloned the VM"),
+        (Some(t), _) => {
+            tracing::info!(sandbox = %sb.id, template = %t, ready_ms = ms, "cloned the VM")
+        }
         (None, Some(why)) => tracing::warn!(sandbox = %sb.id, "{why}"),
         _ => tracing::info!(sandbox = %sb.id, ready_ms = ms, "booted the VM cold"),
     }

@@ -71,8 +71,7 @@ pub(crate) struct PooledVm {
 }
 
 /// The connection to the pool daemon that owns a VM, and its reader.
-pub(crate) type PoolConn =
-    std::sync::Mutex<(std::os::unix::net::UnixStream, crate::fdmsg::Reader)>;
+pub(crate) type PoolConn = std::sync::Mutex<(std::os::unix::net::UnixStream, crate::fdmsg::Reader)>;
 
 /// Who owns the VM: this process, or a pool daemon that handed it over and
 /// tears it down when the connection we hold closes.

@@ -98,10 +98,7 @@ pub fn args(config: &VmConfig, root: bool) -> Vec<String> {
     for (i, nic) in config.nics.iter().enumerate() {
         let tap = match (nic.fd, nic.tap.is_empty()) {
             (Some(fd), _) => Some(format!("fd={fd}")),
-            (None, false) => Some(format!(
-                "ifname={},script=no,downscript=no",
-                nic.tap
-            )),
+            (None, false) => Some(format!("ifname={},script=no,downscript=no", nic.tap)),
             (None, true) => None,
         };
         if config.nic_hubs {
@@ -213,7 +210,9 @@ mod tests {
             },
         ];
         let line = args(&c, false).join(" ");
-        assert!(line.contains("-netdev tap,id=net0,fd=7 -device virtio-net-device,netdev=net0,mac=02:00:00:00:00:01"));
+        assert!(line.contains(
+            "-netdev tap,id=net0,fd=7 -device virtio-net-device,netdev=net0,mac=02:00:00:00:00:01"
+        ));
         c.nic_hubs = true;
         let line = args(&c, false).join(" ");
         assert!(line.contains("-netdev hubport,id=net0,hubid=0 -netdev tap,id=tap0,fd=7 -netdev hubport,id=up0,hubid=0,netdev=tap0 -device virtio-net-device,netdev=net0"));
