@@ -558,7 +558,16 @@ async fn pods_take_their_vm_from_the_factory() {
     for name in ["one", "two"] {
         let cfg = pod_config(name, &logs.0);
         let pod = run_pod(&mut cri, &cfg).await;
-        if pool.is_none() {
+        if let Some(pool) = &pool {
+            // The pool's ready clone, its NIC joined to the pod's tap.
+            assert_eq!(
+                cloned_vm_cmdline(&pod),
+                "",
+                "the shim booted a VM of its own"
+            );
+            let status = pool.status();
+            assert!(status.contains("1 handed out"), "{status}\n{}", c.log());
+        } else {
             // No pool serves the template yet: the shim clones it.
             let qemu_cmdline = cloned_vm_cmdline(&pod);
             assert!(
@@ -567,15 +576,6 @@ async fn pods_take_their_vm_from_the_factory() {
                 c.log()
             );
             pool = Some(PoolDaemon::start(&c));
-        } else {
-            // The pool's ready clone, its NIC joined to the pod's tap.
-            assert_eq!(
-                cloned_vm_cmdline(&pod),
-                "",
-                "the shim booted a VM of its own"
-            );
-            let status = pool.as_ref().unwrap().status();
-            assert!(status.contains("1 handed out"), "{status}\n{}", c.log());
         }
         let id = start_container(
             &mut cri,
