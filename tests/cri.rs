@@ -554,7 +554,7 @@ async fn pods_take_their_vm_from_the_factory() {
     let mut ips = Vec::new();
     let mut pods = Vec::new();
     let mut macs = Vec::new();
-    let mut pool = None;
+    let mut pool: Option<PoolDaemon> = None;
     for name in ["one", "two"] {
         let cfg = pod_config(name, &logs.0);
         let pod = run_pod(&mut cri, &cfg).await;
