@@ -6,7 +6,7 @@ handlers "podvisor" and "runc", alternating: pod start (RunPodSandbox until the
 first container runs), pod teardown (StopPodSandbox + RemovePodSandbox), and the
 host memory (PSS) of one pod with two idle containers. Then the same for pods
 whose VM is cloned from a template (a second containerd whose podvisor factory
-policy names one). Medians; the accelerator is printed. The work is done by `target/release/pod-bench` (tests/pod_bench.rs),
+policy names one), and pods whose VM a pool daemon hands out ready. Medians; the accelerator is printed. The work is done by `target/release/pod-bench` (tests/pod_bench.rs),
 since CRI is gRPC.
 """
 import os

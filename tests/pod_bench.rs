@@ -2,7 +2,9 @@
 //! runtime handlers "podvisor" and "runc" (the floor), alternating, in one
 //! run: pod start (RunPodSandbox until its first container runs), pod
 //! teardown (StopPodSandbox + RemovePodSandbox), and the host memory (PSS) of
-//! one pod with two idle containers. Medians; the accelerator is printed.
+//! one pod with two idle containers; then for pods whose VM is cloned from a
+//! template, and taken ready from a pool of clones. Medians; the
+//! accelerator is printed.
 
 use std::time::{Duration, Instant};
 
@@ -105,15 +107,67 @@ struct Results {
     pss_mib: Vec<f64>,
 }
 
+/// The pool daemon serving a containerd's podvisor root, if any: its pid,
+/// its policy's pool size and its status file.
+struct Pool {
+    pid: String,
+    size: usize,
+    status: std::path::PathBuf,
+}
+
+impl Pool {
+    /// Waits until every clone of the pool is ready.
+    async fn wait_full(&self) {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let ready = std::fs::read(&self.status)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|v| v["ready"].as_u64());
+            if ready == Some(self.size as u64) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the pool never filled");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// PSS (MiB) of the VM the pool handed out last: its oldest live clone
+    /// (the daemon hands out first in, first out and refills at the back).
+    fn handed_out_pss_mib(&self) -> f64 {
+        let start = |p: &String| -> u64 {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit_once(") ")?.1.split(' ').nth(19)?.parse().ok())
+                .unwrap_or(u64::MAX)
+        };
+        pids()
+            .into_iter()
+            .filter(|p| parent(p) == self.pid && cmdline(p).contains("qemu-system"))
+            .min_by_key(start)
+            .map(|p| pss_kib(&p) as f64 / 1024.0)
+            .unwrap_or(0.0)
+    }
+}
+
 /// Pods of `handler`: start, teardown, PSS, `runs` times, alternating
-/// between the handlers given.
-async fn measure(c: &Containerd, handlers: &[&str], runs: usize, tag: &str) -> Vec<Results> {
+/// between the handlers given. With a pool, each pod starts from a full one.
+async fn measure(
+    c: &Containerd,
+    handlers: &[&str],
+    runs: usize,
+    tag: &str,
+    pool: Option<&Pool>,
+) -> Vec<Results> {
     let logs = Scratch::new(&format!("pod-bench-{tag}"));
     let mut cri = connect(c.socket()).await;
     let mut results: Vec<Results> = handlers.iter().map(|_| Results::default()).collect();
     for i in 0..runs {
         for (h, handler) in handlers.iter().enumerate() {
             let config = pod_config(&format!("{tag}-{handler}-{i}"), &logs.0);
+            if let Some(pool) = pool {
+                pool.wait_full().await;
+            }
             let t0 = Instant::now();
             let pod = cri
                 .run_pod_sandbox(RunPodSandboxRequest {
@@ -130,7 +184,8 @@ async fn measure(c: &Containerd, handlers: &[&str], runs: usize, tag: &str) -> V
                 .push(t0.elapsed().as_secs_f64() * 1000.0);
             add_container(&mut cri, &pod, &config, "second").await;
             tokio::time::sleep(Duration::from_secs(2)).await;
-            results[h].pss_mib.push(pod_pss_mib(&pod));
+            let vm = pool.map(Pool::handed_out_pss_mib).unwrap_or(0.0);
+            results[h].pss_mib.push(pod_pss_mib(&pod) + vm);
             let t1 = Instant::now();
             cri.stop_pod_sandbox(StopPodSandboxRequest {
                 pod_sandbox_id: pod.clone(),
@@ -170,22 +225,43 @@ async fn main() {
     let cold = {
         let c = Containerd::start_with("10.88.93.0/24", None);
         c.import_busybox("k8s.io");
-        measure(&c, &["podvisor", "runc"], runs, "cold").await
+        measure(&c, &["podvisor", "runc"], runs, "cold", None).await
     };
-    // Clones: the policy names a template of the default pod shape.
-    let cloned = {
-        let c = Containerd::start_with("10.88.95.0/24", Some("template = \"pod\"\n"));
+    // Clones, then ready clones from a pool: the policy names a template of
+    // the default pod shape, and a pool of it that `pool serve` keeps.
+    let (cloned, pooled) = {
+        let policy = "template = \"pod\"\n[[pool]]\ntemplate = \"pod\"\nsize = 2\n";
+        let c = Containerd::start_with("10.88.95.0/24", Some(policy));
         c.import_busybox("k8s.io");
-        let made = std::process::Command::new(podvisor_client_tests::podvisor())
-            .arg("--root")
-            .arg(c.pv_root())
+        let podvisor = || {
+            let mut cmd = std::process::Command::new(podvisor_client_tests::podvisor());
+            cmd.arg("--root").arg(c.pv_root());
+            cmd
+        };
+        let made = podvisor()
             .args([
                 "template", "create", "--name", "pod", "--nics", "1", "--memory", "512",
             ])
             .output()
             .expect("podvisor template create");
         assert!(made.status.success(), "template create: {made:?}");
-        measure(&c, &["podvisor"], runs, "clone").await
+        let cloned = measure(&c, &["podvisor"], runs, "clone", None).await;
+        let mut daemon = podvisor()
+            .args(["pool", "serve", "--config"])
+            .arg(c.policy())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("podvisor pool serve");
+        let pool = Pool {
+            pid: daemon.id().to_string(),
+            size: 2,
+            status: c.pv_root().join("pools/pod.json"),
+        };
+        let pooled = measure(&c, &["podvisor"], runs, "pool", Some(&pool)).await;
+        let _ = daemon.kill();
+        let _ = daemon.wait();
+        (cloned, pooled)
     };
     let accel = hypervisor::HostVirt::detect().default_accel();
     println!("pod benchmark over containerd's CRI ({runs} runs each, alternating; medians)");
@@ -196,11 +272,13 @@ async fn main() {
     );
     row("podvisor (cold)", &cold[0]);
     row("podvisor (template)", &cloned[0]);
+    row("podvisor (pool)", &pooled[0]);
     row("runc", &cold[1]);
     let runc = median(cold[1].start_ms.clone());
     println!(
-        "pod start / runc: cold {:.1}x, template {:.1}x",
+        "pod start / runc: cold {:.1}x, template {:.1}x, pool {:.1}x",
         median(cold[0].start_ms.clone()) / runc,
-        median(cloned[0].start_ms.clone()) / runc
+        median(cloned[0].start_ms.clone()) / runc,
+        median(pooled[0].start_ms.clone()) / runc
     );
 }

@@ -68,22 +68,36 @@ impl Drop for Daemon {
     }
 }
 
-#[test]
-fn pool_hands_out_ready_clones_and_refills() {
-    let root = StateRoot::new("pool");
-    let o = output(podvisor(&root).args(["template", "create", "--name", "p", "--memory", "128"]));
-    assert!(o.status.success(), "{}", text(&o.stderr));
+/// Makes template `name` of `memory` MiB, writes `policy` as the factory
+/// policy and serves it until the status shows `ready`.
+fn serve(
+    root: &StateRoot,
+    name: &str,
+    memory: &str,
+    policy: &str,
+    ready: &str,
+) -> (Daemon, std::path::PathBuf) {
+    let o = output(podvisor(root).args(["template", "create", "--name", name, "--memory", memory]));
+    assert!(o.status.success(), "template create: {}", text(&o.stderr));
     let config = root.path.join("config.toml");
-    std::fs::write(&config, "[[pool]]\ntemplate = \"p\"\nsize = 2\n").unwrap();
+    std::fs::write(&config, policy).unwrap();
     let (daemon, _out) = spawn_until_ready(
-        podvisor(&root)
+        podvisor(root)
             .arg("pool")
             .arg("serve")
             .arg("--config")
             .arg(&config),
     );
     let daemon = Daemon(daemon);
-    wait_status(&root, &config, "p: 2 of 2 ready");
+    wait_status(root, &config, ready);
+    (daemon, config)
+}
+
+#[test]
+fn pool_hands_out_ready_clones_and_refills() {
+    let root = StateRoot::new("pool");
+    let policy = "[[pool]]\ntemplate = \"p\"\nsize = 2\n";
+    let (daemon, config) = serve(&root, "p", "128", policy, "p: 2 of 2 ready");
 
     let mut boot_ids = Vec::new();
     for _ in 0..2 {
@@ -177,25 +191,9 @@ fn stop(mut daemon: Daemon) {
 #[test]
 fn oci_run_takes_its_vm_from_the_pool() {
     let root = StateRoot::new("pool-oci");
-    let o =
-        output(podvisor(&root).args(["template", "create", "--name", "oci", "--memory", "256"]));
-    assert!(o.status.success(), "{}", text(&o.stderr));
     // One policy file: the front ends' template, and a pool of it.
-    let config = root.path.join("config.toml");
-    std::fs::write(
-        &config,
-        "template = \"oci\"\n[[pool]]\ntemplate = \"oci\"\nsize = 1\n",
-    )
-    .unwrap();
-    let (daemon, _out) = spawn_until_ready(
-        podvisor(&root)
-            .arg("pool")
-            .arg("serve")
-            .arg("--config")
-            .arg(&config),
-    );
-    let daemon = Daemon(daemon);
-    wait_status(&root, &config, "oci: 1 of 1 ready");
+    let policy = "template = \"oci\"\n[[pool]]\ntemplate = \"oci\"\nsize = 1\n";
+    let (daemon, config) = serve(&root, "oci", "256", policy, "oci: 1 of 1 ready");
 
     // A volume: the container's share goes into the pooled VM whole.
     let volume = root.path.join("volume");
@@ -257,19 +255,8 @@ fn ask(conn: &mut std::os::unix::net::UnixStream, line: &str) -> String {
 #[test]
 fn pool_daemon_refuses_bad_requests() {
     let root = StateRoot::new("pool-requests");
-    let o = output(podvisor(&root).args(["template", "create", "--name", "q", "--memory", "128"]));
-    assert!(o.status.success(), "{}", text(&o.stderr));
-    let config = root.path.join("config.toml");
-    std::fs::write(&config, "[[pool]]\ntemplate = \"q\"\nsize = 1\n").unwrap();
-    let (daemon, _out) = spawn_until_ready(
-        podvisor(&root)
-            .arg("pool")
-            .arg("serve")
-            .arg("--config")
-            .arg(&config),
-    );
-    let daemon = Daemon(daemon);
-    wait_status(&root, &config, "q: 1 of 1 ready");
+    let policy = "[[pool]]\ntemplate = \"q\"\nsize = 1\n";
+    let (daemon, config) = serve(&root, "q", "128", policy, "q: 1 of 1 ready");
     let sock = root.path.join("pools/q.sock");
     let connect = || std::os::unix::net::UnixStream::connect(&sock).unwrap();
 

@@ -483,6 +483,11 @@ pub async fn serve(
     let _ = std::fs::remove_file(&sock);
     let listener = UnixListener::bind(&sock)
         .map_err(|e| SandboxError::Invalid(format!("binding {}: {e}", sock.display())))?;
+    // Callers hand the daemon mount trees and taps: root's alone.
+    let private = <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o600);
+    std::fs::set_permissions(&sock, private)
+        .map_err(|e| SandboxError::Invalid(format!("securing {}: {e}", sock.display())))?;
+
     let mut ready: VecDeque<Member> = VecDeque::new();
     let mut status = PoolStatus {
         ready: 0,
