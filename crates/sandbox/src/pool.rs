@@ -303,16 +303,17 @@ async fn launch_member(root: &Path, template: &Template, n: u64) -> Result<Membe
     })
 }
 
-/// Unmounts everything a caller attached and removes the (then empty) share.
+/// Unmounts everything a caller attached and removes the share (with what
+/// the guest wrote at its top), unless something stayed mounted.
 fn clear_share(share: &Path) {
     if let Ok(entries) = std::fs::read_dir(share) {
         for e in entries.flatten() {
-            let path = e.path();
-            while umount2(&path, MntFlags::MNT_DETACH).is_ok() {}
-            let _ = std::fs::remove_dir(&path);
+            // Not following a symlink the guest may have put in its place.
+            let flags = MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW;
+            while umount2(&e.path(), flags).is_ok() {}
         }
     }
-    let _ = std::fs::remove_dir(share);
+    crate::share::remove_unmounted(share);
 }
 
 async fn retire(member: Member) {
@@ -350,7 +351,7 @@ fn attach(share: &Path, name: &str, tree: Option<&OwnedFd>) -> Result<(), String
 
 fn detach(share: &Path, name: &str) -> Result<(), String> {
     let at = attach_point(share, name)?;
-    while umount2(&at, MntFlags::MNT_DETACH).is_ok() {}
+    while umount2(&at, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW).is_ok() {}
     std::fs::remove_dir(&at).map_err(|e| format!("removing {name}: {e}"))
 }
 

@@ -132,3 +132,25 @@ fn agent_standard(dest: &str) -> bool {
     let d = dest.trim_end_matches('/');
     d == "/dev/shm" || d == "/dev" || d == "/proc" || d == "/sys" || d == "/sys/fs/cgroup"
 }
+
+/// Mount points at or under `dir`, from this process's mount table.
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let dir = dir.to_string_lossy().trim_end_matches('/').to_string();
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(String::from))
+        .filter(|m| *m == dir || m.starts_with(&format!("{dir}/")))
+        .collect()
+}
+
+/// Removes `dir` and what is in it, unless something is still mounted there:
+/// a recursive removal would go into a bind of a host volume.
+pub fn remove_unmounted(dir: &Path) {
+    let left = mounts_under(dir);
+    if left.is_empty() {
+        let _ = fs::remove_dir_all(dir);
+    } else {
+        tracing::error!(dir = %dir.display(), ?left, "still mounted; left in place");
+    }
+}

@@ -193,7 +193,7 @@ impl Container {
         }
         if let Some(dir) = self.share.take() {
             unmount_tree(&dir);
-            remove_unmounted(&dir);
+            sandbox::share::remove_unmounted(&dir);
         }
         if let Some(root) = self.mounted_rootfs.take() {
             unmount_tree(&root);
@@ -208,28 +208,6 @@ pub fn unmount_tree(dir: &Path) {
         if let Err(e) = containerd_shim::mount::umount_recursive(Some(d), flags) {
             tracing::warn!("unmounting {d}: {e}");
         }
-    }
-}
-
-/// Mount points at or under `dir`, from this process's mount table.
-fn mounts_under(dir: &Path) -> Vec<String> {
-    let dir = dir.to_string_lossy().trim_end_matches('/').to_string();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(String::from))
-        .filter(|m| *m == dir || m.starts_with(&format!("{dir}/")))
-        .collect()
-}
-
-/// Removes `dir` and what is in it, unless something is still mounted there:
-/// a recursive removal would go into a bind of a host volume.
-pub fn remove_unmounted(dir: &Path) {
-    let left = mounts_under(dir);
-    if left.is_empty() {
-        let _ = std::fs::remove_dir_all(dir);
-    } else {
-        tracing::error!(dir = %dir.display(), ?left, "still mounted; left in place");
     }
 }
 
@@ -257,7 +235,7 @@ impl Pod {
             drop(vm.network);
             unmount_tree(&vm.share);
             if let Some(parent) = vm.share.parent() {
-                remove_unmounted(parent);
+                sandbox::share::remove_unmounted(parent);
             }
         }
     }

@@ -361,7 +361,7 @@ impl Shim for Service {
                     }
                 }
                 // Its mounts were in its own mount namespace: gone with it.
-                crate::pod::remove_unmounted(&dir);
+                sandbox::share::remove_unmounted(&dir);
             }
         }
         let collected = sandbox::state::collect_garbage(&root());
@@ -535,7 +535,7 @@ impl Service {
         std::fs::create_dir(&stage)?;
         let undo = |stage: &Path| {
             crate::pod::unmount_tree(stage);
-            crate::pod::remove_unmounted(stage);
+            sandbox::share::remove_unmounted(stage);
         };
         let mut mounts = match sandbox::share::populate(&stage, rootfs, &spec.mounts) {
             Ok(m) => m,
