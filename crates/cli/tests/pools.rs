@@ -98,6 +98,13 @@ fn pool_hands_out_ready_clones_and_refills() {
     let root = StateRoot::new("pool");
     let policy = "[[pool]]\ntemplate = \"p\"\nsize = 2\n";
     let (daemon, config) = serve(&root, "p", "128", policy, "p: 2 of 2 ready");
+    // Each ready clone ran a warm-up container: nothing of it is left in
+    // the share the caller gets.
+    for member in std::fs::read_dir(root.path.join("pools/p")).unwrap() {
+        let share = member.unwrap().path();
+        let left: Vec<_> = std::fs::read_dir(&share).unwrap().collect();
+        assert!(left.is_empty(), "{}: {left:?}", share.display());
+    }
 
     let mut boot_ids = Vec::new();
     for _ in 0..2 {

@@ -281,6 +281,7 @@ async fn launch_member(root: &Path, template: &Template, n: u64) -> Result<Membe
             return Err(e);
         }
     };
+    warm_up(&sb, &share).await;
     let agent_socket = sb.agent_socket().unwrap_or_default();
     // Hang up: whoever takes the clone opens a session of its own.
     let paused = match sb.hang_up_agent() {
@@ -301,6 +302,95 @@ async fn launch_member(root: &Path, template: &Template, n: u64) -> Result<Membe
         share,
         agent_socket,
     })
+}
+
+/// The warm-up container's id and directory in a fresh clone's share.
+const WARM_UP: &str = ".podvisor-warm-up";
+/// Its program, alone in its root.
+const WARM_UP_EXE: &str = "exit0";
+
+/// The smallest static x86-64 program: one ELF header, one loadable
+/// segment, and `exit(0)` (xor edi,edi; mov eax,60; syscall).
+fn exit0_elf() -> Vec<u8> {
+    const BASE: u64 = 0x40_0000;
+    const HEADERS: u64 = 64 + 56;
+    let code = [0x31, 0xff, 0xb8, 0x3c, 0, 0, 0, 0x0f, 0x05];
+    let size = HEADERS + code.len() as u64;
+    let mut elf = b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0".to_vec();
+    elf.extend(2u16.to_le_bytes()); // ET_EXEC
+    elf.extend(0x3eu16.to_le_bytes()); // EM_X86_64
+    elf.extend(1u32.to_le_bytes()); // EV_CURRENT
+    elf.extend((BASE + HEADERS).to_le_bytes()); // entry: the code
+    elf.extend(64u64.to_le_bytes()); // program headers right after this one
+    elf.extend(0u64.to_le_bytes()); // no section headers
+    elf.extend(0u32.to_le_bytes()); // flags
+    for half in [64u16, 56, 1, 0, 0, 0] {
+        // header size, program header size and count, no sections
+        elf.extend(half.to_le_bytes());
+    }
+    elf.extend(1u32.to_le_bytes()); // PT_LOAD
+    elf.extend(5u32.to_le_bytes()); // PF_R | PF_X
+    for word in [0, BASE, BASE, size, size, 0x1000] {
+        // offset, vaddr, paddr, file size, memory size, alignment
+        elf.extend(word.to_le_bytes());
+    }
+    elf.extend(code);
+    elf
+}
+
+/// Runs a new clone through a container's whole life once (create, start,
+/// exec, exit, wait, remove) with a tiny program, so that the caller's
+/// first container finds the share mounted and, under TCG, the guest code
+/// it runs already translated: QEMU keeps translations per process, and a
+/// pooled clone's QEMU is the one that warmed up. Best effort.
+async fn warm_up(sb: &Sandbox, share: &Path) {
+    let dir = share.join(WARM_UP);
+    let written = std::fs::create_dir(&dir).and_then(|()| {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o755)
+            .open(dir.join(WARM_UP_EXE))?;
+        std::io::Write::write_all(&mut f, &exit0_elf())
+    });
+    if written.is_ok() {
+        let t0 = Instant::now();
+        let ran = tokio::time::timeout(Duration::from_secs(10), run_warm_up(sb)).await;
+        tracing::debug!(sandbox = %sb.id, elapsed = ?t0.elapsed(), ?ran, "warmed up");
+        let id = WARM_UP.trim_start_matches('.').to_string();
+        let mut agent = sb.agent.clone();
+        let remove = agent.remove_container(agent_proto::ContainerRequest { container_id: id });
+        let _ = tokio::time::timeout(Duration::from_secs(10), remove).await;
+    }
+    // The guest made mount points in it: plain directories on this side.
+    crate::share::remove_unmounted(&dir);
+}
+
+async fn run_warm_up(sb: &Sandbox) -> Result<i32, tonic::Status> {
+    let id = WARM_UP.trim_start_matches('.').to_string();
+    let mut agent = sb.agent.clone();
+    let request = agent_proto::CreateContainerRequest {
+        container_id: id.clone(),
+        rootfs_tag: ROOTFS_TAG.into(),
+        rootfs_subpath: WARM_UP.into(),
+        process: Some(agent_proto::Process {
+            args: vec![format!("/{WARM_UP_EXE}")],
+            cwd: "/".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    agent.create_container(request).await?;
+    let container = agent_proto::ContainerRequest {
+        container_id: id.clone(),
+    };
+    agent.start_container(container).await?;
+    let process = agent_proto::ProcessRequest {
+        container_id: id,
+        exec_id: String::new(),
+    };
+    Ok(agent.wait_process(process).await?.into_inner().exit_code)
 }
 
 /// Unmounts everything a caller attached and removes the share (with what
