@@ -11,6 +11,9 @@ use tokio::signal::unix::{signal, SignalKind};
 #[derive(Subcommand)]
 pub enum PoolCommand {
     /// Keep the pools of the factory policy filled (runs until SIGTERM/SIGINT).
+    ///
+    /// `sandbox run --template T`, and `create`/`run` and the containerd shim
+    /// when the policy's `template = "T"` fits, take ready clones of T from it.
     Serve(ServeArgs),
     /// Show each pool's ready clones.
     Status(ServeArgs),
@@ -18,7 +21,8 @@ pub enum PoolCommand {
 
 #[derive(Args)]
 pub struct ServeArgs {
-    /// The factory policy: `[[pool]] template = "NAME" size = N` entries.
+    /// The factory policy: `[[pool]] template = "NAME" size = N` entries (and
+    /// `template = "NAME"` for the OCI runtime and the shim).
     #[arg(long, env = "PODVISOR_CONFIG", default_value = pool::DEFAULT_CONFIG)]
     pub config: PathBuf,
 }
