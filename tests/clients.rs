@@ -92,7 +92,8 @@ impl Podman {
         std::fs::write(
             &wrapper,
             format!(
-                "#!/bin/sh\nexec {} --root {} \"$@\"\n",
+                "#!/bin/sh\nPODVISOR_CONFIG={} exec {} --root {} \"$@\"\n",
+                dir.0.join("podvisor.toml").display(),
                 podvisor().display(),
                 pv_root.path.display()
             ),
@@ -118,6 +119,12 @@ impl Podman {
                 .arg("localhost/busybox:latest"),
         ));
         p
+    }
+
+    /// The factory policy podvisor reads under this podman (none until a
+    /// test writes it).
+    pub fn policy(&self) -> PathBuf {
+        self.dir.0.join("podvisor.toml")
     }
 
     /// `podman` with this fixture's storage; `run`/`create` go to podvisor.
@@ -668,5 +675,65 @@ pub mod cri {
             log_directory: logs.to_string_lossy().into_owned(),
             ..Default::default()
         }
+    }
+}
+
+/// `podvisor pool serve` for a state root and policy, until dropped (then
+/// stopped with SIGTERM, which retires its clones).
+pub struct PoolDaemon {
+    child: std::process::Child,
+    root: PathBuf,
+    policy: PathBuf,
+}
+
+impl PoolDaemon {
+    /// Starts the daemon and waits until its status shows `ready`.
+    pub fn start(root: &Path, policy: &Path, ready: &str) -> PoolDaemon {
+        let (child, _out) = test_utils::spawn_until_ready(
+            Command::new(podvisor())
+                .arg("--root")
+                .arg(root)
+                .args(["pool", "serve", "--config"])
+                .arg(policy),
+        );
+        let d = PoolDaemon {
+            child,
+            root: root.into(),
+            policy: policy.into(),
+        };
+        wait_for(
+            &format!("the pool ({ready})"),
+            Duration::from_secs(120),
+            || d.status().contains(ready),
+        );
+        d
+    }
+
+    /// What `podvisor pool status` says.
+    pub fn status(&self) -> String {
+        let o = output(
+            Command::new(podvisor())
+                .arg("--root")
+                .arg(&self.root)
+                .args(["pool", "status", "--config"])
+                .arg(&self.policy),
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+}
+
+impl Drop for PoolDaemon {
+    fn drop(&mut self) {
+        // SAFETY: kill with the pid of our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -14,7 +14,7 @@ use k8s_cri::v1::{
     UpdateContainerResourcesRequest,
 };
 use podvisor_client_tests::cri::{self, connect, Cri};
-use podvisor_client_tests::{cmdline, parent, pids, shim_of, Containerd, Scratch};
+use podvisor_client_tests::{cmdline, parent, pids, shim_of, Containerd, PoolDaemon, Scratch};
 
 const IMAGE: &str = "localhost/busybox:latest";
 
@@ -575,7 +575,11 @@ async fn pods_take_their_vm_from_the_factory() {
                 "the pod's VM was not cloned: {qemu_cmdline}\n{}",
                 c.log()
             );
-            pool = Some(PoolDaemon::start(&c));
+            pool = Some(PoolDaemon::start(
+                &c.pv_root(),
+                &c.policy(),
+                "pod: 1 of 1 ready",
+            ));
         }
         let id = start_container(
             &mut cri,
@@ -653,59 +657,6 @@ async fn pods_take_their_vm_from_the_factory() {
     })
     .await;
     drop(pool);
-}
-
-/// `podvisor pool serve` on the containerd's state root and policy; killed
-/// (with its VMs) when dropped.
-struct PoolDaemon {
-    child: std::process::Child,
-    root: std::path::PathBuf,
-    policy: std::path::PathBuf,
-}
-
-impl PoolDaemon {
-    fn start(c: &Containerd) -> PoolDaemon {
-        let (child, _out) = test_utils::spawn_until_ready(
-            std::process::Command::new(podvisor_client_tests::podvisor())
-                .arg("--root")
-                .arg(c.pv_root())
-                .args(["pool", "serve", "--config"])
-                .arg(c.policy()),
-        );
-        let d = PoolDaemon {
-            child,
-            root: c.pv_root(),
-            policy: c.policy(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while !d.status().contains("1 of 1 ready") {
-            assert!(
-                Instant::now() < deadline,
-                "the pool never filled: {}",
-                d.status()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        d
-    }
-
-    fn status(&self) -> String {
-        let o = test_utils::output(
-            std::process::Command::new(podvisor_client_tests::podvisor())
-                .arg("--root")
-                .arg(&self.root)
-                .args(["pool", "status", "--config"])
-                .arg(&self.policy),
-        );
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-}
-
-impl Drop for PoolDaemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// The command line of the pod's QEMU.

@@ -3,7 +3,12 @@
 
 use std::time::{Duration, Instant};
 
-use podvisor_client_tests::{host_kernel, http_get, ok, Podman, Scratch, Terminal};
+use std::process::Command;
+
+use podvisor_client_tests::{
+    host_kernel, http_get, ok, podvisor, Podman, PoolDaemon, Scratch, Terminal,
+};
+use test_utils::output;
 
 #[test]
 fn run_passes_output_exit_codes_env_user_memory_and_volumes() {
@@ -152,5 +157,48 @@ fn interactive_terminal_types_answers_and_resizes() {
     term.expect("EXIT=5", Duration::from_secs(30));
     drop(term);
     ok(&pm.run(&["rm", "-f", "-t", "0", "idle"]));
+    pm.pv_root.assert_clean();
+}
+
+#[test]
+fn podman_takes_a_ready_vm_from_the_pool_with_its_network() {
+    let pm = Podman::new("pooled");
+    // The container's VM shape (256 MiB, 1 vCPU) and podman's one network
+    // interface: the template fits, and a pool keeps a clone of it ready.
+    ok(&output(
+        Command::new(podvisor())
+            .arg("--root")
+            .arg(&pm.pv_root.path)
+            .args([
+                "template", "create", "--name", "ctr", "--nics", "1", "--memory", "256",
+            ]),
+    ));
+    std::fs::write(
+        pm.policy(),
+        "template = \"ctr\"\n[[pool]]\ntemplate = \"ctr\"\nsize = 1\n",
+    )
+    .unwrap();
+    let pool = PoolDaemon::start(&pm.pv_root.path, &pm.policy(), "ctr: 1 of 1 ready");
+    let volume = Scratch::new("pooled-volume");
+    std::fs::write(volume.0.join("hello"), "from the host\n").unwrap();
+    let out = ok(&pm.run(&[
+        "run",
+        "--rm",
+        "-v",
+        &format!("{}:/data", volume.0.display()),
+        "localhost/busybox",
+        "sh",
+        "-c",
+        "cat /data/hello; ip -4 -o addr show eth0; ip route",
+    ]));
+    assert!(out.starts_with("from the host\n"), "{out}");
+    assert!(out.contains("eth0") && out.contains("inet "), "{out}");
+    assert!(out.contains("default via"), "{out}");
+    assert!(
+        pool.status().contains("1 handed out"),
+        "the container's VM did not come from the pool: {}",
+        pool.status()
+    );
+    drop(pool);
     pm.pv_root.assert_clean();
 }
