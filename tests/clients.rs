@@ -642,7 +642,9 @@ pub mod cri {
     use std::path::{Path, PathBuf};
 
     use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-    use k8s_cri::v1::{PodSandboxConfig, PodSandboxMetadata};
+    use k8s_cri::v1::{
+        PodSandboxConfig, PodSandboxMetadata, RemovePodSandboxRequest, StopPodSandboxRequest,
+    };
     use tonic::transport::{Channel, Endpoint, Uri};
 
     pub type Cri = RuntimeServiceClient<Channel>;
@@ -660,6 +662,20 @@ pub mod cri {
             .await
             .expect("connecting to containerd's CRI socket");
         RuntimeServiceClient::new(channel)
+    }
+
+    /// StopPodSandbox then RemovePodSandbox, as kubelet does when a pod goes.
+    pub async fn remove_pod(cri: &mut Cri, pod: &str) {
+        cri.stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: pod.into(),
+        })
+        .await
+        .expect("StopPodSandbox");
+        cri.remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: pod.into(),
+        })
+        .await
+        .expect("RemovePodSandbox");
     }
 
     /// A pod named `name` in Kubernetes namespace `namespace`, logging to `logs`.

@@ -9,9 +9,8 @@ use k8s_cri::v1::{
     AttachRequest, ContainerConfig, ContainerFilter, ContainerMetadata, ContainerState,
     ContainerStatusRequest, CreateContainerRequest, ExecRequest, ExecSyncRequest, ImageSpec,
     LinuxContainerConfig, LinuxContainerResources, LinuxPodSandboxConfig, ListContainersRequest,
-    PodSandboxConfig, PodSandboxState, PodSandboxStatusRequest, RemovePodSandboxRequest,
-    RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
-    UpdateContainerResourcesRequest,
+    PodSandboxConfig, PodSandboxState, PodSandboxStatusRequest, RunPodSandboxRequest,
+    StartContainerRequest, StopPodSandboxRequest, UpdateContainerResourcesRequest,
 };
 use podvisor_client_tests::cri::{self, connect, Cri};
 use podvisor_client_tests::{cmdline, parent, pids, shim_of, Containerd, PoolDaemon, Scratch};
@@ -382,16 +381,7 @@ async fn a_pod_is_one_vm_with_two_containers_that_share_its_network() {
 
     // Teardown: both pods stop and go; no VM stays.
     for p in [&pod, &pod2] {
-        cri.stop_pod_sandbox(StopPodSandboxRequest {
-            pod_sandbox_id: p.to_string(),
-        })
-        .await
-        .expect("StopPodSandbox");
-        cri.remove_pod_sandbox(RemovePodSandboxRequest {
-            pod_sandbox_id: p.to_string(),
-        })
-        .await
-        .expect("RemovePodSandbox");
+        cri::remove_pod(&mut cri, p).await;
     }
     eventually("the pods' VMs gone", Duration::from_secs(20), || {
         let (p1, p2) = (pod.clone(), pod2.clone());
@@ -513,16 +503,7 @@ async fn bad_cri_requests_fail_clearly_and_leave_nothing() {
         .unwrap_err();
     assert!(e.message().contains("not-there"), "{e}");
 
-    cri.stop_pod_sandbox(StopPodSandboxRequest {
-        pod_sandbox_id: pod.clone(),
-    })
-    .await
-    .unwrap();
-    cri.remove_pod_sandbox(RemovePodSandboxRequest {
-        pod_sandbox_id: pod.clone(),
-    })
-    .await
-    .unwrap();
+    cri::remove_pod(&mut cri, &pod).await;
     eventually("the pod's VM gone", Duration::from_secs(20), || {
         let p = pod.clone();
         async move { vms_of(&p) == 0 }
@@ -630,16 +611,7 @@ async fn pods_take_their_vm_from_the_factory() {
     assert_eq!(got, (0, "from-one\n".to_string()));
 
     for (pod, _) in &pods {
-        cri.stop_pod_sandbox(StopPodSandboxRequest {
-            pod_sandbox_id: pod.clone(),
-        })
-        .await
-        .expect("StopPodSandbox");
-        cri.remove_pod_sandbox(RemovePodSandboxRequest {
-            pod_sandbox_id: pod.clone(),
-        })
-        .await
-        .expect("RemovePodSandbox");
+        cri::remove_pod(&mut cri, pod).await;
     }
     eventually("the clones gone", Duration::from_secs(20), || {
         let pods: Vec<String> = pods.iter().map(|p| p.0.clone()).collect();

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, CreateContainerRequest, ImageSpec, PodSandboxConfig,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
+    RunPodSandboxRequest, StartContainerRequest,
 };
 use podvisor_client_tests::cri::{self, connect, Cri};
 use podvisor_client_tests::{cmdline, parent, pids, Containerd, Scratch};
@@ -187,16 +187,7 @@ async fn measure(
             let vm = pool.map(Pool::handed_out_pss_mib).unwrap_or(0.0);
             results[h].pss_mib.push(pod_pss_mib(&pod) + vm);
             let t1 = Instant::now();
-            cri.stop_pod_sandbox(StopPodSandboxRequest {
-                pod_sandbox_id: pod.clone(),
-            })
-            .await
-            .expect("StopPodSandbox");
-            cri.remove_pod_sandbox(RemovePodSandboxRequest {
-                pod_sandbox_id: pod.clone(),
-            })
-            .await
-            .expect("RemovePodSandbox");
+            cri::remove_pod(&mut cri, &pod).await;
             results[h]
                 .teardown_ms
                 .push(t1.elapsed().as_secs_f64() * 1000.0);
