@@ -253,15 +253,7 @@ impl Dockerd {
 pub fn assert_no_runtime_left(root: &Path) {
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let entries = |sub: &str| -> Vec<String> {
-            std::fs::read_dir(root.join(sub))
-                .map(|rd| {
-                    rd.flatten()
-                        .map(|e| e.file_name().to_string_lossy().into_owned())
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
+        let entries = |sub: &str| test_utils::names_in(&root.join(sub));
         let left = (
             entries("containers"),
             entries("sandboxes"),

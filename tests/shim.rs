@@ -38,15 +38,7 @@ fn assert_nothing_left(c: &Containerd, after: &str) {
     let mut left = (Vec::new(), Vec::new(), Vec::new());
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let entries = |sub: &str| -> Vec<String> {
-            std::fs::read_dir(root.join(sub))
-                .map(|rd| {
-                    rd.flatten()
-                        .map(|e| e.file_name().to_string_lossy().into_owned())
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
+        let entries = |sub: &str| test_utils::names_in(&root.join(sub));
         left.0 = entries("sandboxes");
         left.1 = entries("pods");
         left.2 = processes_mentioning(&root.to_string_lossy());

@@ -45,13 +45,7 @@ impl StateRoot {
 
     /// Sandbox directories present under this root.
     pub fn sandboxes(&self) -> Vec<String> {
-        fs::read_dir(self.path.join("sandboxes"))
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
+        names_in(&self.path.join("sandboxes"))
     }
 
     /// Pids of processes whose command line mentions this root.
@@ -61,13 +55,7 @@ impl StateRoot {
 
     /// OCI container directories present under this root.
     pub fn containers(&self) -> Vec<String> {
-        fs::read_dir(self.path.join("containers"))
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
+        names_in(&self.path.join("containers"))
     }
 
     /// Asserts nothing of a sandbox is left under this root.
@@ -100,6 +88,17 @@ impl Drop for StateRoot {
         }
         let _ = fs::remove_dir_all(&self.path);
     }
+}
+
+/// The names of the entries of directory `dir` (none if it is missing).
+pub fn names_in(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 pub fn processes_mentioning(needle: &str) -> Vec<u32> {
