@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 
 use k8s_cri::v1::{
     AttachRequest, ContainerConfig, ContainerFilter, ContainerMetadata, ContainerState,
-    ContainerStatusRequest, CreateContainerRequest, ExecRequest, ExecSyncRequest, ImageSpec,
-    LinuxContainerConfig, LinuxContainerResources, LinuxPodSandboxConfig, ListContainersRequest,
-    PodSandboxConfig, PodSandboxState, PodSandboxStatusRequest, RunPodSandboxRequest,
-    StartContainerRequest, StopPodSandboxRequest, UpdateContainerResourcesRequest,
+    ContainerStatus, ContainerStatusRequest, CreateContainerRequest, ExecRequest, ExecSyncRequest,
+    ImageSpec, LinuxContainerConfig, LinuxContainerResources, LinuxPodSandboxConfig,
+    ListContainersRequest, PodSandboxConfig, PodSandboxState, PodSandboxStatus,
+    PodSandboxStatusRequest, RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
+    UpdateContainerResourcesRequest,
 };
 use podvisor_client_tests::cri::{self, connect, Cri};
 use podvisor_client_tests::{cmdline, parent, pids, shim_of, Containerd, PoolDaemon, Scratch};
@@ -85,6 +86,30 @@ async fn start_configured(
     .await
     .unwrap_or_else(|s| panic!("StartContainer {name}: {s}"));
     id
+}
+
+async fn container_status(cri: &mut Cri, id: &str) -> ContainerStatus {
+    cri.container_status(ContainerStatusRequest {
+        container_id: id.into(),
+        verbose: false,
+    })
+    .await
+    .expect("ContainerStatus")
+    .into_inner()
+    .status
+    .expect("a container status")
+}
+
+async fn pod_status(cri: &mut Cri, pod: &str) -> PodSandboxStatus {
+    cri.pod_sandbox_status(PodSandboxStatusRequest {
+        pod_sandbox_id: pod.into(),
+        verbose: false,
+    })
+    .await
+    .expect("PodSandboxStatus")
+    .into_inner()
+    .status
+    .expect("a pod status")
 }
 
 async fn exec_sync(cri: &mut Cri, id: &str, cmd: &[&str]) -> (i32, String) {
@@ -187,16 +212,7 @@ async fn a_pod_is_one_vm_with_two_containers_that_share_its_network() {
 
     // Statuses and the pod's IP.
     for id in [&a, &b] {
-        let s = cri
-            .container_status(ContainerStatusRequest {
-                container_id: id.clone(),
-                verbose: false,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status
-            .unwrap();
+        let s = container_status(&mut cri, id).await;
         assert_eq!(s.state, ContainerState::ContainerRunning as i32, "{s:?}");
     }
     let listed = cri
@@ -211,16 +227,7 @@ async fn a_pod_is_one_vm_with_two_containers_that_share_its_network() {
         .into_inner()
         .containers;
     assert_eq!(listed.len(), 2, "{listed:?}");
-    let status = cri
-        .pod_sandbox_status(PodSandboxStatusRequest {
-            pod_sandbox_id: pod.clone(),
-            verbose: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
-        .unwrap();
+    let status = pod_status(&mut cri, &pod).await;
     assert_eq!(status.state, PodSandboxState::SandboxReady as i32);
     let ip = status.network.map(|n| n.ip).unwrap_or_default();
     assert!(ip.starts_with("10.88.91."), "pod IP {ip:?}");
@@ -320,16 +327,7 @@ async fn a_pod_is_one_vm_with_two_containers_that_share_its_network() {
     let hog = start_configured(&mut cri, &pod, &web, hog).await;
     let mut hog_status = None;
     for _ in 0..100 {
-        let s = cri
-            .container_status(ContainerStatusRequest {
-                container_id: hog.clone(),
-                verbose: false,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status
-            .unwrap();
+        let s = container_status(&mut cri, &hog).await;
         if s.state == ContainerState::ContainerExited as i32 {
             hog_status = Some(s);
             break;
@@ -570,16 +568,7 @@ async fn pods_take_their_vm_from_the_factory() {
             &["sh", "-c", &format!("mkdir /www && echo from-{name} > /www/index.html && exec httpd -f -p 8080 -h /www")],
         )
         .await;
-        let status = cri
-            .pod_sandbox_status(PodSandboxStatusRequest {
-                pod_sandbox_id: pod.clone(),
-                verbose: false,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status
-            .unwrap();
+        let status = pod_status(&mut cri, &pod).await;
         let ip = status.network.map(|n| n.ip).unwrap_or_default();
         let (_, addr) = exec_sync(&mut cri, &id, &["ip", "-4", "-o", "addr", "show", "eth0"]).await;
         assert!(
