@@ -3,11 +3,13 @@
 //! The first driver is QEMU's microvm machine; a builtin VMM can follow.
 
 mod accel;
+pub mod jail;
 pub mod qemu;
 
 use std::path::PathBuf;
 
 pub use accel::{Accel, HostVirt};
+pub use jail::Jail;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HypervisorError {
@@ -29,6 +31,8 @@ pub enum HypervisorError {
     QmpIo(#[source] std::io::Error),
     #[error("invalid VM configuration: {0}")]
     Config(String),
+    #[error("preparing the VMM's jail: {0}")]
+    Jail(String),
 }
 
 /// A directory the guest mounts over virtio-9p under `tag`.
@@ -92,6 +96,8 @@ pub struct VmConfig {
     pub vmm_log: PathBuf,
     /// Start paused, waiting for a saved state (`VirtualMachine::restore`).
     pub incoming: bool,
+    /// Confine the VMM (see `jail`); `None` runs it as its caller.
+    pub jail: Option<Jail>,
 }
 
 /// A running VM.

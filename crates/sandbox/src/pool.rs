@@ -251,6 +251,7 @@ async fn launch_member(root: &Path, template: &Template, n: u64) -> Result<Membe
         })
         .collect();
     let config = SandboxConfig {
+        cpu_millis: None,
         id,
         root: root.to_path_buf(),
         memory_mib,

@@ -31,6 +31,9 @@ pub struct SandboxConfig {
     pub hostname: String,
     /// How long the agent may take to answer after the VMM started.
     pub boot_timeout: Duration,
+    /// The VM's CPU limit in millicores (its cgroup's cpu.max); `None`: its
+    /// vCPUs.
+    pub cpu_millis: Option<u64>,
     /// Clone this template instead of booting (its shape overrides memory,
     /// vcpus, assets and accelerator); boot cold if it is unusable.
     pub template: Option<Template>,
@@ -156,14 +159,28 @@ pub(crate) fn vm_config(config: &SandboxConfig, dir: &StateDir) -> VmConfig {
         nics: config.nics.clone(),
         memory: MemoryBackend::Anonymous,
         accel: config.accel,
-        agent_socket: dir.file("agent.sock"),
+        agent_socket: dir.vm_file("agent.sock"),
         agent_port_name: agent_proto::AGENT_PORT_NAME.into(),
-        control_socket: dir.file("qmp.sock"),
+        control_socket: dir.vm_file("qmp.sock"),
         console_log: dir.file("console.log"),
         vmm_log: dir.file("vmm.log"),
         incoming: false,
         nic_hubs: false,
+        jail: jail_enabled().then(|| hypervisor::Jail {
+            dir: dir.file("jail"),
+            uid_dir: crate::state::uids(&config.root),
+            cpu_millis: config.cpu_millis,
+        }),
     }
+}
+
+/// Whether VMMs start in their jail: whenever we are root, unless
+/// `PODVISOR_JAIL=off` (the benchmarks' A/B switch; never for production).
+pub fn jail_enabled() -> bool {
+    nix::unistd::geteuid().is_root()
+        && std::env::var("PODVISOR_JAIL")
+            .map(|v| v != "off")
+            .unwrap_or(true)
 }
 
 struct Launched {
@@ -269,8 +286,8 @@ impl Sandbox {
                         "template {} unusable ({e}); booted cold",
                         t.meta.name
                     ));
-                    for f in ["agent.sock", "qmp.sock"] {
-                        let _ = std::fs::remove_file(dir.file(f));
+                    for f in ["agent.sock", "qmp.sock", "console.sock"] {
+                        let _ = std::fs::remove_file(dir.vm_file(f));
                     }
                 }
             }
@@ -461,7 +478,7 @@ impl Sandbox {
     /// The VM's agent socket (for a new session after this one hangs up).
     pub fn agent_socket(&self) -> Option<PathBuf> {
         match &self.vmm {
-            Vmm::Owned { dir, .. } => Some(dir.file("agent.sock")),
+            Vmm::Owned { dir, .. } => Some(dir.vm_file("agent.sock")),
             Vmm::Pooled { .. } => None,
         }
     }
@@ -473,7 +490,7 @@ impl Sandbox {
             return Ok(());
         };
         hangup.now();
-        let (channel, fresh) = agent::channel_with_hangup(&dir.file("agent.sock"))?;
+        let (channel, fresh) = agent::channel_with_hangup(&dir.vm_file("agent.sock"))?;
         *hangup = fresh;
         self.agent = AgentClient::new(channel).max_decoding_message_size(16 << 20);
         Ok(())

@@ -28,11 +28,18 @@ pub enum StateError {
 pub const DEFAULT_ROOT: &str = "/run/podvisor";
 const LOCK: &str = "lock";
 const VMM_PID: &str = "vmm.pid";
+const VM: &str = "vm";
+const JAIL: &str = "jail";
 
 /// A sandbox's directory, locked for as long as this value lives.
 pub struct StateDir {
     pub path: PathBuf,
     _lock: File,
+}
+
+/// The lock files of the uids jailed VMMs run as.
+pub fn uids(root: &Path) -> PathBuf {
+    root.join("uids")
 }
 
 fn sandboxes(root: &Path) -> PathBuf {
@@ -77,6 +84,16 @@ impl StateDir {
             path: staging.clone(),
             source,
         })?;
+        // The VMM's sockets, and the empty directory its jail is built on.
+        for sub in [VM, JAIL] {
+            if let Err(source) = fs::create_dir(staging.join(sub)) {
+                let _ = fs::remove_dir_all(&staging);
+                return Err(StateError::Create {
+                    path: staging.join(sub),
+                    source,
+                });
+            }
+        }
         let lock_path = staging.join(LOCK);
         let locked = OpenOptions::new()
             .create(true)
@@ -115,6 +132,11 @@ impl StateDir {
 
     pub fn file(&self, name: &str) -> PathBuf {
         self.path.join(name)
+    }
+
+    /// A file in the directory the VMM sees (its sockets).
+    pub fn vm_file(&self, name: &str) -> PathBuf {
+        self.path.join(VM).join(name)
     }
 
     pub fn record_vmm_pid(&self, pid: u32) {

@@ -32,6 +32,7 @@ fn process(args: &[&str], terminal: bool) -> Process {
 async fn start_sandbox(root: &StateRoot) -> Sandbox {
     let dir = build_dir();
     Sandbox::start(SandboxConfig {
+        cpu_millis: None,
         id: "api".into(),
         root: root.path.clone(),
         memory_mib: 256,

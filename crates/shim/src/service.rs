@@ -442,6 +442,7 @@ async fn boot_vm(key: &str, pod_id: &str, kind: &Kind, spec: &Spec) -> anyhow::R
     };
     let nics = network.as_ref().map(|n| n.nics.clone()).unwrap_or_default();
     let config = SandboxConfig {
+        cpu_millis: None,
         id: key.to_string(),
         root: root(),
         memory_mib,

@@ -142,6 +142,7 @@ async fn run(args: &HolderArgs, root: &Path, spec: Spec, sync: &mut Sync) -> any
     let accel = checked_accel(None)?;
     let nics = network.as_ref().map(|n| n.nics.clone()).unwrap_or_default();
     let config = SandboxConfig {
+        cpu_millis: None,
         id: dir.sandbox_id(),
         root: root.to_path_buf(),
         memory_mib: spec.vm_memory_mib(),

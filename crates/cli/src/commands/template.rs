@@ -83,6 +83,7 @@ async fn create(args: CreateArgs, root: &Path) -> anyhow::Result<u8> {
     // Taps of our own, gone when we exit: only the device model is saved.
     let (nics, _taps) = sandbox::network::scratch_nics(args.nics)?;
     let config = SandboxConfig {
+        cpu_millis: None,
         id: String::new(),
         root: root.to_path_buf(),
         memory_mib: args.vm.memory,

@@ -2,7 +2,16 @@
 
 use std::path::Path;
 
+use crate::jail::Paths;
 use crate::{Accel, MemoryBackend, VmConfig};
+
+/// The guest console's socket, in the VMM's socket directory: we read it
+/// into a capped log (QEMU waits for that reader before it starts).
+pub const CONSOLE_SOCKET: &str = "console.sock";
+
+/// QEMU's own seccomp filter: no obsolete calls, no setuid, no fork or exec
+/// (migration goes through fds we pass), no scheduler or priority changes.
+const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// QEMU option values separate keys with commas; a comma in a value is doubled.
 fn escape(p: &Path) -> String {
@@ -23,7 +32,9 @@ pub fn kernel_cmdline(config: &VmConfig) -> String {
     words.join(" ")
 }
 
-pub fn args(config: &VmConfig, root: bool) -> Vec<String> {
+/// The command line of `config`, naming files by `paths` (inside the jail
+/// when there is one).
+pub fn args(config: &VmConfig, paths: &Paths, root: bool) -> Vec<String> {
     let mem = format!("{}M", config.memory_mib);
     let mut a: Vec<String> = Vec::new();
     let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
@@ -40,7 +51,7 @@ pub fn args(config: &VmConfig, root: bool) -> Vec<String> {
         MemoryBackend::Anonymous => format!("memory-backend-ram,id=mem,size={mem}"),
         MemoryBackend::File { path, shared } => format!(
             "memory-backend-file,id=mem,size={mem},mem-path={},share={}",
-            escape(path),
+            escape(paths.memory.as_deref().unwrap_or(path)),
             if *shared { "on" } else { "off" }
         ),
     };
@@ -52,16 +63,29 @@ pub fn args(config: &VmConfig, root: bool) -> Vec<String> {
         "none",
         "-no-reboot",
     ]);
+    // The host path of the socket directory, for `ps` and the garbage
+    // collector to tell whose VMM this is (the paths below may be the jail's).
+    push(&[
+        "-name",
+        &format!("guest=podvisor:{}", escape(&crate::jail::vm_dir(config))),
+    ]);
+    if config.jail.is_some() {
+        push(&["-sandbox", SANDBOX]);
+    }
     push(&[
         "-kernel",
-        &escape(&config.kernel),
+        &escape(&paths.kernel),
         "-initrd",
-        &escape(&config.initrd),
+        &escape(&paths.initrd),
     ]);
     push(&["-append", &kernel_cmdline(config)]);
+    let sock = |name: &str| escape(&paths.vm_dir.join(name));
     push(&[
         "-chardev",
-        &format!("file,id=console,path={}", escape(&config.console_log)),
+        &format!(
+            "socket,id=console,path={},server=on,wait=on",
+            sock(CONSOLE_SOCKET)
+        ),
     ]);
     push(&["-serial", "chardev:console"]);
     push(&["-device", "virtio-serial-device,max_ports=2"]);
@@ -69,7 +93,7 @@ pub fn args(config: &VmConfig, root: bool) -> Vec<String> {
         "-chardev",
         &format!(
             "socket,id=agent,path={},server=on,wait=off",
-            escape(&config.agent_socket)
+            sock(&file_name(&config.agent_socket))
         ),
     ]);
     push(&[
@@ -79,15 +103,18 @@ pub fn args(config: &VmConfig, root: bool) -> Vec<String> {
             config.agent_port_name
         ),
     ]);
-    // passthrough keeps the guest's file owners on the host; it needs root.
+    // passthrough keeps the guest's file owners on the host; it needs root
+    // or, in the jail, CAP_CHOWN, CAP_FOWNER and CAP_DAC_OVERRIDE. Device
+    // nodes and set-id files it cannot make there (no CAP_MKNOD, seccomp).
     let model = if root { "passthrough" } else { "none" };
     for (i, share) in config.shares.iter().enumerate() {
         let ro = if share.readonly { ",readonly=on" } else { "" };
+        let path = paths.shares.get(i).unwrap_or(&share.path);
         push(&[
             "-fsdev",
             &format!(
-                "local,id=fs{i},path={},security_model={model}{ro}",
-                escape(&share.path)
+                "local,id=fs{i},path={},security_model={model},multidevs=remap{ro}",
+                escape(path)
             ),
         ]);
         push(&[
@@ -124,12 +151,21 @@ pub fn args(config: &VmConfig, root: bool) -> Vec<String> {
     push(&["-device", "virtio-rng-device"]);
     push(&[
         "-qmp",
-        &format!("unix:{},server=on,wait=off", escape(&config.control_socket)),
+        &format!(
+            "unix:{},server=on,wait=off",
+            sock(&file_name(&config.control_socket))
+        ),
     ]);
     if config.incoming {
         push(&["-incoming", "defer", "-S"]);
     }
     a
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -161,16 +197,22 @@ mod tests {
             vmm_log: "/run/s/qemu.log".into(),
             incoming: false,
             nic_hubs: false,
+            jail: None,
         }
+    }
+
+    fn qemu_args(c: &VmConfig) -> Vec<String> {
+        args(c, &Paths::host(Path::new("/usr/bin/qemu"), c), true)
     }
 
     #[test]
     fn builds_microvm_line() {
-        let a = args(&config(), true);
+        let a = qemu_args(&config());
         let line = a.join(" ");
         assert!(line.contains("-accel tcg -cpu max"));
         assert!(line.contains("memory-backend-ram,id=mem,size=256M"));
-        assert!(line.contains("path=/data/a,,b,security_model=passthrough"));
+        assert!(line.contains("path=/data/a,,b,security_model=passthrough,multidevs=remap"));
+        assert!(line.contains("socket,id=console,path=/run/s/console.sock,server=on,wait=on"));
         assert!(line.contains("mount_tag=rootfs"));
         assert!(line.contains("name=io.podvisor.agent.0"));
         let append = &a[a.iter().position(|x| x == "-append").unwrap() + 1];
@@ -185,13 +227,12 @@ mod tests {
             shared: true,
         };
         c.accel = Accel::Kvm;
-        let line = args(&c, false).join(" ");
+        let line = qemu_args(&c).join(" ");
         assert!(line.contains("memory-backend-file,id=mem,size=256M,mem-path=/dev/shm/t,share=on"));
         assert!(line.contains("-accel kvm -cpu host"));
         assert!(!line.contains("-incoming"));
         c.incoming = true;
-        assert!(args(&c, false).join(" ").ends_with("-incoming defer -S"));
-        assert!(line.contains("security_model=none"));
+        assert!(qemu_args(&c).join(" ").ends_with("-incoming defer -S"));
     }
 
     #[test]
@@ -209,12 +250,12 @@ mod tests {
                 fd: None,
             },
         ];
-        let line = args(&c, false).join(" ");
+        let line = qemu_args(&c).join(" ");
         assert!(line.contains(
             "-netdev tap,id=net0,fd=7 -device virtio-net-device,netdev=net0,mac=02:00:00:00:00:01"
         ));
         c.nic_hubs = true;
-        let line = args(&c, false).join(" ");
+        let line = qemu_args(&c).join(" ");
         assert!(line.contains("-netdev hubport,id=net0,hubid=0 -netdev tap,id=tap0,fd=7 -netdev hubport,id=up0,hubid=0,netdev=tap0 -device virtio-net-device,netdev=net0"));
         // No tap yet: the hub waits for one.
         assert!(line.contains("-netdev hubport,id=net1,hubid=1 -device virtio-net-device,netdev=net1,mac=02:00:00:00:00:02"));

@@ -2,17 +2,22 @@
 //! virtio-mmio devices only and drives it over QMP.
 
 mod cmdline;
+pub mod console;
 pub mod qmp;
 
 use std::fs::File;
+use std::os::fd::AsFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use cmdline::{args, kernel_cmdline};
+pub use console::tail;
 use qmp::Qmp;
 
+use crate::jail::{self, Paths, Plan};
 use crate::{Hypervisor, HypervisorError, VirtualMachine, VmConfig};
 
 const BINARY: &str = "qemu-system-x86_64";
@@ -64,23 +69,33 @@ impl QemuDriver {
             .unwrap_or_default()
     }
 
-    fn spawn(&self, config: &VmConfig) -> Result<Child, HypervisorError> {
-        let log = File::create(&config.vmm_log).map_err(|source| HypervisorError::Spawn {
+    fn spawn(&self, config: &VmConfig) -> Result<(Child, Option<Arc<Plan>>), HypervisorError> {
+        let spawn_err = |source| HypervisorError::Spawn {
             binary: self.binary.display().to_string(),
             source,
-        })?;
+        };
+        let (plan, paths) = match &config.jail {
+            Some(j) => {
+                let (plan, paths) = Plan::new(j, &self.binary, config)?;
+                (Some(Arc::new(plan)), paths)
+            }
+            None => (None, Paths::host(&self.binary, config)),
+        };
+        let (log_r, log_w) = std::io::pipe().map_err(spawn_err)?;
         let root = nix::unistd::geteuid().is_root();
         let parent = std::process::id() as libc::pid_t;
-        let mut cmd = Command::new(&self.binary);
-        cmd.args(args(config, root))
+        let mut cmd = Command::new(&paths.binary);
+        cmd.args(args(config, &paths, root))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log)
+            .stderr(log_w)
             // Its own process group: a Ctrl-C at the caller's terminal is for
             // the container, not for QEMU.
             .process_group(0);
+        let inner = plan.clone();
         // SAFETY: the closure runs between fork and exec and calls only
-        // async-signal-safe functions (prctl, getppid, _exit).
+        // async-signal-safe functions (prctl, getppid, _exit, and the
+        // system calls of `Plan::enter`, which allocates nothing).
         unsafe {
             cmd.pre_exec(move || {
                 // QEMU dies with the thread that started it: a SIGKILLed
@@ -91,21 +106,27 @@ impl QemuDriver {
                 if libc::getppid() != parent {
                     libc::_exit(1);
                 }
-                Ok(())
+                match &inner {
+                    Some(plan) => plan.enter(),
+                    None => Ok(()),
+                }
             })
         };
-        cmd.spawn().map_err(|source| HypervisorError::Spawn {
-            binary: self.binary.display().to_string(),
-            source,
-        })
+        let child = cmd.spawn();
+        drop(cmd);
+        match child {
+            Ok(child) => {
+                console::drain(log_r, config.vmm_log.clone());
+                Ok((child, plan))
+            }
+            Err(e) => {
+                if let Some(p) = &plan {
+                    jail::remove_cgroups(&p.cgroups);
+                }
+                Err(spawn_err(e))
+            }
+        }
     }
-}
-
-/// The last lines of a log file, for error messages.
-pub fn tail(path: &Path, lines: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    all[all.len().saturating_sub(lines)..].join("\n")
 }
 
 impl Hypervisor for QemuDriver {
@@ -117,7 +138,9 @@ impl Hypervisor for QemuDriver {
                 "memory and vcpus must be positive".into(),
             ));
         }
-        let mut child = self.spawn(config)?;
+        let (mut child, plan) = self.spawn(config)?;
+        let console_socket = jail::vm_dir(config).join(cmdline::CONSOLE_SOCKET);
+        let mut console = false;
         let start = Instant::now();
         let qmp = loop {
             if let Ok(Some(status)) = child.try_wait() {
@@ -126,7 +149,14 @@ impl Hypervisor for QemuDriver {
                     tail(&config.vmm_log, 5)
                 )));
             }
-            if config.control_socket.exists() {
+            // QEMU waits for the console's reader before it goes on.
+            if !console && console_socket.exists() {
+                if let Ok(s) = std::os::unix::net::UnixStream::connect(&console_socket) {
+                    console::drain(s, config.console_log.clone());
+                    console = true;
+                }
+            }
+            if console && config.control_socket.exists() {
                 match Qmp::connect(&config.control_socket).await {
                     Ok(q) => break q,
                     Err(e) if start.elapsed() > QMP_WAIT => {
@@ -144,19 +174,24 @@ impl Hypervisor for QemuDriver {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
-        tracing::debug!(vm = %config.id, pid = child.id(), "qemu started");
-        Ok(QemuVm { child, qmp })
+        tracing::debug!(vm = %config.id, pid = child.id(), jailed = plan.is_some(), "qemu started");
+        Ok(QemuVm { child, qmp, plan })
     }
 }
 
 pub struct QemuVm {
     child: Child,
     qmp: Qmp,
+    /// The jail's uid lock and cgroups, held while the VMM lives.
+    plan: Option<Arc<Plan>>,
 }
 
-/// A shell-quoted path for QEMU's `exec:` migration URIs.
-fn sh_quote(p: &Path) -> String {
-    format!("'{}'", p.to_string_lossy().replace('\'', "'\\''"))
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        if let (Some(p), Ok(Some(_))) = (&self.plan, self.child.try_wait()) {
+            jail::remove_cgroups(&p.cgroups);
+        }
+    }
 }
 
 const MIGRATION_WAIT: Duration = Duration::from_secs(60);
@@ -164,6 +199,24 @@ const MIGRATION_WAIT: Duration = Duration::from_secs(60);
 impl QemuVm {
     pub async fn status(&mut self) -> Result<String, HypervisorError> {
         self.qmp.status().await
+    }
+
+    /// The uid the VMM runs as in its jail.
+    pub fn jail_uid(&self) -> Option<u32> {
+        self.plan.as_ref().map(|p| p.uid)
+    }
+
+    /// Hands QEMU an open file for migration (`fd:NAME`): it needs no
+    /// program to run (`-sandbox spawn=deny`) and no path of ours.
+    async fn migration_fd(&mut self, name: &str, file: &File) -> Result<String, HypervisorError> {
+        self.qmp
+            .execute_with_fd(
+                "getfd",
+                Some(serde_json::json!({ "fdname": name })),
+                file.as_fd(),
+            )
+            .await?;
+        Ok(format!("fd:{name}"))
     }
 
     /// Joins tap device `fd` to NIC `index`'s hub (a VM launched with
@@ -227,7 +280,9 @@ impl VirtualMachine for QemuVm {
     async fn save(&mut self, state: &Path) -> Result<(), HypervisorError> {
         self.qmp.execute("stop", None).await?;
         self.ignore_shared().await?;
-        let uri = format!("exec:cat > {}", sh_quote(state));
+        let file = File::create(state).map_err(HypervisorError::QmpIo)?;
+        let uri = self.migration_fd("migout", &file).await?;
+        drop(file);
         self.qmp
             .execute("migrate", Some(serde_json::json!({ "uri": uri })))
             .await?;
@@ -255,7 +310,9 @@ impl VirtualMachine for QemuVm {
 
     async fn restore(&mut self, state: &Path) -> Result<(), HypervisorError> {
         self.ignore_shared().await?;
-        let uri = format!("exec:cat {}", sh_quote(state));
+        let file = File::open(state).map_err(HypervisorError::QmpIo)?;
+        let uri = self.migration_fd("migin", &file).await?;
+        drop(file);
         self.qmp
             .execute("migrate-incoming", Some(serde_json::json!({ "uri": uri })))
             .await?;
