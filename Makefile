@@ -56,6 +56,7 @@ bench: build
 	bench/template.py
 	bench/oci.py
 	bench/pod.py
+	bench/jail.py
 
 install: build
 	install -D -m 0755 $(OUT)/podvisor /usr/local/bin/podvisor

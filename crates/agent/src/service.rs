@@ -140,7 +140,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 /// Undoes `mount_container`. Never removes recursively: a directory that is
 /// still a mount point may be a share of host files.
 fn unmount_container(dir: &Path) {
-    for sub in ["pts", "rootfs"] {
+    for sub in ["pts", "rootfs", "layer"] {
         let path = dir.join(sub);
         while umount2(&path, MntFlags::MNT_DETACH).is_ok() {}
         let _ = fs::remove_dir(&path);
@@ -185,19 +185,50 @@ fn rootfs_source(share: &Path, subpath: &str) -> Result<PathBuf, Status> {
     Ok(source)
 }
 
-fn mount_container(dir: &Path, source: &Path) -> Result<(), Status> {
+fn mount_container(dir: &Path, source: &Path, overlay: bool) -> Result<(), Status> {
     let rootfs = dir.join("rootfs");
     let pts = dir.join("pts");
     fs::create_dir_all(&rootfs).map_err(internal("creating the container directory"))?;
     fs::create_dir_all(&pts).map_err(internal("creating the container directory"))?;
-    mount(
-        Some(source),
-        &rootfs,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .map_err(errno("bind-mounting the container root"))?;
+    if overlay {
+        // The host's copy stays as it is: writes land in guest memory.
+        let layer = dir.join("layer");
+        fs::create_dir_all(&layer).map_err(internal("creating the container directory"))?;
+        mount(
+            Some("layer"),
+            &layer,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=0755"),
+        )
+        .map_err(errno("mounting the root's writable layer"))?;
+        for sub in ["upper", "work"] {
+            fs::create_dir(layer.join(sub)).map_err(internal("creating the writable layer"))?;
+        }
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            source.display(),
+            layer.join("upper").display(),
+            layer.join("work").display()
+        );
+        mount(
+            Some("overlay"),
+            &rootfs,
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(opts.as_str()),
+        )
+        .map_err(errno("mounting the container root's overlay"))?;
+    } else {
+        mount(
+            Some(source),
+            &rootfs,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(errno("bind-mounting the container root"))?;
+    }
     mount(
         Some("devpts"),
         &pts,
@@ -259,7 +290,11 @@ fn build_container(
     let share = mount_share(shares, &req.rootfs_tag)?;
     let mounts = crate::mounts::plan(&req.mounts, &share).map_err(Status::invalid_argument)?;
     let sysctl = sysctl_paths(&req.sysctl)?;
-    mount_container(dir, &rootfs_source(&share, &req.rootfs_subpath)?)?;
+    mount_container(
+        dir,
+        &rootfs_source(&share, &req.rootfs_subpath)?,
+        req.rootfs_overlay,
+    )?;
     cgroup::create(cg, req.resources.as_ref())
         .map_err(internal("creating the container cgroup"))?;
     let (host, child) = open_stdio(process, &dir.join("pts"))?;

@@ -133,8 +133,20 @@ impl std::fmt::Display for Exit {
 
 impl std::error::Error for Exit {}
 
+/// `--root` as an absolute path without symlinks: mount tables name it so,
+/// and the unmount checks compare against them.
+fn canonical_root(root: &std::path::Path) -> PathBuf {
+    let _ = std::fs::create_dir_all(root);
+    let _ = std::fs::set_permissions(
+        root,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o700),
+    );
+    std::fs::canonicalize(root).unwrap_or_else(|_| root.to_path_buf())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    cli.root = canonical_root(&cli.root);
     let log = logging::init(cli.log.as_deref(), &cli.log_format, cli.debug);
     let g = Globals {
         root: cli.root.clone(),
@@ -178,6 +190,7 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         // Sandboxes whose owner died (SIGKILL) are cleaned up by the next call.
         sandbox::state::collect_garbage(&cli.root);
+        sandbox::template::Template::collect_garbage(&cli.root);
         let root = &g.root;
         match command {
             Command::Sandbox(cmd) => commands::sandbox(cmd, root).await,

@@ -173,9 +173,31 @@ pub struct PoolStatus {
     pub handed_out: u64,
 }
 
+/// The pool's status, if its daemon is alive (it holds the pool's lock).
 pub fn status(root: &Path, template: &str) -> Option<PoolStatus> {
+    if lock(root, template).is_ok() {
+        // Nobody serves it: whatever the status file says is stale.
+        return None;
+    }
     let text = std::fs::read(pools_dir(root).join(format!("{template}.json"))).ok()?;
     serde_json::from_slice(&text).ok()
+}
+
+/// Takes template `template`'s pool lock (`ROOT/pools/<T>.lock`): one daemon
+/// per pool. Fails while another process holds it.
+fn lock(root: &Path, template: &str) -> std::io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let path = pools_dir(root).join(format!("{template}.lock"));
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(f)
 }
 
 fn write_status(root: &Path, template: &str, s: PoolStatus) {
@@ -526,7 +548,7 @@ const OPEN_TREE_CLONE: libc::c_uint = 1;
 
 /// A detached copy of the mount tree at `dir` (with everything mounted
 /// below it), to hand to a pool daemon in another mount namespace.
-pub fn open_tree(dir: &Path) -> Result<OwnedFd, SandboxError> {
+pub fn open_tree(dir: &Path, readonly: bool) -> Result<OwnedFd, SandboxError> {
     let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
         .map_err(|e| SandboxError::Invalid(format!("{}: {e}", dir.display())))?;
     // SAFETY: plain syscall on a NUL-terminated path.
@@ -546,7 +568,17 @@ pub fn open_tree(dir: &Path) -> Result<OwnedFd, SandboxError> {
         )));
     }
     // SAFETY: a descriptor the kernel just gave us.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    let tree = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    // No set-id or device file takes effect through it; read-only through
+    // and through when asked.
+    let attrs = 0x2 | 0x4 | if readonly { 0x1 } else { 0 };
+    crate::share::set_tree_attrs(&tree, attrs).map_err(|e| {
+        SandboxError::Invalid(format!(
+            "making the tree at {} nosuid,nodev: {e}",
+            dir.display()
+        ))
+    })?;
+    Ok(tree)
 }
 
 /// The caller's first message, with its descriptors.
@@ -561,7 +593,21 @@ async fn read_request(
     Some((serde_json::from_slice(&line).ok()?, fds))
 }
 
+/// Claims template `template`'s pool for this process (held while the
+/// returned file is open): one daemon per pool.
+pub fn claim(root: &Path, template: &str) -> Result<std::fs::File, SandboxError> {
+    std::fs::create_dir_all(pools_dir(root)).map_err(|e| {
+        SandboxError::Invalid(format!("creating {}: {e}", pools_dir(root).display()))
+    })?;
+    lock(root, template).map_err(|e| {
+        SandboxError::Invalid(format!(
+            "the pool of template {template} is already served by another `pool serve` ({e})"
+        ))
+    })
+}
+
 /// Serves one pool until `shutdown` fires; then retires its ready clones.
+/// The caller holds the pool's `claim`.
 pub async fn serve(
     root: PathBuf,
     config: PoolConfig,
@@ -571,6 +617,12 @@ pub async fn serve(
     std::fs::create_dir_all(pools_dir(&root)).map_err(|e| {
         SandboxError::Invalid(format!("creating {}: {e}", pools_dir(&root).display()))
     })?;
+    // Shares a daemon killed before left (its mounts died with it).
+    if let Ok(entries) = std::fs::read_dir(pools_dir(&root).join(&config.template)) {
+        for e in entries.flatten() {
+            crate::share::remove_unmounted(&e.path());
+        }
+    }
     let sock = socket(&root, &config.template);
     let _ = std::fs::remove_file(&sock);
     let listener = UnixListener::bind(&sock)
@@ -778,8 +830,9 @@ pub(crate) fn attach_remote(
     conn: &std::sync::Mutex<(std::os::unix::net::UnixStream, fdmsg::Reader)>,
     dir: &Path,
     name: &str,
+    readonly: bool,
 ) -> Result<(), SandboxError> {
-    let tree = open_tree(dir)?;
+    let tree = open_tree(dir, readonly)?;
     let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
     let (conn, reader) = &mut *guard;
     let request = Request::Attach { name: name.into() };

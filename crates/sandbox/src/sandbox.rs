@@ -130,6 +130,7 @@ impl SandboxConfig {
                 self.vcpus
             )));
         }
+        valid_hostname(&self.hostname)?;
         for share in &self.shares {
             if !share.path.is_dir() {
                 return Err(SandboxError::Invalid(format!(
@@ -140,6 +141,24 @@ impl SandboxConfig {
         }
         Ok(())
     }
+}
+
+/// RFC 1123 host names, at most 64 bytes (the kernel's limit): it goes on
+/// the kernel command line, which splits at spaces.
+pub fn valid_hostname(name: &str) -> Result<(), SandboxError> {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    if name.is_empty() || name.len() > 64 || !name.split('.').all(label_ok) {
+        return Err(SandboxError::Invalid(format!(
+            "invalid hostname {name:?}: letters, digits, '-' and '.' (RFC 1123), at most 64 bytes"
+        )));
+    }
+    Ok(())
 }
 
 /// The VM description of a sandbox, with its sockets and logs in `dir`.
@@ -365,9 +384,14 @@ impl Sandbox {
     /// is mounted below it, appear at `name` in a pooled VM's root share
     /// (its daemon mounts a copy of the tree). A VM of our own shares a
     /// directory of ours: its caller fills that directly.
-    pub fn attach(&self, dir: &std::path::Path, name: &str) -> Result<(), SandboxError> {
+    pub fn attach(
+        &self,
+        dir: &std::path::Path,
+        name: &str,
+        readonly: bool,
+    ) -> Result<(), SandboxError> {
         match &self.vmm {
-            Vmm::Pooled { conn, .. } => crate::pool::attach_remote(conn, dir, name),
+            Vmm::Pooled { conn, .. } => crate::pool::attach_remote(conn, dir, name, readonly),
             Vmm::Owned { .. } => Err(SandboxError::Invalid(
                 "attach: this VM shares its caller's own directory".into(),
             )),
@@ -538,6 +562,33 @@ pub(crate) async fn wait_for_agent(
                 AgentError::Timeout(timeout),
                 tail(console, 8)
             )));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_hostname;
+
+    #[test]
+    fn hostnames() {
+        let long_label = "a".repeat(63);
+        let too_long = format!("{long_label}.b");
+        for ok in ["podvisor", "a", "web-1.example", &long_label] {
+            assert!(valid_hostname(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "a b",
+            "a rdinit=/bin/sh",
+            "-a",
+            "a-",
+            "a..b",
+            "x\n",
+            "ü",
+            &too_long,
+        ] {
+            assert!(valid_hostname(bad).is_err(), "{bad}");
         }
     }
 }

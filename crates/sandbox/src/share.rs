@@ -49,8 +49,124 @@ fn is_bind(m: &oci::Mount) -> bool {
     m.kind == "bind" || m.options.iter().any(|o| o == "bind" || o == "rbind")
 }
 
+/// `mount_setattr(2)` flags.
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// Sets `attrs` on the mount at `path` and on every mount below it.
+pub(crate) fn set_recursive(path: &Path, attrs: u64) -> Result<(), nix::errno::Errno> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| nix::errno::Errno::EINVAL)?;
+    let attr = MountAttr {
+        attr_set: attrs,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: a system call on a NUL-terminated path and a struct that both
+    // outlive it.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_RECURSIVE | libc::AT_SYMLINK_NOFOLLOW,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r < 0 {
+        return Err(nix::errno::Errno::last());
+    }
+    Ok(())
+}
+
+/// Sets `attrs` on every mount of the detached tree `tree` (`open_tree`).
+pub(crate) fn set_tree_attrs(tree: &std::os::fd::OwnedFd, attrs: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let attr = MountAttr {
+        attr_set: attrs,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: a system call on an fd we own and a struct that outlive it.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Opens a bind source as an `O_PATH` fd: the path is resolved once
+/// (canonically, following the caller's symlinks), then opened with no
+/// symlink followed, so a component swapped for a link in between (a guest
+/// writing a volume the path goes through) fails instead of redirecting.
+fn open_source(src: &Path) -> Result<std::os::fd::OwnedFd, ShareError> {
+    let io = |source| ShareError::Io {
+        what: "mount source",
+        path: src.into(),
+        source,
+    };
+    let canonical = fs::canonicalize(src).map_err(io)?;
+    let c = std::ffi::CString::new(canonical.as_os_str().as_encoded_bytes())
+        .map_err(|_| io(io::Error::from(io::ErrorKind::InvalidInput)))?;
+    #[repr(C)]
+    struct OpenHow {
+        flags: u64,
+        mode: u64,
+        resolve: u64,
+    }
+    const RESOLVE_NO_MAGICLINKS: u64 = 0x02;
+    const RESOLVE_NO_SYMLINKS: u64 = 0x04;
+    let how = OpenHow {
+        flags: (libc::O_PATH | libc::O_CLOEXEC) as u64,
+        mode: 0,
+        resolve: RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS,
+    };
+    // SAFETY: openat2 on a NUL-terminated path and a struct that outlive
+    // the call; a non-negative result is a new fd we then own.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            &how as *const OpenHow,
+            std::mem::size_of::<OpenHow>(),
+        )
+    };
+    if fd < 0 {
+        return Err(io(io::Error::last_os_error()));
+    }
+    // SAFETY: the kernel just gave us this fd; nothing else owns it.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+}
+
+/// Bind-mounts `src` (and what is mounted below it) at `dst`, nosuid and
+/// nodev throughout, and read-only throughout when `readonly`.
 fn bind(src: &Path, dst: &Path, readonly: bool) -> Result<(), ShareError> {
-    let meta = fs::metadata(src).map_err(|source| ShareError::Io {
+    use std::os::fd::AsRawFd;
+    let fd = open_source(src)?;
+    let by_fd = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    let meta = fs::metadata(&by_fd).map_err(|source| ShareError::Io {
         what: "mount source",
         path: src.into(),
         source,
@@ -70,25 +186,17 @@ fn bind(src: &Path, dst: &Path, readonly: bool) -> Result<(), ShareError> {
         errno,
     };
     mount(
-        Some(src),
+        Some(&by_fd),
         dst,
         None::<&str>,
         MsFlags::MS_BIND | MsFlags::MS_REC,
         None::<&str>,
     )
     .map_err(err)?;
-    if readonly {
-        // Read-only on the host side too: a guest cannot write through 9p.
-        mount(
-            None::<&str>,
-            dst,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-            None::<&str>,
-        )
-        .map_err(err)?;
-    }
-    Ok(())
+    // Read-only on the host side too, submounts included: a guest cannot
+    // write through 9p. No set-id or device files take effect from here.
+    let ro = if readonly { MOUNT_ATTR_RDONLY } else { 0 };
+    set_recursive(dst, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | ro).map_err(err)
 }
 
 /// Fills `dir` (which must exist) with the container's root and bind

@@ -221,6 +221,26 @@ impl Template {
     }
 
     /// Every template under `root`, with those that fail to open reported as errors.
+    /// Removes what a killed `template create` left: `.NAME.PID` staging
+    /// directories (memory file included) whose process is gone.
+    pub fn collect_garbage(root: &Path) {
+        let Ok(entries) = fs::read_dir(templates(root)) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = name
+                .strip_prefix('.')
+                .and_then(|n| n.rsplit_once('.'))
+                .and_then(|(_, pid)| pid.parse::<u32>().ok());
+            if let Some(pid) = pid {
+                if !Path::new(&format!("/proc/{pid}")).exists() {
+                    crate::share::remove_unmounted(&e.path());
+                }
+            }
+        }
+    }
+
     pub fn list(root: &Path) -> Vec<Result<Template, SandboxError>> {
         let mut names: Vec<String> = fs::read_dir(templates(root))
             .map(|rd| {

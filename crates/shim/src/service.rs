@@ -547,7 +547,7 @@ impl Service {
         };
         if vm.sandbox.is_pooled() {
             // The pool daemon mounts a copy of the tree in the VM's share.
-            if let Err(e) = vm.sandbox.attach(&stage, &c.id) {
+            if let Err(e) = vm.sandbox.attach(&stage, &c.id, false) {
                 undo(&stage);
                 return Err(e.into());
             }
@@ -576,6 +576,7 @@ impl Service {
             mounts,
             sysctl: spec.sysctl(),
             pod_shared: matches!(c.kind, Kind::Member(_)),
+            rootfs_overlay: false,
         };
         bounded("creating the container", client.create_container(request))
             .await

@@ -168,7 +168,7 @@ async fn run(args: &HolderArgs, root: &Path, spec: Spec, sync: &mut Sync) -> any
     let sb = sandbox::pool::provide(config).await?;
     // A pooled VM shares its daemon's directory: ours goes in as a subtree.
     let prefix = match sb.is_pooled() {
-        true => match sb.attach(&dir.share(), POOLED_SUBDIR) {
+        true => match sb.attach(&dir.share(), POOLED_SUBDIR, false) {
             Ok(()) => format!("{POOLED_SUBDIR}/"),
             Err(e) => {
                 sb.destroy().await;
@@ -292,6 +292,7 @@ async fn create_in(
             mounts,
             sysctl: spec.sysctl(),
             pod_shared: false,
+            rootfs_overlay: false,
         })
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?;

@@ -59,8 +59,10 @@ pub async fn run(cmd: PoolCommand, root: &Path) -> anyhow::Result<u8> {
         }
         PoolCommand::Serve(args) => {
             let pools = policy(&args.config)?;
+            let mut claims = Vec::new();
             for p in &pools {
                 sandbox::template::Template::open(root, &p.template)?;
+                claims.push(pool::claim(root, &p.template)?);
             }
             let (tx, rx) = tokio::sync::watch::channel(false);
             let mut tasks = Vec::new();
@@ -80,6 +82,7 @@ pub async fn run(cmd: PoolCommand, root: &Path) -> anyhow::Result<u8> {
                     eprintln!("podvisor: {e}");
                 }
             }
+            drop(claims);
             Ok(0)
         }
     }

@@ -178,7 +178,7 @@ async fn take_pooled(
     let Some(sb) = sandbox::pool::take(root, name, hostname, &[]).await? else {
         return Ok(None);
     };
-    if let Err(e) = sb.attach(rootfs, sandbox::pool::ROOTFS_SUBPATH) {
+    if let Err(e) = sb.attach(rootfs, sandbox::pool::ROOTFS_SUBPATH, true) {
         sb.destroy().await;
         return Err(e.into());
     }
@@ -226,7 +226,7 @@ async fn start(args: &RunArgs, root: &Path, rootfs: PathBuf) -> anyhow::Result<S
         shares: vec![Share {
             tag: ROOTFS_TAG.into(),
             path: rootfs,
-            readonly: false,
+            readonly: true,
         }],
         hostname: args.hostname.clone(),
         boot_timeout,
@@ -352,6 +352,9 @@ async fn run_in(
                 false => String::new(),
             },
             rootfs_readonly: false,
+            // The root is shared read-only; the run writes to a layer of its
+            // own in guest memory, so no run changes the next one's root.
+            rootfs_overlay: true,
             hostname: args.hostname.clone(),
             process: Some(process),
             resources: None,

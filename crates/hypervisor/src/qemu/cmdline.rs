@@ -18,6 +18,16 @@ fn escape(p: &Path) -> String {
     p.to_string_lossy().replace(',', ",,")
 }
 
+/// Whether `word` is one kernel command-line token: the kernel splits at
+/// spaces and treats quotes specially, so none of those, nor control bytes.
+pub fn valid_kernel_arg(word: &str) -> bool {
+    !word.is_empty()
+        && word.len() <= 256
+        && word
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\'')
+}
+
 /// The kernel command line: console on the serial port, reboot (and so exit,
 /// with -no-reboot) at once on panic, then the caller's words.
 pub fn kernel_cmdline(config: &VmConfig) -> String {
@@ -203,6 +213,14 @@ mod tests {
 
     fn qemu_args(c: &VmConfig) -> Vec<String> {
         args(c, &Paths::host(Path::new("/usr/bin/qemu"), c), true)
+    }
+
+    #[test]
+    fn kernel_args_are_single_tokens() {
+        assert!(valid_kernel_arg("podvisor.hostname=box"));
+        for bad in ["", "a b", "x\trdinit=/bin/sh", "\"q", "a\nb"] {
+            assert!(!valid_kernel_arg(bad), "{bad:?}");
+        }
     }
 
     #[test]

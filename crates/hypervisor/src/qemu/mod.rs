@@ -13,7 +13,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use cmdline::{args, kernel_cmdline};
+pub use cmdline::{args, kernel_cmdline, valid_kernel_arg};
 pub use console::tail;
 use qmp::Qmp;
 
@@ -137,6 +137,11 @@ impl Hypervisor for QemuDriver {
             return Err(HypervisorError::Config(
                 "memory and vcpus must be positive".into(),
             ));
+        }
+        if let Some(bad) = config.kernel_args.iter().find(|w| !valid_kernel_arg(w)) {
+            return Err(HypervisorError::Config(format!(
+                "kernel argument {bad:?} is not one plain token"
+            )));
         }
         let (mut child, plan) = self.spawn(config)?;
         let console_socket = jail::vm_dir(config).join(cmdline::CONSOLE_SOCKET);

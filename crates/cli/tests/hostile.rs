@@ -1,0 +1,407 @@
+//! A hostile guest against the host: attacks run from inside real guests, as
+//! container root with the default OCI capabilities and as a privileged
+//! container, and the jail checked from the host. Each attack must fail and
+//! leave the host as it was.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use test_utils::{build_dir, output, Bundle, StateRoot};
+
+fn pv(root: &StateRoot) -> Command {
+    let mut c = Command::new(build_dir().join("podvisor"));
+    c.arg("--root").arg(&root.path);
+    c
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Every capability a privileged container gets.
+const ALL_CAPS: [&str; 41] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_DAC_READ_SEARCH",
+    "CAP_FOWNER",
+    "CAP_FSETID",
+    "CAP_KILL",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETPCAP",
+    "CAP_LINUX_IMMUTABLE",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_NET_BROADCAST",
+    "CAP_NET_ADMIN",
+    "CAP_NET_RAW",
+    "CAP_IPC_LOCK",
+    "CAP_IPC_OWNER",
+    "CAP_SYS_MODULE",
+    "CAP_SYS_RAWIO",
+    "CAP_SYS_CHROOT",
+    "CAP_SYS_PTRACE",
+    "CAP_SYS_PACCT",
+    "CAP_SYS_ADMIN",
+    "CAP_SYS_BOOT",
+    "CAP_SYS_NICE",
+    "CAP_SYS_RESOURCE",
+    "CAP_SYS_TIME",
+    "CAP_SYS_TTY_CONFIG",
+    "CAP_MKNOD",
+    "CAP_LEASE",
+    "CAP_AUDIT_WRITE",
+    "CAP_AUDIT_CONTROL",
+    "CAP_SETFCAP",
+    "CAP_MAC_OVERRIDE",
+    "CAP_MAC_ADMIN",
+    "CAP_SYSLOG",
+    "CAP_WAKE_ALARM",
+    "CAP_BLOCK_SUSPEND",
+    "CAP_AUDIT_READ",
+    "CAP_PERFMON",
+    "CAP_BPF",
+    "CAP_CHECKPOINT_RESTORE",
+];
+
+/// The attack script: device nodes, set-id bits and a file capability on
+/// files in the container's root, which is the host directory over 9p.
+const PLANT: &str = "mknod /blk b 8 0 2>/dev/null; chmod 0666 /blk 2>/dev/null; \
+    mknod /chr c 1 1 2>/dev/null; chmod 0666 /chr 2>/dev/null; \
+    cp /bin/busybox /suid; chmod 4755 /suid 2>/dev/null; \
+    cp /bin/busybox /sgid; chmod 2755 /sgid 2>/dev/null; \
+    cp /bin/busybox /capped; \
+    printf 'planted\\n'";
+
+/// Runs PLANT in a container whose root is `bundle`'s, then checks what the
+/// host sees there: no device it can open, nothing set-id or capable.
+fn plant_and_check(privileged: bool) {
+    let root = StateRoot::new(if privileged {
+        "hostile-priv"
+    } else {
+        "hostile"
+    });
+    let bundle = Bundle::new("hostile", |c| {
+        c["process"]["args"] = serde_json::json!(["sh", "-c", PLANT]);
+        if privileged {
+            let caps = serde_json::json!(ALL_CAPS.to_vec());
+            for set in ["bounding", "effective", "permitted"] {
+                c["process"]["capabilities"][set] = caps.clone();
+            }
+        }
+    });
+    let o = output(
+        pv(&root)
+            .args(["run", "--bundle"])
+            .arg(&bundle.path)
+            .arg("hostile"),
+    );
+    assert!(text(&o).contains("planted"), "{}", text(&o));
+    let rootfs = bundle.path.join("rootfs");
+    for dev in ["blk", "chr"] {
+        let p = rootfs.join(dev);
+        if let Ok(m) = std::fs::symlink_metadata(&p) {
+            use std::os::unix::fs::FileTypeExt;
+            let t = m.file_type();
+            assert!(
+                !t.is_block_device() && !t.is_char_device(),
+                "the guest made a real device node {} ({:o})",
+                p.display(),
+                m.mode()
+            );
+        }
+    }
+    for f in ["suid", "sgid", "capped"] {
+        let p = rootfs.join(f);
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+        assert_eq!(
+            mode & 0o6000,
+            0,
+            "{} is set-id on the host: {mode:o}",
+            p.display()
+        );
+        let mut cap = [0u8; 64];
+        let name = std::ffi::CString::new("security.capability").unwrap();
+        let path = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: getxattr on NUL-terminated strings into a buffer we own.
+        let n =
+            unsafe { libc::getxattr(path.as_ptr(), name.as_ptr(), cap.as_mut_ptr().cast(), 64) };
+        assert!(n < 0, "{} has a file capability on the host", p.display());
+    }
+}
+
+#[test]
+fn no_device_or_setid_file_reaches_the_host() {
+    plant_and_check(false);
+}
+
+#[test]
+fn no_device_or_setid_file_reaches_the_host_from_a_privileged_container() {
+    plant_and_check(true);
+}
+
+fn sha(path: &Path) -> Vec<u8> {
+    std::fs::read(path).unwrap()
+}
+
+#[test]
+fn a_run_cannot_change_the_next_runs_root() {
+    let root = StateRoot::new("hostile-rootfs");
+    let sh = build_dir().join("rootfs/bin/busybox");
+    let before = sha(&sh);
+    let o = output(pv(&root).args([
+        "sandbox",
+        "run",
+        "--",
+        "sh",
+        "-c",
+        "echo evil > /bin/sh; echo evil > /bin/busybox; rm -f /bin/ls; echo done",
+    ]));
+    assert!(text(&o).contains("done"), "{}", text(&o));
+    assert_eq!(sha(&sh), before, "a run changed the default root's busybox");
+    assert!(
+        build_dir().join("rootfs/bin/ls").exists(),
+        "a run removed /bin/ls"
+    );
+    let o = output(pv(&root).args([
+        "sandbox",
+        "run",
+        "--",
+        "sh",
+        "-c",
+        "ls /bin/ls && echo fine",
+    ]));
+    assert!(text(&o).contains("fine"), "{}", text(&o));
+}
+
+#[test]
+fn hostname_with_a_space_is_refused() {
+    let root = StateRoot::new("hostile-hostname");
+    for bad in ["a rdinit=/bin/sh", "x\ty", &"a".repeat(70)] {
+        let o = output(pv(&root).args(["sandbox", "run", "--hostname", bad, "--", "true"]));
+        assert!(!o.status.success());
+        assert!(text(&o).contains("invalid hostname"), "{}", text(&o));
+    }
+}
+
+/// Total size of a capped log and its older half.
+fn log_size(dir: &Path) -> u64 {
+    ["console.log", "console.log.1"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(dir.join(f)).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+#[test]
+fn a_console_flood_stays_at_the_cap() {
+    // The guest kernel's own init writes 4 MiB to the serial console.
+    let root = StateRoot::new("hostile-console");
+    let initrd = test_utils::script_initrd(
+        &root.path,
+        "/bin/busybox mkdir -p /dev; /bin/busybox mount -t devtmpfs dev /dev; \
+         /bin/busybox yes 0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef \
+         | /bin/busybox head -c 4194304 > /dev/ttyS0; echo FLOOD-DONE > /dev/ttyS0; \
+         /bin/busybox sleep 1000",
+    );
+    let mut child = pv(&root)
+        .args(["sandbox", "run", "--boot-timeout", "200", "--initrd"])
+        .arg(&initrd)
+        .args(["--", "true"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    let mut max = 0;
+    let mut done = false;
+    while t.elapsed() < Duration::from_secs(180) && !done {
+        for sb in root.sandboxes() {
+            let dir = root.path.join("sandboxes").join(sb);
+            max = max.max(log_size(&dir));
+            let tail = std::fs::read_to_string(dir.join("console.log")).unwrap_or_default();
+            done |= tail.contains("FLOOD-DONE");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(done, "the guest did not finish its flood within 180 s");
+    assert!(max <= 1 << 20, "console logs grew to {max} bytes");
+    assert!(
+        max >= 512 << 10,
+        "the log kept less than half its cap: {max}"
+    );
+    // The killed run's VM and directory go at the next call.
+    let _ = output(pv(&root).arg("list"));
+}
+
+/// The first QEMU whose command line names `needle`.
+fn qemu_of(needle: &str) -> Option<u32> {
+    test_utils::processes_mentioning(needle)
+        .into_iter()
+        .find(|p| {
+            std::fs::read_link(format!("/proc/{p}/exe"))
+                .map(|e| e.to_string_lossy().contains("qemu"))
+                .unwrap_or(false)
+        })
+}
+
+fn status_field(pid: u32, field: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{field}:"))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn qemu_runs_jailed() {
+    let root = StateRoot::new("hostile-jail");
+    let mut child = pv(&root)
+        .args(["sandbox", "run", "--", "sh", "-c", "echo ready; sleep 30"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line, "ready\n");
+    let pid = qemu_of(&root.path.to_string_lossy()).expect("no QEMU for this root");
+    let uid: u32 = status_field(pid, "Uid")
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(uid >= 0x5000_0000, "QEMU runs as uid {uid}");
+    for f in ["CapEff", "CapPrm", "CapBnd"] {
+        assert_eq!(status_field(pid, f), "000000000000000f", "{f}");
+    }
+    assert_eq!(status_field(pid, "Seccomp"), "2");
+    assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/mnt")).unwrap();
+    assert_ne!(
+        ns(&pid.to_string()),
+        ns("self"),
+        "QEMU shares our mount namespace"
+    );
+    let mut top: Vec<String> = test_utils::names_in(&PathBuf::from(format!("/proc/{pid}/root")));
+    top.sort();
+    assert_eq!(
+        top,
+        ["bin", "boot", "dev", "etc", "lib", "lib64", "proc", "sbin", "share", "usr", "vm"]
+    );
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    for m in mounts.lines() {
+        let point = m.split(' ').nth(4).unwrap();
+        let opts = m.split(' ').nth(5).unwrap();
+        if point.starts_with("/share") || point == "/usr" || point == "/vm" {
+            assert!(opts.contains("nosuid") && opts.contains("nodev"), "{m}");
+        }
+    }
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let leaf = cgroup
+        .lines()
+        .find_map(|l| l.split(':').nth(2).filter(|p| p.starts_with("/podvisor/")))
+        .expect("QEMU is not in a podvisor cgroup")
+        .to_string();
+    let v2 = Path::new("/sys/fs/cgroup").join(leaf.trim_start_matches('/'));
+    let (mem, pids) = if v2.join("memory.max").exists() {
+        (v2.join("memory.max"), v2.join("pids.max"))
+    } else {
+        let v1 = |c: &str| {
+            Path::new("/sys/fs/cgroup")
+                .join(c)
+                .join(leaf.trim_start_matches('/'))
+        };
+        (
+            v1("memory").join("memory.limit_in_bytes"),
+            v1("pids").join("pids.max"),
+        )
+    };
+    let mem: u64 = std::fs::read_to_string(mem)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(mem > 256 << 20 && mem < 2 << 30, "memory limit {mem}");
+    assert_eq!(std::fs::read_to_string(pids).unwrap().trim(), "512");
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = output(pv(&root).arg("list"));
+}
+
+#[test]
+fn a_killed_template_create_leaves_nothing_after_the_next_call() {
+    let root = StateRoot::new("hostile-template");
+    let mut child = pv(&root)
+        .args(["template", "create", "--name", "t"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let staging = root.path.join("templates");
+    let t = Instant::now();
+    while test_utils::names_in(&staging).is_empty() && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = output(pv(&root).arg("list"));
+    assert_eq!(test_utils::names_in(&staging), Vec::<String>::new());
+}
+
+#[test]
+fn a_second_pool_serve_is_refused() {
+    let root = StateRoot::new("hostile-pool");
+    let o = output(pv(&root).args(["template", "create", "--name", "p"]));
+    assert!(o.status.success(), "{}", text(&o));
+    let config = root.path.join("config.toml");
+    std::fs::write(&config, "[[pool]]\ntemplate = \"p\"\nsize = 1\n").unwrap();
+    let mut first = pv(&root)
+        .args(["pool", "serve", "--config"])
+        .arg(&config)
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let sock = root.path.join("pools/p.sock");
+    let t = Instant::now();
+    while !sock.exists() && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let second = output(pv(&root).args(["pool", "serve", "--config"]).arg(&config));
+    assert!(!second.status.success());
+    assert!(
+        text(&second).contains("already served"),
+        "{}",
+        text(&second)
+    );
+    assert!(
+        sock.exists(),
+        "the second daemon removed the first one's socket"
+    );
+    // SAFETY: a signal to the child we spawned.
+    unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
+    let _ = first.wait();
+    let _ = output(pv(&root).args(["template", "rm", "p"]));
+}
