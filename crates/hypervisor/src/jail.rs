@@ -29,6 +29,10 @@ pub struct Jail {
     pub uid_dir: PathBuf,
     /// CPU limit in millicores (cpu.max); `None`: the VM's vCPUs.
     pub cpu_millis: Option<u64>,
+    /// The caller mounts into the shares after start and runs in a mount
+    /// namespace of its own: each share becomes a shared mount point there,
+    /// so those mounts reach the jail.
+    pub propagate: bool,
 }
 
 /// The uids VMMs run as: one per live VM, never a host user's.
@@ -221,6 +225,40 @@ fn make_cgroup(
     Ok(dirs)
 }
 
+/// Makes `dir` a mount point (a bind onto itself) with shared propagation.
+fn shared_mount_point(dir: &Path) -> Result<(), HypervisorError> {
+    let c = cstr(dir);
+    let mounted = fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(&*dir.to_string_lossy()));
+    // SAFETY: mount(2) on a NUL-terminated path that outlives the calls.
+    unsafe {
+        if !mounted
+            && libc::mount(
+                c.as_ptr(),
+                c.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            ) != 0
+        {
+            return Err(io_err("binding", dir, io::Error::last_os_error()));
+        }
+        if libc::mount(
+            std::ptr::null(),
+            c.as_ptr(),
+            std::ptr::null(),
+            libc::MS_SHARED,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(io_err("sharing", dir, io::Error::last_os_error()));
+        }
+    }
+    Ok(())
+}
+
 /// Removes a VM's cgroup leaves (once its VMM has exited).
 pub(crate) fn remove_cgroups(dirs: &[PathBuf]) {
     for d in dirs {
@@ -387,6 +425,15 @@ impl Plan {
             }
         };
         dirs.push(cstr(&inside("/share")));
+        // Trees the owner mounts into a share after start (pools, pods)
+        // must reach the jail: the share becomes a shared mount point in the
+        // owner's own mount namespace (never the host's), of which the
+        // jail's bind is a slave.
+        if jail.propagate {
+            for s in &config.shares {
+                shared_mount_point(&s.path)?;
+            }
+        }
         let mut shares = Vec::new();
         for (i, s) in config.shares.iter().enumerate() {
             let attrs = MOUNT_ATTR_NOSUID

@@ -189,6 +189,7 @@ pub(crate) fn vm_config(config: &SandboxConfig, dir: &StateDir) -> VmConfig {
             dir: dir.file("jail"),
             uid_dir: crate::state::uids(&config.root),
             cpu_millis: config.cpu_millis,
+            propagate: crate::share::in_private_namespace(),
         }),
     }
 }

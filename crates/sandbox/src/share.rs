@@ -42,7 +42,16 @@ pub fn private_mount_namespace() -> Result<(), ShareError> {
         MsFlags::MS_REC | MsFlags::MS_SLAVE,
         None::<&str>,
     )
-    .map_err(ShareError::Namespace)
+    .map_err(ShareError::Namespace)?;
+    PRIVATE.store(true, std::sync::atomic::Ordering::SeqCst);
+    Ok(())
+}
+
+static PRIVATE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this process made itself a private mount namespace.
+pub fn in_private_namespace() -> bool {
+    PRIVATE.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 fn is_bind(m: &oci::Mount) -> bool {
@@ -255,6 +264,14 @@ fn mounts_under(dir: &Path) -> Vec<String> {
 /// Removes `dir` and what is in it, unless something is still mounted there:
 /// a recursive removal would go into a bind of a host volume.
 pub fn remove_unmounted(dir: &Path) {
+    let own = dir.to_string_lossy().trim_end_matches('/').to_string();
+    if mounts_under(dir) == [own] {
+        // Only the share's own bind (made for the VMM's jail) is left.
+        let _ = nix::mount::umount2(
+            dir,
+            nix::mount::MntFlags::MNT_DETACH | nix::mount::MntFlags::UMOUNT_NOFOLLOW,
+        );
+    }
     let left = mounts_under(dir);
     if left.is_empty() {
         let _ = fs::remove_dir_all(dir);

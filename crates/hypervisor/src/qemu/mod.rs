@@ -106,10 +106,18 @@ impl QemuDriver {
                 if libc::getppid() != parent {
                     libc::_exit(1);
                 }
-                match &inner {
-                    Some(plan) => plan.enter(),
-                    None => Ok(()),
+                if let Some(plan) = &inner {
+                    plan.enter()?;
+                    // A change of credentials clears the parent-death
+                    // signal: set it again, and make sure the parent lives.
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    if libc::getppid() != parent {
+                        libc::_exit(1);
+                    }
                 }
+                Ok(())
             })
         };
         let child = cmd.spawn();
