@@ -234,6 +234,10 @@ fn a_console_flood_stays_at_the_cap() {
     }
     let _ = child.kill();
     let _ = child.wait();
+    let t = Instant::now();
+    while !root.processes().is_empty() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(done, "the guest did not finish its flood within 180 s");
     assert!(max <= 1 << 20, "console logs grew to {max} bytes");
     assert!(
@@ -343,6 +347,17 @@ fn qemu_runs_jailed() {
     assert_eq!(std::fs::read_to_string(pids).unwrap().trim(), "512");
     let _ = child.kill();
     let _ = child.wait();
+    // QEMU dies with its owner (parent-death signal, set again after the
+    // jail changed its uid).
+    let t = Instant::now();
+    while !root.processes().is_empty() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        root.processes(),
+        Vec::<u32>::new(),
+        "QEMU outlived its owner"
+    );
     let _ = output(pv(&root).arg("list"));
 }
 

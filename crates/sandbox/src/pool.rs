@@ -523,7 +523,7 @@ async fn hand_out(
 }
 
 /// `move_mount(2)` of a detached tree onto `at`.
-fn move_mount(tree: &OwnedFd, at: &Path) -> std::io::Result<()> {
+pub(crate) fn move_mount(tree: &OwnedFd, at: &Path) -> std::io::Result<()> {
     let at = std::ffi::CString::new(at.as_os_str().as_encoded_bytes())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     // SAFETY: plain syscall; both strings are NUL-terminated and live.

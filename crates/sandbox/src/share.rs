@@ -243,6 +243,25 @@ pub fn populate(
     Ok(out)
 }
 
+/// Mounts a copy of the tree at `src` (with everything mounted below it,
+/// nosuid and nodev) at `share/name`, as one mount: unlike a rename, a mount
+/// reaches a running VMM's jail (the share is a shared mount point). The
+/// caller then unmounts `src`; the copy stays.
+pub fn attach_tree(src: &Path, share: &Path, name: &str) -> Result<PathBuf, crate::SandboxError> {
+    let tree = crate::pool::open_tree(src, false)?;
+    let at = share.join(name);
+    fs::create_dir(&at)
+        .map_err(|e| crate::SandboxError::Invalid(format!("creating {}: {e}", at.display())))?;
+    if let Err(e) = crate::pool::move_mount(&tree, &at) {
+        let _ = fs::remove_dir(&at);
+        return Err(crate::SandboxError::Invalid(format!(
+            "mounting the tree at {}: {e}",
+            at.display()
+        )));
+    }
+    Ok(at)
+}
+
 /// Destinations under the guest's own /dev, /proc and /sys trees that a bind
 /// from the host cannot serve (shared memory, devices, kernel state).
 fn agent_standard(dest: &str) -> bool {

@@ -76,10 +76,6 @@ fn prepare() -> anyhow::Result<()> {
         sandbox::network::enter_namespace(&spec)?;
     }
     sandbox::share::private_mount_namespace()?;
-    // The shim moves pod members' roots into the pod's share by rename after
-    // the VM started, which no mount propagation carries into a jail: until
-    // members are attached as mounts, pod VMs run unjailed (issue 11).
-    std::env::set_var("PODVISOR_JAIL", "off");
     Ok(())
 }
 

@@ -554,12 +554,13 @@ impl Service {
             c.attached = true;
             c.share = Some(stage);
         } else {
-            let dir = vm.share.join(&c.id);
-            if let Err(e) = std::fs::rename(&stage, &dir) {
-                undo(&stage);
-                anyhow::bail!("moving the container's files into the share: {e}");
-            }
-            c.share = Some(dir);
+            // One mount into the share, which reaches the VMM's jail; the
+            // staged originals go.
+            let attached = sandbox::share::attach_tree(&stage, &vm.share, &c.id);
+            undo(&stage);
+            c.share = Some(attached.map_err(|e| {
+                anyhow::anyhow!("moving the container's files into the share: {e}")
+            })?);
         }
         for m in mounts.iter_mut().filter(|m| m.r#type == "bind") {
             m.source = format!("{}/{}", c.id, m.source);
