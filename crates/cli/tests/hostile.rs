@@ -420,3 +420,77 @@ fn a_second_pool_serve_is_refused() {
     let _ = first.wait();
     let _ = output(pv(&root).args(["template", "rm", "p"]));
 }
+
+/// Runs `args` and returns its output and how long it took.
+fn timed(root: &StateRoot, args: &[&str]) -> (Output, Duration) {
+    let t = Instant::now();
+    let o = output(pv(root).args(args));
+    (o, t.elapsed())
+}
+
+#[test]
+fn a_frozen_guest_does_not_hang_the_verbs() {
+    let root = StateRoot::new("hostile-frozen");
+    let bundle = Bundle::new("frozen", |c| {
+        c["process"]["args"] = serde_json::json!(["sleep", "600"]);
+    });
+    let mut run = pv(&root)
+        .args(["run", "--bundle"])
+        .arg(&bundle.path)
+        .arg("frozen")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    loop {
+        let o = output(pv(&root).args(["state", "frozen"]));
+        if String::from_utf8_lossy(&o.stdout).contains("\"running\"") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "never running: {}",
+            text(&o)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The guest stops answering anything: its VMM is frozen.
+    let qemu = qemu_of(&root.path.to_string_lossy()).expect("no QEMU");
+    // SAFETY: a signal to the QEMU this test's container runs in.
+    unsafe { libc::kill(qemu as i32, libc::SIGSTOP) };
+    let (o, took) = timed(&root, &["ps", "frozen"]);
+    assert!(
+        !o.status.success() && took < Duration::from_secs(15),
+        "ps: {took:?} {}",
+        text(&o)
+    );
+    assert!(text(&o).contains("did not answer"), "{}", text(&o));
+    let (o, took) = timed(&root, &["state", "frozen"]);
+    assert!(
+        o.status.success() && took < Duration::from_secs(2),
+        "state: {took:?} {}",
+        text(&o)
+    );
+    let (o, took) = timed(&root, &["kill", "frozen", "9"]);
+    assert!(
+        o.status.success() && took < Duration::from_secs(15),
+        "kill: {took:?} {}",
+        text(&o)
+    );
+    let (o, took) = timed(&root, &["delete", "--force", "frozen"]);
+    // `run` may have removed it already, once its VM was gone.
+    let gone = o.status.success() || text(&o).contains("does not exist");
+    assert!(
+        gone && took < Duration::from_secs(15),
+        "delete: {took:?} {}",
+        text(&o)
+    );
+    let _ = run.kill();
+    let _ = run.wait();
+    let t = Instant::now();
+    while !root.processes().is_empty() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -10,6 +10,7 @@ use clap::Args;
 use sandbox::container::Status;
 
 use super::oci;
+use super::oci::Bounded;
 
 #[derive(Args)]
 pub struct EventsArgs {
@@ -40,8 +41,8 @@ pub async fn run(args: EventsArgs, root: &Path) -> anyhow::Result<u8> {
             .stats_container(ContainerRequest {
                 container_id: args.id.clone(),
             })
-            .await
-            .map_err(oci::rpc)?
+            .bounded()
+            .await?
             .into_inner();
         let event = serde_json::json!({
             "type": "stats",

@@ -15,6 +15,7 @@ use sandbox::container::Status;
 use sandbox::oci::{self as spec, Spec};
 
 use super::oci;
+use super::oci::Bounded;
 use crate::{console, tty, Globals};
 
 #[derive(Args)]
@@ -234,8 +235,8 @@ async fn exec_in(
             exec_id: eid.into(),
             process: Some(p),
         })
-        .await
-        .map_err(oci::rpc)?;
+        .bounded()
+        .await?;
     let attached = console::attach(&agent, id, eid, process.terminal);
     if let Some(mut f) = sync.take() {
         let _ = f.write_all(b"ok\n");

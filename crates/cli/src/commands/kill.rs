@@ -9,6 +9,7 @@ use clap::Args;
 use sandbox::container::Status;
 
 use super::oci;
+use super::oci::Bounded;
 
 #[derive(Args)]
 pub struct KillArgs {
@@ -28,14 +29,27 @@ pub async fn run(args: KillArgs, root: &Path) -> anyhow::Result<u8> {
         bail!("container not running");
     }
     let mut agent = oci::agent(&c.dir)?;
-    agent
+    let sent = agent
         .signal_process(SignalProcessRequest {
             container_id: args.id.clone(),
             exec_id: String::new(),
             signal: signal as u32,
             all: args.all,
         })
-        .await
-        .map_err(oci::rpc)?;
-    Ok(0)
+        .bounded()
+        .await;
+    match sent {
+        Ok(_) => Ok(0),
+        // A guest that does not answer a SIGKILL loses its VM: the holder
+        // goes, and its VMM with it (parent-death signal).
+        Err(e) if signal == libc::SIGKILL => {
+            tracing::warn!(container = %args.id, "{e:#}; killing the holder");
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.record.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            Ok(0)
+        }
+        Err(e) => Err(e),
+    }
 }

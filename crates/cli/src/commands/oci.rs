@@ -39,6 +39,32 @@ pub fn agent(dir: &ContainerDir) -> anyhow::Result<AgentClient> {
     Ok(AgentClient::new(channel).max_decoding_message_size(16 << 20))
 }
 
+/// How long a verb waits for the guest's agent: a wedged or hostile guest
+/// makes the verb fail, never hang (`docker stop` must return).
+pub const AGENT_CALL: Duration = Duration::from_secs(10);
+
+/// A deadline on an agent call: `client.call(req).bounded().await?`.
+pub trait Bounded<T>:
+    std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>> + Sized
+{
+    fn bounded(self) -> impl std::future::Future<Output = anyhow::Result<tonic::Response<T>>> {
+        async move {
+            match tokio::time::timeout(AGENT_CALL, self).await {
+                Ok(r) => r.map_err(rpc),
+                Err(_) => Err(anyhow::anyhow!(
+                    "the guest did not answer within {} s",
+                    AGENT_CALL.as_secs()
+                )),
+            }
+        }
+    }
+}
+
+impl<T, F> Bounded<T> for F where
+    F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>
+{
+}
+
 /// The agent's words, without gRPC's.
 pub fn rpc(status: tonic::Status) -> anyhow::Error {
     if status.code() == tonic::Code::Unavailable {

@@ -9,6 +9,7 @@ use clap::Args;
 use sandbox::container::Status;
 
 use super::oci;
+use super::oci::Bounded;
 
 #[derive(Args)]
 pub struct PauseArgs {
@@ -24,8 +25,8 @@ pub async fn pause(args: PauseArgs, root: &Path) -> anyhow::Result<u8> {
         .pause_container(ContainerRequest {
             container_id: args.id.clone(),
         })
-        .await
-        .map_err(oci::rpc)?;
+        .bounded()
+        .await?;
     c.dir.set_marker("paused", true)?;
     Ok(0)
 }
@@ -39,8 +40,8 @@ pub async fn resume(args: PauseArgs, root: &Path) -> anyhow::Result<u8> {
         .resume_container(ContainerRequest {
             container_id: args.id.clone(),
         })
-        .await
-        .map_err(oci::rpc)?;
+        .bounded()
+        .await?;
     c.dir.set_marker("paused", false)?;
     Ok(0)
 }

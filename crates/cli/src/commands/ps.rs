@@ -9,6 +9,7 @@ use clap::Args;
 use sandbox::container::Status;
 
 use super::oci;
+use super::oci::Bounded;
 
 #[derive(Args)]
 pub struct PsArgs {
@@ -30,8 +31,8 @@ pub async fn run(args: PsArgs, root: &Path) -> anyhow::Result<u8> {
         .list_processes(ContainerRequest {
             container_id: args.id.clone(),
         })
-        .await
-        .map_err(oci::rpc)?
+        .bounded()
+        .await?
         .into_inner()
         .pids;
     if args.format == "json" {

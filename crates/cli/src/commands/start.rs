@@ -9,6 +9,7 @@ use sandbox::container::Status;
 use sandbox::oci::Spec;
 
 use super::oci;
+use super::oci::Bounded;
 use crate::hooks;
 
 #[derive(Args)]
@@ -29,8 +30,8 @@ pub async fn start_id(root: &Path, id: &str) -> anyhow::Result<()> {
         .start_container(ContainerRequest {
             container_id: id.into(),
         })
-        .await
-        .map_err(oci::rpc)?;
+        .bounded()
+        .await?;
     c.dir.set_marker("started", true)?;
     if let Ok(spec) = Spec::load(&c.record.bundle) {
         let poststart = spec

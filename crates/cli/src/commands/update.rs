@@ -11,6 +11,7 @@ use clap::Args;
 use sandbox::container::Status;
 
 use super::oci;
+use super::oci::Bounded;
 
 #[derive(Args)]
 pub struct UpdateArgs {
@@ -87,8 +88,8 @@ pub async fn run(args: UpdateArgs, root: &Path) -> anyhow::Result<u8> {
             container_id: args.id.clone(),
             resources: Some(res),
         })
-        .await
-        .map_err(oci::rpc)?;
+        .bounded()
+        .await?;
     Ok(0)
 }
 
