@@ -318,6 +318,88 @@ impl Spec {
             .unwrap_or_default()
     }
 
+    /// Refuses annotations that ask for more than the policy allows: a
+    /// kernel not in `valid_kernel_paths`, memory or vCPUs above the limits
+    /// the container or pod was given, or above the configured maximum.
+    pub fn check_annotations(
+        &self,
+        policy: &crate::pool::AnnotationPolicy,
+        pod: bool,
+    ) -> Result<(), crate::SandboxError> {
+        let refuse = |why: String| Err(crate::SandboxError::Invalid(why));
+        if let Some(k) = self.annotations.get(ANNOTATION_KERNEL) {
+            let canon = |p: &std::path::Path| std::fs::canonicalize(p).ok();
+            let asked = canon(std::path::Path::new(k));
+            let allowed =
+                asked.is_some() && policy.valid_kernel_paths.iter().any(|v| canon(v) == asked);
+            if !allowed {
+                return refuse(format!(
+                    "annotation {ANNOTATION_KERNEL}={k:?}: not one of the valid_kernel_paths in {}",
+                    crate::pool::config_path().display()
+                ));
+            }
+        }
+        let get = |k: &str| self.annotations.get(k).and_then(|v| v.parse::<i64>().ok());
+        if let Some(m) = self
+            .annotations
+            .get(ANNOTATION_MEMORY)
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            let limit = if pod {
+                get(CRI_SANDBOX_MEMORY).filter(|m| *m > 0).map(|l| l as u64)
+            } else {
+                self.memory_limit()
+            };
+            if let Some(l) = limit {
+                let most = l.div_ceil(1 << 20) + VM_OVERHEAD_MIB;
+                if m > most {
+                    return refuse(format!(
+                        "annotation {ANNOTATION_MEMORY}={m}: above the memory limit ({most} MiB with the VM's overhead)"
+                    ));
+                }
+            }
+            if let Some(max) = policy.max_memory_mib.filter(|max| m > *max) {
+                return refuse(format!(
+                    "annotation {ANNOTATION_MEMORY}={m}: above max_memory_mib = {max}"
+                ));
+            }
+        }
+        if let Some(n) = self
+            .annotations
+            .get(ANNOTATION_VCPUS)
+            .and_then(|v| v.parse::<u32>().ok())
+        {
+            let quota = if pod {
+                get(CRI_SANDBOX_CPU_QUOTA).filter(|q| *q > 0).map(|q| {
+                    (
+                        q,
+                        get(CRI_SANDBOX_CPU_PERIOD)
+                            .filter(|p| *p > 0)
+                            .unwrap_or(100_000),
+                    )
+                })
+            } else {
+                let cpu = self.resources().and_then(|r| r.cpu.as_ref());
+                cpu.and_then(|c| Some((c.quota?, c.period.unwrap_or(100_000) as i64)))
+                    .filter(|(q, p)| *q > 0 && *p > 0)
+            };
+            if let Some((q, p)) = quota {
+                let most = (q as u64).div_ceil(p as u64) as u32;
+                if n > most {
+                    return refuse(format!(
+                        "annotation {ANNOTATION_VCPUS}={n}: above the CPU limit ({most})"
+                    ));
+                }
+            }
+            if let Some(max) = policy.max_vcpus.filter(|max| n > *max) {
+                return refuse(format!(
+                    "annotation {ANNOTATION_VCPUS}={n}: above max_vcpus = {max}"
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The pod's VM, for a CRI sandbox: the podvisor annotations, else
     /// the sum of the pod's limits that containerd's CRI passes
     /// (`io.kubernetes.cri.sandbox-memory`, `-cpu-quota`, `-cpu-period`)

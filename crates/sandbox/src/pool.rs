@@ -42,6 +42,40 @@ struct ConfigFile {
     /// from, when its shape fits (`template = "T"`).
     #[serde(default)]
     template: Option<String>,
+    /// Kernels a pod may name with `io.podvisor.kernel` (Kata's
+    /// `valid_kernel_paths`); none by default.
+    #[serde(default)]
+    valid_kernel_paths: Vec<PathBuf>,
+    /// The most memory (MiB) and vCPUs an annotation may ask for.
+    #[serde(default)]
+    max_memory_mib: Option<u64>,
+    #[serde(default)]
+    max_vcpus: Option<u32>,
+}
+
+/// What the policy file allows annotations to ask for.
+#[derive(Clone, Debug, Default)]
+pub struct AnnotationPolicy {
+    pub valid_kernel_paths: Vec<PathBuf>,
+    pub max_memory_mib: Option<u64>,
+    pub max_vcpus: Option<u32>,
+}
+
+/// The annotation policy of the file at `path` (none there: the defaults,
+/// which allow no kernel). A broken file is an error.
+pub fn annotation_policy(path: &Path) -> Result<AnnotationPolicy, SandboxError> {
+    if !path.exists() {
+        return Ok(AnnotationPolicy::default());
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| SandboxError::Invalid(format!("reading {}: {e}", path.display())))?;
+    let file: ConfigFile = toml::from_str(&text)
+        .map_err(|e| SandboxError::Invalid(format!("{}: {}", path.display(), e.message())))?;
+    Ok(AnnotationPolicy {
+        valid_kernel_paths: file.valid_kernel_paths,
+        max_memory_mib: file.max_memory_mib,
+        max_vcpus: file.max_vcpus,
+    })
 }
 
 /// The factory policy's file: `PODVISOR_CONFIG`, else the default.

@@ -412,6 +412,8 @@ async fn boot_vm(key: &str, pod_id: &str, kind: &Kind, spec: &Spec) -> anyhow::R
             "hostNetwork pods are not supported: a pod's VM has its own kernel and cannot share the host's network stack"
         );
     }
+    let policy = sandbox::pool::annotation_policy(&sandbox::pool::config_path())?;
+    spec.check_annotations(&policy, *kind == Kind::Sandbox)?;
     let kernel = spec.annotations.get(ANNOTATION_KERNEL).map(PathBuf::from);
     let assets = sandbox::assets::GuestAssets::resolve(kernel.as_deref(), None)?;
     let accel = sandbox::checked_accel(None)?;

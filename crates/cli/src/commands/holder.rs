@@ -137,6 +137,8 @@ async fn run(args: &HolderArgs, root: &Path, spec: Spec, sync: &mut Sync) -> any
     std::fs::create_dir(dir.share()).context("creating the share directory")?;
     let mounts = sandbox::share::populate(&dir.share(), &rootfs, &spec.mounts)?;
 
+    let policy = sandbox::pool::annotation_policy(&sandbox::pool::config_path())?;
+    spec.check_annotations(&policy, false)?;
     let kernel = spec.annotations.get(ANNOTATION_KERNEL).map(PathBuf::from);
     let assets = sandbox::assets::GuestAssets::resolve(kernel.as_deref(), None)?;
     let accel = checked_accel(None)?;
