@@ -8,11 +8,14 @@ use std::path::Path;
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Interest};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Interest};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 
 use crate::HypervisorError;
+
+/// The longest QMP line we read (replies to our commands are small).
+const MAX_LINE: u64 = 1 << 20;
 
 pub struct Qmp {
     reader: BufReader<OwnedReadHalf>,
@@ -85,16 +88,23 @@ impl Qmp {
     }
 
     async fn read_reply(&mut self) -> Result<Reply, HypervisorError> {
-        let mut line = String::new();
-        let n = self
-            .reader
-            .read_line(&mut line)
+        // A compromised QEMU may send a line without end: read at most
+        // MAX_LINE bytes of it.
+        let mut line = Vec::new();
+        let n = (&mut self.reader)
+            .take(MAX_LINE)
+            .read_until(b'\n', &mut line)
             .await
             .map_err(HypervisorError::QmpIo)?;
         if n == 0 {
             return Err(HypervisorError::Qmp("QEMU closed the QMP socket".into()));
         }
-        parse_reply(line.trim())
+        if !line.ends_with(b"\n") {
+            return Err(HypervisorError::Qmp(format!(
+                "a QMP reply longer than {MAX_LINE} bytes"
+            )));
+        }
+        parse_reply(String::from_utf8_lossy(&line).trim())
     }
 
     /// Runs one command and returns its `return` value.
