@@ -100,10 +100,44 @@ pub fn vm_dir(config: &VmConfig) -> PathBuf {
         .unwrap_or_default()
 }
 
-const MOUNT_ATTR_RDONLY: u64 = 0x1;
-const MOUNT_ATTR_NOSUID: u64 = 0x2;
-const MOUNT_ATTR_NODEV: u64 = 0x4;
-const MOUNT_ATTR_NOEXEC: u64 = 0x8;
+/// `mount_setattr(2)` flags.
+pub const MOUNT_ATTR_RDONLY: u64 = 0x1;
+pub const MOUNT_ATTR_NOSUID: u64 = 0x2;
+pub const MOUNT_ATTR_NODEV: u64 = 0x4;
+pub const MOUNT_ATTR_NOEXEC: u64 = 0x8;
+
+/// Sets `attrs` on the mount at `path` (relative to `dirfd`, with `flags`
+/// such as `AT_EMPTY_PATH`) and on every mount below it. A bare system call:
+/// safe between fork and exec.
+pub fn set_mount_attrs(
+    dirfd: libc::c_int,
+    path: &std::ffi::CStr,
+    flags: libc::c_int,
+    attrs: u64,
+) -> io::Result<()> {
+    let attr = MountAttr {
+        attr_set: attrs,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: a system call on a NUL-terminated path and a struct that both
+    // outlive it.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            dirfd,
+            path.as_ptr(),
+            flags | libc::AT_RECURSIVE,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
 
 struct Bind {
     src: CString,
@@ -547,20 +581,7 @@ impl Plan {
                     libc::MS_BIND | libc::MS_REC,
                     std::ptr::null(),
                 ))?;
-                let attr = MountAttr {
-                    attr_set: b.attrs,
-                    attr_clr: 0,
-                    propagation: 0,
-                    userns_fd: 0,
-                };
-                checkl(libc::syscall(
-                    libc::SYS_mount_setattr,
-                    libc::AT_FDCWD,
-                    b.dst.as_ptr(),
-                    libc::AT_RECURSIVE | libc::AT_SYMLINK_NOFOLLOW,
-                    &attr as *const MountAttr,
-                    std::mem::size_of::<MountAttr>(),
-                ))?;
+                set_mount_attrs(libc::AT_FDCWD, &b.dst, libc::AT_SYMLINK_NOFOLLOW, b.attrs)?;
             }
             check(libc::mkdir(self.proc_dir.as_ptr(), 0o555))?;
             check(libc::mount(

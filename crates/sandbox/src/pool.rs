@@ -605,7 +605,9 @@ pub fn open_tree(dir: &Path, readonly: bool) -> Result<OwnedFd, SandboxError> {
     let tree = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
     // No set-id or device file takes effect through it; read-only through
     // and through when asked.
-    let attrs = 0x2 | 0x4 | if readonly { 0x1 } else { 0 };
+    use hypervisor::jail::{MOUNT_ATTR_NODEV, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY};
+    let ro = if readonly { MOUNT_ATTR_RDONLY } else { 0 };
+    let attrs = MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | ro;
     crate::share::set_tree_attrs(&tree, attrs).map_err(|e| {
         SandboxError::Invalid(format!(
             "making the tree at {} nosuid,nodev: {e}",

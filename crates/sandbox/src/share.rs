@@ -58,71 +58,12 @@ fn is_bind(m: &oci::Mount) -> bool {
     m.kind == "bind" || m.options.iter().any(|o| o == "bind" || o == "rbind")
 }
 
-/// `mount_setattr(2)` flags.
-const MOUNT_ATTR_RDONLY: u64 = 0x1;
-const MOUNT_ATTR_NOSUID: u64 = 0x2;
-const MOUNT_ATTR_NODEV: u64 = 0x4;
-
-#[repr(C)]
-struct MountAttr {
-    attr_set: u64,
-    attr_clr: u64,
-    propagation: u64,
-    userns_fd: u64,
-}
-
-/// Sets `attrs` on the mount at `path` and on every mount below it.
-pub(crate) fn set_recursive(path: &Path, attrs: u64) -> Result<(), nix::errno::Errno> {
-    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-        .map_err(|_| nix::errno::Errno::EINVAL)?;
-    let attr = MountAttr {
-        attr_set: attrs,
-        attr_clr: 0,
-        propagation: 0,
-        userns_fd: 0,
-    };
-    // SAFETY: a system call on a NUL-terminated path and a struct that both
-    // outlive it.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            libc::AT_RECURSIVE | libc::AT_SYMLINK_NOFOLLOW,
-            &attr as *const MountAttr,
-            std::mem::size_of::<MountAttr>(),
-        )
-    };
-    if r < 0 {
-        return Err(nix::errno::Errno::last());
-    }
-    Ok(())
-}
+use hypervisor::jail::{set_mount_attrs, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY};
 
 /// Sets `attrs` on every mount of the detached tree `tree` (`open_tree`).
 pub(crate) fn set_tree_attrs(tree: &std::os::fd::OwnedFd, attrs: u64) -> io::Result<()> {
     use std::os::fd::AsRawFd;
-    let attr = MountAttr {
-        attr_set: attrs,
-        attr_clr: 0,
-        propagation: 0,
-        userns_fd: 0,
-    };
-    // SAFETY: a system call on an fd we own and a struct that outlive it.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            tree.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
-            &attr as *const MountAttr,
-            std::mem::size_of::<MountAttr>(),
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    set_mount_attrs(tree.as_raw_fd(), c"", libc::AT_EMPTY_PATH, attrs)
 }
 
 /// Opens a bind source as an `O_PATH` fd: the path is resolved once
@@ -205,7 +146,19 @@ fn bind(src: &Path, dst: &Path, readonly: bool) -> Result<(), ShareError> {
     // Read-only on the host side too, submounts included: a guest cannot
     // write through 9p. No set-id or device files take effect from here.
     let ro = if readonly { MOUNT_ATTR_RDONLY } else { 0 };
-    set_recursive(dst, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | ro).map_err(err)
+    let c = std::ffi::CString::new(dst.as_os_str().as_encoded_bytes())
+        .map_err(|_| err(nix::errno::Errno::EINVAL))?;
+    set_mount_attrs(
+        libc::AT_FDCWD,
+        &c,
+        libc::AT_SYMLINK_NOFOLLOW,
+        MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | ro,
+    )
+    .map_err(|e| {
+        err(nix::errno::Errno::from_raw(
+            e.raw_os_error().unwrap_or(libc::EIO),
+        ))
+    })
 }
 
 /// Fills `dir` (which must exist) with the container's root and bind

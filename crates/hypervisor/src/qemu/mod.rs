@@ -98,24 +98,17 @@ impl QemuDriver {
         // system calls of `Plan::enter`, which allocates nothing).
         unsafe {
             cmd.pre_exec(move || {
+                if let Some(plan) = &inner {
+                    plan.enter()?;
+                }
                 // QEMU dies with the thread that started it: a SIGKILLed
-                // runtime leaves no VM behind.
+                // runtime leaves no VM behind. Set after the jail: a change
+                // of credentials clears it.
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 if libc::getppid() != parent {
                     libc::_exit(1);
-                }
-                if let Some(plan) = &inner {
-                    plan.enter()?;
-                    // A change of credentials clears the parent-death
-                    // signal: set it again, and make sure the parent lives.
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    if libc::getppid() != parent {
-                        libc::_exit(1);
-                    }
                 }
                 Ok(())
             })
