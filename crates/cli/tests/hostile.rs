@@ -531,3 +531,116 @@ fn annotations_cannot_name_a_kernel_or_outgrow_the_limits() {
         let _ = output(pv(&root).args(["delete", "--force", &id]));
     }
 }
+
+#[test]
+fn a_full_share_top_gives_enospc_not_host_memory() {
+    // The share's top directory is what a guest kernel (through QEMU's 9p
+    // server) can fill besides the container's own files: it is a capped
+    // tmpfs. Written from inside the VMM's jail, as a compromised guest
+    // would have QEMU write.
+    let root = StateRoot::new("hostile-top");
+    let bundle = Bundle::new("top", |c| {
+        c["process"]["args"] = serde_json::json!(["sh", "-c", "echo ready; sleep 60"]);
+    });
+    let (mut child, _out) = test_utils::spawn_until_ready(
+        pv(&root)
+            .args(["run", "--bundle"])
+            .arg(&bundle.path)
+            .arg("top")
+            .stdin(Stdio::null()),
+    );
+    let pid = qemu_of(&root.path.to_string_lossy()).expect("no QEMU for this root");
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let top = mounts
+        .lines()
+        .find(|m| m.split(' ').nth(4) == Some("/share/0"))
+        .expect("no /share/0 in the jail");
+    assert!(
+        top.contains(" - tmpfs "),
+        "the share top is not a tmpfs: {top}"
+    );
+    let fill = output(
+        Command::new("nsenter")
+            .arg("-t")
+            .arg(pid.to_string())
+            .args([
+                "-m",
+                "--",
+                "/usr/bin/dd",
+                "if=/dev/zero",
+                "of=/share/0/fill",
+                "bs=64k",
+                "count=64",
+            ]),
+    );
+    let said = text(&fill);
+    assert!(!fill.status.success(), "4 MiB fit in the share top: {said}");
+    assert!(said.contains("No space left on device"), "{said}");
+    let size = output(
+        Command::new("nsenter")
+            .arg("-t")
+            .arg(pid.to_string())
+            .args(["-m", "--", "/usr/bin/stat", "-c", "%s", "/share/0/fill"]),
+    );
+    let size: u64 = String::from_utf8_lossy(&size.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(size <= 1 << 20, "the share top took {size} bytes");
+    let _ = child.kill();
+    let _ = child.wait();
+    wait_processes_gone(&root);
+    let _ = output(pv(&root).args(["delete", "--force", "top"]));
+}
+
+#[test]
+fn a_write_under_a_submount_of_a_read_only_bind_is_refused() {
+    // A privileged container remounts its read-only volume read-write in the
+    // guest: the host side is read-only throughout, submounts included.
+    let root = StateRoot::new("hostile-ro");
+    let vol = root.path.join("vol");
+    std::fs::create_dir_all(vol.join("sub")).unwrap();
+    let bundle = Bundle::new("ro", |c| {
+        let caps = serde_json::json!(ALL_CAPS.to_vec());
+        for set in ["bounding", "effective", "permitted"] {
+            c["process"]["capabilities"][set] = caps.clone();
+        }
+        c["process"]["args"] = serde_json::json!([
+            "sh",
+            "-c",
+            "mount -o remount,rw,bind /vol 2>&1; mount -o remount,rw,bind /vol/sub 2>&1; \
+             echo x > /vol/top; echo top=$?; echo x > /vol/sub/f; echo sub=$?"
+        ]);
+        c["mounts"].as_array_mut().unwrap().push(serde_json::json!({
+            "destination": "/vol",
+            "type": "bind",
+            "source": vol,
+            "options": ["rbind", "ro"]
+        }));
+    });
+    // The submount exists only in this command's mount namespace (and the
+    // holder's, which inherits it): nothing is left on the host.
+    let script = format!(
+        "mount -t tmpfs -o size=1m podvisor-test {} && exec \"$@\"",
+        vol.join("sub").display()
+    );
+    let mut cmd = Command::new("unshare");
+    cmd.args(["-m", "--propagation", "slave", "sh", "-c", &script, "sh"])
+        .arg(build_dir().join("podvisor"))
+        .arg("--root")
+        .arg(&root.path)
+        .args(["run", "--bundle"])
+        .arg(&bundle.path)
+        .arg("ro");
+    let o = output(&mut cmd);
+    let said = text(&o);
+    eprintln!("{said}");
+    assert!(said.contains("top=1") || said.contains("top=2"), "{said}");
+    assert!(said.contains("sub=1") || said.contains("sub=2"), "{said}");
+    assert!(said.contains("Read-only file system"), "{said}");
+    assert!(
+        !vol.join("top").exists(),
+        "the guest wrote through a ro bind"
+    );
+    let _ = output(pv(&root).args(["delete", "--force", "ro"]));
+}

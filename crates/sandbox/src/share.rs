@@ -54,6 +54,42 @@ pub fn in_private_namespace() -> bool {
     PRIVATE.load(std::sync::atomic::Ordering::SeqCst)
 }
 
+/// The most a guest can store in a share's top directory (next to the
+/// container's root and its binds, which live elsewhere): the top is a tmpfs
+/// in host memory, so it is capped.
+pub const TOP_BYTES: u64 = 1 << 20;
+
+/// Creates `dir` (its parent must exist), the top directory of a share the
+/// guest can write. In a private mount namespace it becomes a tmpfs of at
+/// most [`TOP_BYTES`] and 1024 inodes (nosuid, nodev, noexec): a guest
+/// filling it gets ENOSPC and host memory stays untouched. Outside one (no
+/// mounts of ours may outlive the process) it stays a plain directory.
+pub fn create_top(dir: &Path) -> Result<(), ShareError> {
+    fs::create_dir(dir).map_err(|source| ShareError::Io {
+        what: "creating",
+        path: dir.into(),
+        source,
+    })?;
+    if !in_private_namespace() {
+        return Ok(());
+    }
+    let data = format!("size={TOP_BYTES},nr_inodes=1024,mode=0755");
+    mount(
+        Some("podvisor-share"),
+        dir,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        Some(data.as_str()),
+    )
+    .map_err(|errno| {
+        let _ = fs::remove_dir(dir);
+        ShareError::Bind {
+            src: "tmpfs".into(),
+            errno,
+        }
+    })
+}
+
 fn is_bind(m: &oci::Mount) -> bool {
     m.kind == "bind" || m.options.iter().any(|o| o == "bind" || o == "rbind")
 }
@@ -66,19 +102,11 @@ pub(crate) fn set_tree_attrs(tree: &std::os::fd::OwnedFd, attrs: u64) -> io::Res
     set_mount_attrs(tree.as_raw_fd(), c"", libc::AT_EMPTY_PATH, attrs)
 }
 
-/// Opens a bind source as an `O_PATH` fd: the path is resolved once
-/// (canonically, following the caller's symlinks), then opened with no
-/// symlink followed, so a component swapped for a link in between (a guest
-/// writing a volume the path goes through) fails instead of redirecting.
-fn open_source(src: &Path) -> Result<std::os::fd::OwnedFd, ShareError> {
-    let io = |source| ShareError::Io {
-        what: "mount source",
-        path: src.into(),
-        source,
-    };
-    let canonical = fs::canonicalize(src).map_err(io)?;
-    let c = std::ffi::CString::new(canonical.as_os_str().as_encoded_bytes())
-        .map_err(|_| io(io::Error::from(io::ErrorKind::InvalidInput)))?;
+/// Opens `path` as an `O_PATH` fd with no symlink (magic or not) followed
+/// on the way: a component swapped for a link fails instead of redirecting.
+fn open_nofollow(path: &Path) -> io::Result<std::os::fd::OwnedFd> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     #[repr(C)]
     struct OpenHow {
         flags: u64,
@@ -104,10 +132,24 @@ fn open_source(src: &Path) -> Result<std::os::fd::OwnedFd, ShareError> {
         )
     };
     if fd < 0 {
-        return Err(io(io::Error::last_os_error()));
+        return Err(io::Error::last_os_error());
     }
     // SAFETY: the kernel just gave us this fd; nothing else owns it.
     Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) })
+}
+
+/// Opens a bind source as an `O_PATH` fd: the path is resolved once
+/// (canonically, following the caller's symlinks), then opened with no
+/// symlink followed, so a component swapped for a link in between (a guest
+/// writing a volume the path goes through) fails instead of redirecting.
+fn open_source(src: &Path) -> Result<std::os::fd::OwnedFd, ShareError> {
+    let io = |source| ShareError::Io {
+        what: "mount source",
+        path: src.into(),
+        source,
+    };
+    let canonical = fs::canonicalize(src).map_err(io)?;
+    open_nofollow(&canonical).map_err(io)
 }
 
 /// Bind-mounts `src` (and what is mounted below it) at `dst`, nosuid and
@@ -228,21 +270,87 @@ fn mounts_under(dir: &Path) -> Vec<String> {
     fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
         .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(String::from))
+        .filter_map(|l| l.split(' ').nth(4).map(unescape))
         .filter(|m| *m == dir || m.starts_with(&format!("{dir}/")))
         .collect()
+}
+
+/// A mountinfo path with its octal escapes (`\040` for a space) undone.
+fn unescape(field: &str) -> String {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = |c: u8| (b'0'..=b'7').contains(&c);
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|&c| octal(c)) {
+            let v = b[i + 1..i + 4]
+                .iter()
+                .fold(0u32, |acc, &c| acc * 8 + u32::from(c - b'0'));
+            out.push(v as u8);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Detaches the mount whose root is `point`, with everything below it,
+/// without following a path a guest could change: the point is opened with
+/// no symlink followed and unmounted through its fd, so a component swapped
+/// for a link (in a volume the guest writes) fails instead of redirecting
+/// the unmount elsewhere. Stacked mounts go too.
+fn detach(point: &Path) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    for _ in 0..64 {
+        let fd = open_nofollow(point)?;
+        let by_fd = std::ffi::CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .expect("no NUL in a number");
+        // SAFETY: umount2 on a NUL-terminated path that outlives the call.
+        if unsafe { libc::umount2(by_fd.as_ptr(), libc::MNT_DETACH) } != 0 {
+            let e = io::Error::last_os_error();
+            // EINVAL: not (any more) the root of a mount.
+            return match e.raw_os_error() {
+                Some(libc::EINVAL) => Ok(()),
+                _ => Err(e),
+            };
+        }
+    }
+    Ok(())
+}
+
+/// Unmounts everything at and under `dir`: each outermost mount point is
+/// detached whole (its submounts with it) through [`detach`], so no
+/// unmount goes through a path inside a guest-writable tree.
+pub fn unmount_all(dir: &Path) {
+    let mut points = mounts_under(dir);
+    points.sort();
+    points.dedup();
+    let mut outer: Vec<&String> = Vec::new();
+    for p in &points {
+        if !outer.iter().any(|o| p.starts_with(&format!("{o}/"))) {
+            outer.push(p);
+        }
+    }
+    for p in outer {
+        if let Err(e) = detach(Path::new(p)) {
+            tracing::warn!(point = %p, "unmounting: {e}");
+        }
+    }
 }
 
 /// Removes `dir` and what is in it, unless something is still mounted there:
 /// a recursive removal would go into a bind of a host volume.
 pub fn remove_unmounted(dir: &Path) {
     let own = dir.to_string_lossy().trim_end_matches('/').to_string();
-    if mounts_under(dir) == [own] {
-        // Only the share's own bind (made for the VMM's jail) is left.
-        let _ = nix::mount::umount2(
-            dir,
-            nix::mount::MntFlags::MNT_DETACH | nix::mount::MntFlags::UMOUNT_NOFOLLOW,
-        );
+    let under = mounts_under(dir);
+    if !under.is_empty() && under.iter().all(|m| *m == own) {
+        // Only the share's own mounts (its tmpfs top, the bind made for the
+        // VMM's jail) are left.
+        if let Err(e) = detach(dir) {
+            tracing::warn!(dir = %dir.display(), "unmounting: {e}");
+        }
     }
     let left = mounts_under(dir);
     if left.is_empty() {
@@ -250,4 +358,11 @@ pub fn remove_unmounted(dir: &Path) {
     } else {
         tracing::error!(dir = %dir.display(), ?left, "still mounted; left in place");
     }
+}
+
+/// Unmounts a share's top (and whatever the caller left mounted in it), then
+/// removes `dir`, the directory holding it.
+pub fn remove_with_top(dir: &Path) {
+    unmount_all(dir);
+    remove_unmounted(dir);
 }

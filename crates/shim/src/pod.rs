@@ -1,7 +1,7 @@
 //! What one shim holds: the pod's VM and the containers (tasks) in it.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
@@ -192,21 +192,11 @@ impl Container {
             }
         }
         if let Some(dir) = self.share.take() {
-            unmount_tree(&dir);
+            sandbox::share::unmount_all(&dir);
             sandbox::share::remove_unmounted(&dir);
         }
         if let Some(root) = self.mounted_rootfs.take() {
-            unmount_tree(&root);
-        }
-    }
-}
-
-/// Unmounts everything at and under `dir`, deepest first.
-pub fn unmount_tree(dir: &Path) {
-    if let Some(d) = dir.to_str() {
-        let flags = libc::MNT_DETACH;
-        if let Err(e) = containerd_shim::mount::umount_recursive(Some(d), flags) {
-            tracing::warn!("unmounting {d}: {e}");
+            sandbox::share::unmount_all(&root);
         }
     }
 }
@@ -233,7 +223,7 @@ impl Pod {
             tracing::info!(pid = vm.pid, "tearing the pod's VM down");
             vm.sandbox.destroy().await;
             drop(vm.network);
-            unmount_tree(&vm.share);
+            sandbox::share::unmount_all(&vm.share);
             if let Some(parent) = vm.share.parent() {
                 sandbox::share::remove_unmounted(parent);
             }

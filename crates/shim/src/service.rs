@@ -328,7 +328,7 @@ impl Shim for Service {
     /// (state directories, a QEMU that outlived it) is collected here.
     async fn delete_shim(&mut self) -> Result<api::DeleteResponse, containerd_shim::Error> {
         let bundle = std::env::current_dir().unwrap_or_default();
-        crate::pod::unmount_tree(&bundle.join("rootfs"));
+        sandbox::share::unmount_all(&bundle.join("rootfs"));
         if let Ok(spec) = Spec::load(&bundle) {
             let id = bundle
                 .file_name()
@@ -430,11 +430,12 @@ async fn boot_vm(key: &str, pod_id: &str, kind: &Kind, spec: &Spec) -> anyhow::R
     // Not create_dir_all: a pod of the same name must not be taken over.
     std::fs::create_dir(&dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
     let share = dir.join("share");
-    let prepared = std::fs::create_dir(&share)
+    let prepared = sandbox::share::create_top(&share)
+        .map_err(std::io::Error::other)
         .and_then(|_| std::fs::create_dir(dir.join("stage")))
         .and_then(|_| std::fs::write(dir.join("shim.pid"), std::process::id().to_string()));
     if let Err(e) = prepared {
-        let _ = std::fs::remove_dir_all(&dir);
+        sandbox::share::remove_with_top(&dir);
         return Err(e.into());
     }
     let hostname = if spec.hostname.is_empty() {
@@ -466,7 +467,7 @@ async fn boot_vm(key: &str, pod_id: &str, kind: &Kind, spec: &Spec) -> anyhow::R
     let sb = match sandbox::pool::provide(config).await {
         Ok(sb) => sb,
         Err(e) => {
-            let _ = std::fs::remove_dir_all(&dir);
+            sandbox::share::remove_with_top(&dir);
             return Err(e.into());
         }
     };
@@ -475,7 +476,7 @@ async fn boot_vm(key: &str, pod_id: &str, kind: &Kind, spec: &Spec) -> anyhow::R
             let configured = sb.agent.clone().configure_network(n.request.clone()).await;
             if let Err(s) = configured {
                 sb.destroy().await;
-                let _ = std::fs::remove_dir_all(&dir);
+                sandbox::share::remove_with_top(&dir);
                 anyhow::bail!("configuring the guest network: {}", s.message());
             }
         }
@@ -507,7 +508,7 @@ fn mount_rootfs(
             &target,
         )
         .map_err(|e| {
-            crate::pod::unmount_tree(&target);
+            sandbox::share::unmount_all(&target);
             anyhow::anyhow!(
                 "mounting the root filesystem ({} {}): {e}",
                 m.type_,
@@ -537,7 +538,7 @@ impl Service {
         let stage = vm.share.with_file_name("stage").join(&c.id);
         std::fs::create_dir(&stage)?;
         let undo = |stage: &Path| {
-            crate::pod::unmount_tree(stage);
+            sandbox::share::unmount_all(stage);
             sandbox::share::remove_unmounted(stage);
         };
         let mut mounts = match sandbox::share::populate(&stage, rootfs, &spec.mounts) {

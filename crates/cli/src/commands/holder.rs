@@ -134,7 +134,7 @@ async fn run(args: &HolderArgs, root: &Path, spec: Spec, sync: &mut Sync) -> any
     let rootfs = spec.rootfs(bundle)?;
     // Not create_dir_all: if `delete --force` removed the container
     // meanwhile, creation must stop here.
-    std::fs::create_dir(dir.share()).context("creating the share directory")?;
+    sandbox::share::create_top(&dir.share()).context("creating the share directory")?;
     let mounts = sandbox::share::populate(&dir.share(), &rootfs, &spec.mounts)?;
 
     let policy = sandbox::pool::annotation_policy(&sandbox::pool::config_path())?;
