@@ -50,7 +50,10 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        // PODVISOR_KEEP=1 keeps it, to read a failed test's daemon logs.
+        if std::env::var_os("PODVISOR_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }
 

@@ -135,19 +135,7 @@ fn ctr_runs_execs_inspects_and_kills_through_the_podvisor_shim() {
     );
     assert_eq!(exit.status.code(), Some(7), "{exit:?}");
 
-    ok(&ctr(
-        &c,
-        &[
-            "run",
-            "-d",
-            "--runtime",
-            RUNTIME,
-            IMAGE,
-            "s4",
-            "sleep",
-            "600",
-        ],
-    ));
+    run_sleeping(&c, "s4");
     assert_eq!(task_status(&c, "s4"), "RUNNING");
     assert_eq!(
         ok(&ctr(
@@ -206,19 +194,7 @@ fn ctr_runs_execs_inspects_and_kills_through_the_podvisor_shim() {
     ok(&ctr(&c, &["container", "delete", "s4"]));
 
     // Bad input: checkpoint is refused; an exec into a missing task fails.
-    ok(&ctr(
-        &c,
-        &[
-            "run",
-            "-d",
-            "--runtime",
-            RUNTIME,
-            IMAGE,
-            "s5",
-            "sleep",
-            "600",
-        ],
-    ));
+    run_sleeping(&c, "s5");
     let cp = ctr(&c, &["task", "checkpoint", "s5"]);
     assert!(!cp.status.success(), "checkpoint must fail: {cp:?}");
     assert!(
@@ -246,6 +222,14 @@ fn pid_of(words: &[&str]) -> Option<i32> {
     })
 }
 
+/// `ctr run -d` of a container `id` that sleeps, in a pod of its own.
+fn run_sleeping(c: &Containerd, id: &str) {
+    ok(&ctr(
+        c,
+        &["run", "-d", "--runtime", RUNTIME, IMAGE, id, "sleep", "600"],
+    ));
+}
+
 #[test]
 fn a_killed_shim_or_vm_ends_the_task_and_leaves_nothing() {
     let c = Containerd::start();
@@ -254,19 +238,7 @@ fn a_killed_shim_or_vm_ends_the_task_and_leaves_nothing() {
     let root = root.to_string_lossy();
 
     // QEMU killed: the task exits (137) and containerd sees it stopped.
-    ok(&ctr(
-        &c,
-        &[
-            "run",
-            "-d",
-            "--runtime",
-            RUNTIME,
-            IMAGE,
-            "q1",
-            "sleep",
-            "600",
-        ],
-    ));
+    run_sleeping(&c, "q1");
     let qemu = pid_of(&["qemu-system", &root]).expect("the pod's QEMU");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(qemu), nix::sys::signal::SIGKILL).unwrap();
     wait_until(
@@ -281,19 +253,7 @@ fn a_killed_shim_or_vm_ends_the_task_and_leaves_nothing() {
 
     // The shim killed: containerd cleans up (shim delete), the VM dies with
     // the shim, and nothing stays behind.
-    ok(&ctr(
-        &c,
-        &[
-            "run",
-            "-d",
-            "--runtime",
-            RUNTIME,
-            IMAGE,
-            "k1",
-            "sleep",
-            "600",
-        ],
-    ));
+    run_sleeping(&c, "k1");
     let shim = pid_of(&["containerd-shim-podvisor-v2", "-id k1"]).expect("the shim");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim), nix::sys::signal::SIGKILL).unwrap();
     wait_until(
@@ -307,4 +267,52 @@ fn a_killed_shim_or_vm_ends_the_task_and_leaves_nothing() {
     let _ = ctr(&c, &["task", "delete", "k1"]);
     ok(&ctr(&c, &["container", "delete", "k1"]));
     assert_nothing_left(&c, "the shim was killed");
+}
+
+#[test]
+fn a_frozen_guest_does_not_lock_the_shim() {
+    // A guest call that hangs (its VMM stopped) must not hold the pod's
+    // lock: containerd's other calls on the pod answer meanwhile.
+    let c = Containerd::start();
+    c.import_busybox("default");
+    let root = c.pv_root();
+    let root = root.to_string_lossy();
+    run_sleeping(&c, "f1");
+    let qemu = pid_of(&["qemu-system", &root]).expect("the pod's QEMU");
+    let qemu = nix::unistd::Pid::from_raw(qemu);
+    nix::sys::signal::kill(qemu, nix::sys::signal::SIGSTOP).unwrap();
+    // The pause waits for a guest that cannot answer (up to its deadline).
+    let mut pause = c
+        .ctr()
+        .args(["task", "pause", "f1"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let t = Instant::now();
+    let status = task_status(&c, "f1");
+    let took = t.elapsed();
+    assert_eq!(status, "RUNNING", "task ls during a hung pause");
+    assert!(
+        took < Duration::from_secs(5),
+        "task ls waited {took:?} behind a hung guest call"
+    );
+    assert!(
+        pause.try_wait().unwrap().is_none(),
+        "the pause did not wait for the frozen guest"
+    );
+    // The VM killed: the task ends and the hung call fails.
+    nix::sys::signal::kill(qemu, nix::sys::signal::SIGKILL).unwrap();
+    wait_until(
+        "f1 stopped after its VM died",
+        Duration::from_secs(30),
+        || task_status(&c, "f1") == "STOPPED",
+    );
+    let paused = pause.wait().unwrap();
+    assert!(!paused.success(), "a pause of a dead VM succeeded");
+    let _ = ctr(&c, &["task", "delete", "f1"]);
+    ok(&ctr(&c, &["container", "delete", "f1"]));
+    assert_nothing_left(&c, "a frozen guest");
 }

@@ -96,6 +96,9 @@ pub struct Process {
     pub relays: Option<Relays>,
     /// An exec's process, until it starts.
     pub spec: Option<agent_proto::Process>,
+    /// A guest call on its behalf (start, pause, resume) is under way,
+    /// made without the pod's lock: no second one may begin.
+    pub busy: bool,
 }
 
 impl Process {
@@ -111,6 +114,7 @@ impl Process {
             close_stdin: None,
             relays: None,
             spec: None,
+            busy: false,
         }
     }
 
@@ -210,24 +214,47 @@ pub struct Vm {
     pub pid: u32,
 }
 
+impl Vm {
+    /// Powers the VM off and removes its share. Called without the pod's
+    /// lock: the guest is asked to shut down first.
+    pub async fn destroy(self) {
+        tracing::info!(pid = self.pid, "tearing the pod's VM down");
+        self.sandbox.destroy().await;
+        drop(self.network);
+        sandbox::share::unmount_all(&self.share);
+        if let Some(parent) = self.share.parent() {
+            sandbox::share::remove_unmounted(parent);
+        }
+    }
+}
+
+/// What the pod's lock guards. It is never held across a guest call or a
+/// boot: a verb takes what it needs (an agent client, the VM itself when it
+/// ends it), marks what is under way, and calls without it.
 #[derive(Default)]
 pub struct Pod {
     pub vm: Option<Vm>,
+    /// Counts the VMs this pod had: a call that let go of the lock knows
+    /// whether the VM it started with is still the pod's.
+    pub generation: u64,
     pub containers: HashMap<String, Container>,
+    /// Containers being created (their VM booting or their guest side
+    /// being made), not yet in `containers`.
+    pub creating: std::collections::HashSet<String>,
+    /// A create is booting the pod's VM.
+    pub booting: bool,
 }
 
 impl Pod {
-    /// Powers the VM off and removes its share.
-    pub async fn destroy_vm(&mut self) {
-        if let Some(vm) = self.vm.take() {
-            tracing::info!(pid = vm.pid, "tearing the pod's VM down");
-            vm.sandbox.destroy().await;
-            drop(vm.network);
-            sandbox::share::unmount_all(&vm.share);
-            if let Some(parent) = vm.share.parent() {
-                sandbox::share::remove_unmounted(parent);
-            }
-        }
+    /// Installs a new VM.
+    pub fn install(&mut self, vm: Vm) {
+        self.vm = Some(vm);
+        self.generation += 1;
+    }
+
+    /// Whether nothing is left and nothing is on its way.
+    pub fn idle(&self) -> bool {
+        self.containers.is_empty() && self.creating.is_empty() && !self.booting
     }
 
     /// Records `e` as the exit of every process not yet exited; returns

@@ -30,6 +30,10 @@ use tokio::sync::Mutex;
 
 use crate::pod::{Container, Exit, Kind, Pod, Process, State, Vm};
 
+mod create;
+
+use create::Target;
+
 /// The 9p tag of the pod's share (a template's, so that a clone's device
 /// matches); each container's root is `<id>/rootfs` in it.
 const SHARE_TAG: &str = sandbox::template::ROOTFS_TAG;
@@ -289,10 +293,12 @@ impl Service {
                 };
                 tracing::error!("the pod's VM died: {why}");
                 let pid = vm.pid;
-                pod.destroy_vm().await;
-                this.inner.vm_pid.store(0, Ordering::Relaxed);
+                let vm = this.take_vm(&mut pod);
                 let exits = pod.end_all(Exit::now(128 + libc::SIGKILL as u32));
                 drop(pod);
+                if let Some(vm) = vm {
+                    vm.destroy().await;
+                }
                 for (cid, eid, e) in exits {
                     this.publish_exit(&cid, &eid, pid, e).await;
                 }
@@ -405,290 +411,6 @@ pub async fn start_shim(opts: StartOpts) -> Result<String, containerd_shim::Erro
     Ok(address)
 }
 
-/// Boots the pod's VM in the shim's network namespace.
-async fn boot_vm(key: &str, pod_id: &str, kind: &Kind, spec: &Spec) -> anyhow::Result<Vm> {
-    if *kind == Kind::Sandbox && spec.network_namespace().is_none() {
-        anyhow::bail!(
-            "hostNetwork pods are not supported: a pod's VM has its own kernel and cannot share the host's network stack"
-        );
-    }
-    let policy = sandbox::pool::annotation_policy(&sandbox::pool::config_path())?;
-    spec.check_annotations(&policy, *kind == Kind::Sandbox)?;
-    let kernel = spec.annotations.get(ANNOTATION_KERNEL).map(PathBuf::from);
-    let assets = sandbox::assets::GuestAssets::resolve(kernel.as_deref(), None)?;
-    let accel = sandbox::checked_accel(None)?;
-    let (memory_mib, vcpus) = match kind {
-        Kind::Sandbox => spec.pod_vm_shape(),
-        _ => (spec.vm_memory_mib(), spec.vm_vcpus()),
-    };
-    let network = match spec.network_namespace() {
-        Some(_) => Some(sandbox::network::attach()?),
-        None => None,
-    };
-    let dir = pod_dir(key);
-    std::fs::create_dir_all(dir.parent().expect("pods dir"))?;
-    // Not create_dir_all: a pod of the same name must not be taken over.
-    std::fs::create_dir(&dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
-    let share = dir.join("share");
-    let prepared = sandbox::share::create_top(&share)
-        .map_err(std::io::Error::other)
-        .and_then(|_| std::fs::create_dir(dir.join("stage")))
-        .and_then(|_| std::fs::write(dir.join("shim.pid"), std::process::id().to_string()));
-    if let Err(e) = prepared {
-        sandbox::share::remove_with_top(&dir);
-        return Err(e.into());
-    }
-    let hostname = if spec.hostname.is_empty() {
-        pod_id.chars().take(12).collect()
-    } else {
-        spec.hostname.clone()
-    };
-    let nics = network.as_ref().map(|n| n.nics.clone()).unwrap_or_default();
-    let config = SandboxConfig {
-        cpu_millis: None,
-        id: key.to_string(),
-        root: root(),
-        memory_mib,
-        vcpus,
-        assets,
-        accel,
-        shares: vec![Share {
-            tag: SHARE_TAG.into(),
-            path: share.clone(),
-            readonly: false,
-        }],
-        nics,
-        hostname,
-        boot_timeout: sandbox::default_boot_timeout(accel),
-        template: None,
-    };
-    tracing::info!(pod = %pod_id, %accel, memory = memory_mib, vcpus, "starting the pod's VM");
-    // From the factory: a pool's ready clone, a clone, or a cold boot.
-    let sb = match sandbox::pool::provide(config).await {
-        Ok(sb) => sb,
-        Err(e) => {
-            sandbox::share::remove_with_top(&dir);
-            return Err(e.into());
-        }
-    };
-    if let Some(n) = &network {
-        if !n.request.interfaces.is_empty() {
-            let configured = sb.agent.clone().configure_network(n.request.clone()).await;
-            if let Err(s) = configured {
-                sb.destroy().await;
-                sandbox::share::remove_with_top(&dir);
-                anyhow::bail!("configuring the guest network: {}", s.message());
-            }
-        }
-    }
-    let pid = sb.vmm_pid();
-    Ok(Vm {
-        sandbox: sb,
-        network,
-        share,
-        pid,
-    })
-}
-
-/// Mounts containerd's rootfs mounts (a snapshot) at bundle/rootfs.
-fn mount_rootfs(
-    bundle: &Path,
-    mounts: &[containerd_shim::protos::api::Mount],
-) -> anyhow::Result<Option<PathBuf>> {
-    if mounts.is_empty() {
-        return Ok(None);
-    }
-    let target = bundle.join("rootfs");
-    std::fs::create_dir_all(&target)?;
-    for m in mounts {
-        containerd_shim::mount::mount_rootfs(
-            Some(m.type_.as_str()),
-            Some(m.source.as_str()),
-            &m.options,
-            &target,
-        )
-        .map_err(|e| {
-            sandbox::share::unmount_all(&target);
-            anyhow::anyhow!(
-                "mounting the root filesystem ({} {}): {e}",
-                m.type_,
-                m.source
-            )
-        })?;
-    }
-    Ok(Some(target))
-}
-
-impl Service {
-    /// Creates the container in the guest (not the sandbox one) and starts
-    /// relaying its stdio.
-    async fn create_in_guest(
-        &self,
-        vm: &Vm,
-        c: &mut Container,
-        spec: &Spec,
-        rootfs: &Path,
-    ) -> anyhow::Result<()> {
-        let p = &c.init;
-        let stdio = crate::io::Stdio::open(&p.stdin, &p.stdout, &p.stderr)
-            .map_err(|e| anyhow::anyhow!("opening the container's stdio: {e}"))?;
-        // Gathered where the guest cannot see, then moved into the share
-        // whole: the guest can write to the share, and must not steer our
-        // mounts (a symlink planted where a bind is about to go).
-        let stage = vm.share.with_file_name("stage").join(&c.id);
-        std::fs::create_dir(&stage)?;
-        let undo = |stage: &Path| {
-            sandbox::share::unmount_all(stage);
-            sandbox::share::remove_unmounted(stage);
-        };
-        let mut mounts = match sandbox::share::populate(&stage, rootfs, &spec.mounts) {
-            Ok(m) => m,
-            Err(e) => {
-                undo(&stage);
-                return Err(e.into());
-            }
-        };
-        if vm.sandbox.is_pooled() {
-            // The pool daemon mounts a copy of the tree in the VM's share.
-            if let Err(e) = vm.sandbox.attach(&stage, &c.id, false) {
-                undo(&stage);
-                return Err(e.into());
-            }
-            c.attached = true;
-            c.share = Some(stage);
-        } else {
-            // One mount into the share, which reaches the VMM's jail; the
-            // staged originals go.
-            let attached = sandbox::share::attach_tree(&stage, &vm.share, &c.id);
-            undo(&stage);
-            c.share = Some(attached.map_err(|e| {
-                anyhow::anyhow!("moving the container's files into the share: {e}")
-            })?);
-        }
-        for m in mounts.iter_mut().filter(|m| m.r#type == "bind") {
-            m.source = format!("{}/{}", c.id, m.source);
-        }
-        let mut client = vm.sandbox.agent.clone();
-        let request = CreateContainerRequest {
-            container_id: c.id.clone(),
-            rootfs_tag: SHARE_TAG.into(),
-            rootfs_subpath: format!("{}/rootfs", c.id),
-            rootfs_readonly: spec.root.as_ref().is_some_and(|r| r.readonly),
-            hostname: spec.hostname.clone(),
-            process: Some(spec.process().to_agent()),
-            resources: Some(spec.agent_resources()),
-            mounts,
-            sysctl: spec.sysctl(),
-            pod_shared: matches!(c.kind, Kind::Member(_)),
-            rootfs_overlay: false,
-        };
-        bounded("creating the container", client.create_container(request))
-            .await
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let relays = stdio.relay(&client, &c.id, "");
-        c.init.close_stdin = Some(relays.close_stdin.clone());
-        c.init.relays = Some(relays);
-        Ok(())
-    }
-
-    async fn create_task(&self, req: &api::CreateTaskRequest) -> anyhow::Result<u32> {
-        if let Some(e) = STARTUP_ERROR.get() {
-            anyhow::bail!("the shim could not start: {e}");
-        }
-        if !req.checkpoint.is_empty() {
-            anyhow::bail!("restoring from a checkpoint is not supported by podvisor");
-        }
-        sandbox::container::valid_id(&req.id)?;
-        let bundle = PathBuf::from(&req.bundle);
-        let spec = Spec::load(&bundle)?;
-        let kind = Kind::of(&req.id, &spec);
-        let key = pod_key(&self.inner.namespace, &req.id);
-        let mut pod = self.inner.pod.lock().await;
-        if pod.containers.contains_key(&req.id) {
-            anyhow::bail!("container {} already exists", req.id);
-        }
-        match (&kind, &pod.vm) {
-            (Kind::Member(s), None) => {
-                anyhow::bail!("pod sandbox {s} is not running in this shim")
-            }
-            (Kind::Member(s), Some(_)) if !pod.containers.contains_key(s) => {
-                anyhow::bail!("pod sandbox {s} is not running in this shim")
-            }
-            (Kind::Sandbox | Kind::Alone, Some(_)) => {
-                anyhow::bail!(
-                    "this shim already runs a pod; {} cannot have its own",
-                    req.id
-                )
-            }
-            _ => {}
-        }
-        let mounted = mount_rootfs(&bundle, &req.rootfs)?;
-        let rootfs = match &mounted {
-            Some(r) => r.clone(),
-            None => spec.rootfs(&bundle)?,
-        };
-        let mut c = Container {
-            id: req.id.clone(),
-            bundle: bundle.clone(),
-            kind: kind.clone(),
-            mounted_rootfs: mounted,
-            share: None,
-            attached: false,
-            init: Process::new(&req.stdin, &req.stdout, &req.stderr, req.terminal),
-            execs: Default::default(),
-        };
-        let mut booted = false;
-        if kind.boots_vm() {
-            match boot_vm(&key, &req.id, &kind, &spec).await {
-                Ok(vm) => {
-                    self.inner.vm_pid.store(vm.pid, Ordering::Relaxed);
-                    pod.vm = Some(vm);
-                    booted = true;
-                }
-                Err(e) => {
-                    c.unmount(None);
-                    return Err(e);
-                }
-            }
-        }
-        if c.in_guest() {
-            let vm = pod.vm.as_ref().expect("the pod's VM");
-            if let Err(e) = self.create_in_guest(vm, &mut c, &spec, &rootfs).await {
-                c.unmount(Some(vm));
-                if booted {
-                    self.destroy_vm(&mut pod).await;
-                }
-                return Err(e);
-            }
-        }
-        let pid = pod.vm_pid();
-        pod.containers.insert(req.id.clone(), c);
-        drop(pod);
-        if booted {
-            self.watch_vm();
-        }
-        self.publish(
-            topics::TASK_CREATE_EVENT_TOPIC,
-            Box::new(TaskCreate {
-                container_id: req.id.clone(),
-                bundle: req.bundle.clone(),
-                rootfs: req.rootfs.clone(),
-                io: MessageField::some(TaskIO {
-                    stdin: req.stdin.clone(),
-                    stdout: req.stdout.clone(),
-                    stderr: req.stderr.clone(),
-                    terminal: req.terminal,
-                    ..Default::default()
-                }),
-                pid,
-                ..Default::default()
-            }),
-        )
-        .await;
-        Ok(pid)
-    }
-}
-
 fn state_of(s: State) -> api::Status {
     match s {
         State::Created => api::Status::CREATED,
@@ -732,66 +454,78 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::StartRequest,
     ) -> TtrpcResult<api::StartResponse> {
-        let mut pod = self.inner.pod.lock().await;
-        let pid = pod.vm_pid();
-        let client = Self::agent(&pod);
-        let c = container_mut(&mut pod, &req.id)?;
-        let kind = c.kind.clone();
-        let p = c.process_mut_or_err(&req.exec_id)?;
-        if p.state != State::Created {
-            return Err(err(
-                Code::FAILED_PRECONDITION,
-                format!("{} is not in the created state", req.id),
-            ));
-        }
-        if req.exec_id.is_empty() {
-            let client = match kind {
-                Kind::Sandbox => None,
-                _ => {
-                    let mut client = client?;
-                    let request = ContainerRequest {
-                        container_id: req.id.clone(),
-                    };
-                    bounded("starting the container", client.start_container(request)).await?;
-                    Some(client)
-                }
-            };
-            p.state = State::Running;
-            drop(pod);
-            // Started before its exit can be: the watcher comes after.
-            self.publish(
-                topics::TASK_START_EVENT_TOPIC,
-                Box::new(TaskStart {
-                    container_id: req.id.clone(),
-                    pid,
-                    ..Default::default()
-                }),
-            )
-            .await;
-            if let Some(client) = client {
-                self.watch(client, req.id.clone(), String::new(), pid);
+        let (pid, client, stdio, spec) = {
+            let mut pod = self.inner.pod.lock().await;
+            let pid = pod.vm_pid();
+            let client = Self::agent(&pod);
+            let c = container_mut(&mut pod, &req.id)?;
+            let sandbox = c.kind == Kind::Sandbox;
+            let p = c.process_mut_or_err(&req.exec_id)?;
+            if p.state != State::Created || p.busy {
+                return Err(err(
+                    Code::FAILED_PRECONDITION,
+                    format!("{} is not in the created state", req.id),
+                ));
             }
-        } else {
-            let mut client = client?;
-            // Opened first: a bad path fails the start, not a running process.
-            let stdio = crate::io::Stdio::open(&p.stdin, &p.stdout, &p.stderr).map_err(|e| {
-                err(
-                    Code::INVALID_ARGUMENT,
-                    format!("opening the exec's stdio: {e}"),
-                )
-            })?;
-            let request = AgentExec {
-                container_id: req.id.clone(),
-                exec_id: req.exec_id.clone(),
-                process: p.spec.clone(),
+            let client = match req.exec_id.is_empty() && sandbox {
+                true => None,
+                false => Some(client?),
             };
-            bounded("starting the exec", client.exec_process(request)).await?;
-            p.spec = None;
-            let relays = stdio.relay(&client, &req.id, &req.exec_id);
-            p.close_stdin = Some(relays.close_stdin.clone());
-            p.relays = Some(relays);
-            p.state = State::Running;
-            drop(pod);
+            match client {
+                // The sandbox task has no process: started here.
+                None => p.state = State::Running,
+                Some(_) => p.busy = true,
+            }
+            let stdio = (p.stdin.clone(), p.stdout.clone(), p.stderr.clone());
+            (pid, client, stdio, p.spec.clone())
+        };
+        let started = match &client {
+            None => Ok(None),
+            Some(client) => self
+                .start_in_guest(&req, client.clone(), stdio, spec)
+                .await
+                .map(Some),
+        };
+        {
+            let mut pod = self.inner.pod.lock().await;
+            let p = pod
+                .containers
+                .get_mut(&req.id)
+                .and_then(|c| c.process_mut(&req.exec_id));
+            match (p, started) {
+                (Some(p), Ok(relays)) => {
+                    p.busy = false;
+                    if p.state == State::Created {
+                        p.state = State::Running;
+                    }
+                    p.spec = None;
+                    if let Some(r) = relays.flatten() {
+                        p.close_stdin = Some(r.close_stdin.clone());
+                        p.relays = Some(r);
+                    }
+                }
+                (Some(p), Err(e)) => {
+                    p.busy = false;
+                    return Err(e);
+                }
+                // Deleted meanwhile: its start went through or not.
+                (None, r) => {
+                    r?;
+                }
+            }
+        }
+        let Some(client) = client else {
+            self.publish_start(&req.id, pid).await;
+            return Ok(api::StartResponse {
+                pid,
+                ..Default::default()
+            });
+        };
+        if req.exec_id.is_empty() {
+            // Started before its exit can be: the watcher comes after.
+            self.publish_start(&req.id, pid).await;
+            self.watch(client, req.id.clone(), String::new(), pid);
+        } else {
             self.watch(client, req.id.clone(), req.exec_id.clone(), pid);
             self.publish(
                 topics::TASK_EXEC_STARTED_EVENT_TOPIC,
@@ -817,10 +551,11 @@ impl Task for Service {
     ) -> TtrpcResult<api::DeleteResponse> {
         let mut pod = self.inner.pod.lock().await;
         let pid = pod.vm_pid();
+        let generation = pod.generation;
         let client = Self::agent(&pod).ok();
         let c = container_mut(&mut pod, &req.id)?;
         let p = c.process_or_err(&req.exec_id)?;
-        if matches!(p.state, State::Running | State::Paused) {
+        if matches!(p.state, State::Running | State::Paused) || p.busy {
             return Err(err(
                 Code::FAILED_PRECONDITION,
                 format!("{} is still running: kill it first", req.id),
@@ -835,6 +570,7 @@ impl Task for Service {
         };
         if !req.exec_id.is_empty() {
             c.execs.remove(&req.exec_id);
+            drop(pod);
             if let Some(mut client) = client {
                 let request = ProcessRequest {
                     container_id: req.id.clone(),
@@ -852,19 +588,27 @@ impl Task for Service {
                 ended.push((eid.clone(), e));
             }
         }
+        let mut c = pod.containers.remove(&req.id).expect("looked up above");
+        // The pod's own container ends its VM: taken out now, destroyed
+        // once the guest was told and the lock let go.
+        let vm = match c.kind.boots_vm() {
+            true => self.take_vm(&mut pod),
+            false => None,
+        };
+        drop(pod);
         if let (true, Some(mut client)) = (c.in_guest(), client) {
             let request = ContainerRequest {
                 container_id: req.id.clone(),
             };
             let _ = bounded("removing the container", client.remove_container(request)).await;
         }
-        let mut c = pod.containers.remove(&req.id).expect("looked up above");
-        c.unmount(pod.vm.as_ref());
-        let kind = c.kind.clone();
-        if kind.boots_vm() {
-            self.destroy_vm(&mut pod).await;
+        match &vm {
+            Some(vm) => c.unmount(Some(vm)),
+            None => self.unmount(&mut c, &Target::Pod(generation)).await,
         }
-        drop(pod);
+        if let Some(vm) = vm {
+            vm.destroy().await;
+        }
         for (eid, e) in ended {
             self.publish_exit(&req.id, &eid, pid, e).await;
         }
@@ -977,16 +721,33 @@ impl Task for Service {
         }
         let e = Exit::now(signal_exit(req.signal));
         let mut exits = Vec::new();
-        if p.set_exit(e) {
-            exits.push((req.id.clone(), req.exec_id.clone(), e));
-        }
-        if kind == Kind::Sandbox {
+        if kind != Kind::Sandbox {
+            if p.set_exit(e) {
+                exits.push((req.id.clone(), req.exec_id.clone(), e));
+            }
+            drop(pod);
+        } else {
             // The pod is over: its VM goes, and with it anything still
-            // running in it.
-            self.destroy_vm(&mut pod).await;
+            // running in it. The exits are recorded once it is gone: a
+            // waiter told earlier would delete the pod and end the shim
+            // under the teardown.
+            let vm = self.take_vm(&mut pod);
+            drop(pod);
+            if let Some(vm) = vm {
+                vm.destroy().await;
+            }
+            let mut pod = self.inner.pod.lock().await;
+            if let Some(p) = pod
+                .containers
+                .get_mut(&req.id)
+                .and_then(|c| c.process_mut(&req.exec_id))
+            {
+                if p.set_exit(e) {
+                    exits.push((req.id.clone(), req.exec_id.clone(), e));
+                }
+            }
             exits.extend(pod.end_all(Exit::now(128 + libc::SIGKILL as u32)));
         }
-        drop(pod);
         for (cid, eid, e) in exits {
             self.publish_exit(&cid, &eid, pid, e).await;
         }
@@ -1211,11 +972,16 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         _req: api::ShutdownRequest,
     ) -> TtrpcResult<api::Empty> {
-        let mut pod = self.inner.pod.lock().await;
-        if !pod.containers.is_empty() {
-            return Ok(api::Empty::default());
+        let vm = {
+            let mut pod = self.inner.pod.lock().await;
+            if !pod.idle() {
+                return Ok(api::Empty::default());
+            }
+            self.take_vm(&mut pod)
+        };
+        if let Some(vm) = vm {
+            vm.destroy().await;
         }
-        self.destroy_vm(&mut pod).await;
         self.inner.exit.signal();
         Ok(api::Empty::default())
     }
@@ -1250,42 +1016,102 @@ impl Task for Service {
 }
 
 impl Service {
-    async fn destroy_vm(&self, pod: &mut Pod) {
-        pod.destroy_vm().await;
+    /// Takes the VM out of the pod, to be destroyed once the lock is let go.
+    fn take_vm(&self, pod: &mut Pod) -> Option<Vm> {
         self.inner.vm_pid.store(0, Ordering::Relaxed);
+        pod.vm.take()
+    }
+
+    async fn publish_start(&self, id: &str, pid: u32) {
+        self.publish(
+            topics::TASK_START_EVENT_TOPIC,
+            Box::new(TaskStart {
+                container_id: id.into(),
+                pid,
+                ..Default::default()
+            }),
+        )
+        .await;
+    }
+
+    /// Starts a container's init (`exec` empty) or an exec in the guest,
+    /// without the pod's lock; an exec's stdio starts relaying.
+    async fn start_in_guest(
+        &self,
+        req: &api::StartRequest,
+        mut client: AgentClient,
+        (stdin, stdout, stderr): (String, String, String),
+        spec: Option<agent_proto::Process>,
+    ) -> TtrpcResult<Option<crate::io::Relays>> {
+        if req.exec_id.is_empty() {
+            let request = ContainerRequest {
+                container_id: req.id.clone(),
+            };
+            bounded("starting the container", client.start_container(request)).await?;
+            return Ok(None);
+        }
+        // Opened first: a bad path fails the start, not a running process.
+        let stdio = crate::io::Stdio::open(&stdin, &stdout, &stderr).map_err(|e| {
+            err(
+                Code::INVALID_ARGUMENT,
+                format!("opening the exec's stdio: {e}"),
+            )
+        })?;
+        let request = AgentExec {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            process: spec,
+        };
+        bounded("starting the exec", client.exec_process(request)).await?;
+        Ok(Some(stdio.relay(&client, &req.id, &req.exec_id)))
     }
 
     async fn set_paused(&self, id: &str, paused: bool) -> TtrpcResult<api::Empty> {
-        let mut pod = self.inner.pod.lock().await;
-        let client = Self::agent(&pod);
-        let c = container_mut(&mut pod, id)?;
         let (from, to) = if paused {
             (State::Running, State::Paused)
         } else {
             (State::Paused, State::Running)
         };
-        if c.init.state != from {
-            return Err(err(
-                Code::FAILED_PRECONDITION,
-                format!(
-                    "container {id} is not {}",
-                    if paused { "running" } else { "paused" }
-                ),
-            ));
-        }
-        if c.in_guest() {
-            let mut client = client?;
+        let client = {
+            let mut pod = self.inner.pod.lock().await;
+            let client = Self::agent(&pod);
+            let c = container_mut(&mut pod, id)?;
+            if c.init.state != from || c.init.busy {
+                return Err(err(
+                    Code::FAILED_PRECONDITION,
+                    format!(
+                        "container {id} is not {}",
+                        if paused { "running" } else { "paused" }
+                    ),
+                ));
+            }
+            if !c.in_guest() {
+                c.init.state = to;
+                None
+            } else {
+                let client = client?;
+                c.init.busy = true;
+                Some(client)
+            }
+        };
+        if let Some(mut client) = client {
             let req = ContainerRequest {
                 container_id: id.into(),
             };
-            if paused {
-                bounded("pausing", client.pause_container(req)).await?;
+            let done = if paused {
+                bounded("pausing", client.pause_container(req)).await
             } else {
-                bounded("resuming", client.resume_container(req)).await?;
+                bounded("resuming", client.resume_container(req)).await
+            };
+            let mut pod = self.inner.pod.lock().await;
+            if let Some(c) = pod.containers.get_mut(id) {
+                c.init.busy = false;
+                if done.is_ok() && c.init.state == from {
+                    c.init.state = to;
+                }
             }
+            done?;
         }
-        c.init.state = to;
-        drop(pod);
         let event: Box<dyn MessageDyn> = if paused {
             Box::new(TaskPaused {
                 container_id: id.into(),
