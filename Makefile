@@ -6,7 +6,7 @@ AGENT_TARGET := x86_64-unknown-linux-gnu
 AGENT_BIN := target/$(AGENT_TARGET)/release/podvisor-agent
 export PODVISOR_CACHE ?= $(HOME)/.cache/podvisor
 
-.PHONY: all deps build host agent kernel initrd rootfs demo test lint bench clean install
+.PHONY: all deps build host agent kernel initrd rootfs demo test lint fuzz bench clean install
 
 all: build
 
@@ -50,6 +50,12 @@ test: build
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+
+# Fuzzing (docs/fuzzing.md): builds every target in fuzz/ and runs each for
+# FUZZ_SECONDS; fails if one finds a crash, leak, hang or OOM.
+FUZZ_SECONDS ?= 20
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) CARGO=$(CARGO) scripts/fuzz.sh
 
 bench: build
 	bench/sandbox_run.py

@@ -644,3 +644,84 @@ fn a_write_under_a_submount_of_a_read_only_bind_is_refused() {
     );
     let _ = output(pv(&root).args(["delete", "--force", "ro"]));
 }
+
+/// A cgroup file of `leaf`: cgroup v2's `v2` when the unified hierarchy has
+/// the controllers, else `v1` in controller `ctl`'s hierarchy.
+fn cgroup_file(leaf: &str, v2: &str, ctl: &str, v1: &str) -> PathBuf {
+    let base = Path::new("/sys/fs/cgroup");
+    let unified = base.join(leaf).join(v2);
+    if unified.exists() {
+        unified
+    } else {
+        base.join(ctl).join(leaf).join(v1)
+    }
+}
+
+#[test]
+fn the_vm_goes_in_the_containers_cgroups_path_with_its_cpu_limit() {
+    let root = StateRoot::new("hostile-cgroup");
+    let parent = format!("podvisor-test-{}", std::process::id());
+    let leaf = format!("{parent}/c1");
+    let bundle = Bundle::new("cgroup", |c| {
+        c["process"]["args"] = serde_json::json!(["sh", "-c", "echo ready; sleep 60"]);
+        c["linux"]["cgroupsPath"] = format!("/{leaf}").into();
+        c["linux"]["resources"]["cpu"] = serde_json::json!({"quota": 50000, "period": 100000});
+    });
+    let (mut child, _out) = test_utils::spawn_until_ready(
+        pv(&root)
+            .args(["run", "--bundle"])
+            .arg(&bundle.path)
+            .arg("cg")
+            .stdin(Stdio::null()),
+    );
+    let pid = qemu_of(&root.path.to_string_lossy()).expect("no QEMU for this root");
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    // v1 (this workplace's hybrid host): the memory hierarchy; v2: "0::".
+    let v1 = cgroups.lines().any(|l| l.contains(":memory:"));
+    let inside = cgroups
+        .lines()
+        .filter(|l| match v1 {
+            true => l.contains(":memory:") || l.contains(":pids:"),
+            false => l.starts_with("0::"),
+        })
+        .all(|l| l.ends_with(&format!(":/{leaf}")));
+    assert!(inside, "QEMU is not in /{leaf}: {cgroups}");
+    let quota =
+        std::fs::read_to_string(cgroup_file(&leaf, "cpu.max", "cpu", "cpu.cfs_quota_us")).unwrap();
+    assert_eq!(
+        quota.split_whitespace().next(),
+        Some("50000"),
+        "half a CPU: {quota}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    wait_processes_gone(&root);
+    let _ = output(pv(&root).args(["delete", "--force", "cg"]));
+    // The leaf goes with the VM; the parent was made for it and stays, as
+    // runc leaves it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cgroup_file(&leaf, "", "memory", "").exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let left = cgroup_file(&leaf, "", "memory", "").exists();
+    for ctl in ["", "memory", "pids", "cpu"] {
+        let base = Path::new("/sys/fs/cgroup").join(ctl);
+        let _ = std::fs::remove_dir(base.join(&leaf));
+        let _ = std::fs::remove_dir(base.join(&parent));
+    }
+    assert!(!left, "the VM's cgroup {leaf} outlived it");
+
+    // A path out of the hierarchy is refused before anything starts.
+    let bad = Bundle::new("cgroup-bad", |c| {
+        c["linux"]["cgroupsPath"] = "/a/../../etc".into();
+    });
+    let o = output(
+        pv(&root)
+            .args(["run", "--bundle"])
+            .arg(&bad.path)
+            .arg("cgbad"),
+    );
+    assert!(!o.status.success());
+    assert!(text(&o).contains("cgroupsPath"), "{}", text(&o));
+    assert_eq!(root.processes(), Vec::<u32>::new());
+}

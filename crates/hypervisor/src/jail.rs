@@ -29,6 +29,10 @@ pub struct Jail {
     pub uid_dir: PathBuf,
     /// CPU limit in millicores (cpu.max); `None`: the VM's vCPUs.
     pub cpu_millis: Option<u64>,
+    /// The VM's cgroup, relative to each hierarchy's root (a container's
+    /// `cgroupsPath`, a pod's sandbox cgroup); `None`: `podvisor/vm-<uid>`.
+    /// It must be empty of processes.
+    pub cgroup: Option<String>,
     /// The caller mounts into the shares after start and runs in a mount
     /// namespace of its own: each share becomes a shared mount point there,
     /// so those mounts reach the jail.
@@ -194,24 +198,36 @@ fn take_uid(dir: &Path, id: &str) -> Result<(u32, File), HypervisorError> {
     Err(HypervisorError::Jail("no free VMM uid".into()))
 }
 
-/// The cgroup of one VM: a leaf named after its uid under `podvisor/`, on
-/// cgroup v2 when its controllers are there, else on the v1 hierarchies.
-/// Returns the leaves (one per hierarchy) after writing the limits.
-fn make_cgroup(
-    uid: u32,
-    config: &VmConfig,
-    cpu_millis: Option<u64>,
-) -> Result<Vec<PathBuf>, HypervisorError> {
+/// The cgroup of one VM: the one its caller names, else a leaf named after
+/// its uid under `podvisor/`; on cgroup v2 when its controllers are there,
+/// else on the v1 hierarchies. Returns the leaves (one per hierarchy) after
+/// writing the limits.
+fn make_cgroup(uid: u32, config: &VmConfig, jail: &Jail) -> Result<Vec<PathBuf>, HypervisorError> {
     let memory = (config.memory_mib + memory_overhead_mib(config.accel)) << 20;
-    let millis = cpu_millis.unwrap_or(config.vcpus as u64 * 1000).max(10);
+    let millis = jail
+        .cpu_millis
+        .unwrap_or(config.vcpus as u64 * 1000)
+        .clamp(10, config.vcpus as u64 * 1000);
     let quota = millis * CPU_PERIOD_US / 1000;
     let write = |dir: &Path, file: &str, value: String| {
         fs::write(dir.join(file), value).map_err(|e| io_err("writing", &dir.join(file), e))
     };
-    let leaf = format!("podvisor/vm-{uid}");
+    let leaf = match &jail.cgroup {
+        Some(c) if c.split('/').all(|p| !p.is_empty() && p != "." && p != "..") => c.clone(),
+        Some(c) => return Err(HypervisorError::Jail(format!("cgroup path {c:?}"))),
+        None => format!("podvisor/vm-{uid}"),
+    };
     let fresh = |dir: &Path| -> Result<(), HypervisorError> {
-        // A leaf left by a VM that died with its owner: empty, reused.
+        // A leaf left by a VM that died with its owner: empty, reused. One
+        // with processes is somebody else's.
         let _ = fs::remove_dir(dir);
+        let busy = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        if !busy.trim().is_empty() {
+            return Err(HypervisorError::Jail(format!(
+                "cgroup {} is in use by other processes",
+                dir.display()
+            )));
+        }
         match fs::create_dir_all(dir) {
             Ok(()) => Ok(()),
             Err(e) => Err(io_err("creating cgroup", dir, e)),
@@ -221,12 +237,20 @@ fn make_cgroup(
     let controllers = fs::read_to_string(v2.join("cgroup.controllers")).unwrap_or_default();
     let has = |c: &str| controllers.split_whitespace().any(|x| x == c);
     if has("memory") && has("pids") && has("cpu") {
-        let parent = v2.join("podvisor");
-        fs::create_dir_all(&parent).map_err(|e| io_err("creating cgroup", &parent, e))?;
-        for dir in [v2, parent.as_path()] {
-            let _ = fs::write(dir.join("cgroup.subtree_control"), "+memory +pids +cpu");
-        }
         let dir = v2.join(&leaf);
+        let parent = dir.parent().expect("a leaf under the root");
+        fs::create_dir_all(parent).map_err(|e| io_err("creating cgroup", parent, e))?;
+        // The controllers enabled on the way down to the leaf.
+        let mut at = v2.to_path_buf();
+        let _ = fs::write(at.join("cgroup.subtree_control"), "+memory +pids +cpu");
+        for part in Path::new(&leaf)
+            .parent()
+            .into_iter()
+            .flat_map(Path::components)
+        {
+            at.push(part);
+            let _ = fs::write(at.join("cgroup.subtree_control"), "+memory +pids +cpu");
+        }
         fresh(&dir)?;
         write(&dir, "memory.max", memory.to_string())?;
         write(&dir, "memory.swap.max", "0".into()).ok();
@@ -478,7 +502,7 @@ impl Plan {
         let vm_dir = vm_dir(config);
         let vm = bind(&vm_dir, "/vm", file)?;
         let proc_dir = cstr(&inside("/proc"));
-        let cgroups = make_cgroup(uid, config, jail.cpu_millis)?;
+        let cgroups = make_cgroup(uid, config, jail)?;
         let cgroup_procs = cgroups
             .iter()
             .map(|d| cstr(&d.join("cgroup.procs")))

@@ -9,6 +9,10 @@ use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, Ms
 
 /// Descriptors one message may carry (a tree and eight taps, with room).
 pub const MAX_FDS: usize = 16;
+/// The most descriptors the kernel passes in one read (SCM_MAX_FD). Room is
+/// made for them all: of a message cut off (MSG_CTRUNC) the descriptors
+/// that fit are installed all the same, yet not named to us: they leaked.
+const SCM_MAX_FD: usize = 253;
 /// The longest line taken: the messages are small.
 const MAX_LINE: usize = 64 << 10;
 
@@ -55,7 +59,7 @@ impl Reader {
     /// One recvmsg: Ok(false) at end of stream.
     fn fill(&mut self, fd: RawFd) -> io::Result<bool> {
         let mut chunk = [0u8; 4096];
-        let mut space = nix::cmsg_space!([RawFd; MAX_FDS]);
+        let mut space = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
         let mut iov = [IoSliceMut::new(&mut chunk)];
         let msg = recvmsg::<()>(fd, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
         for c in msg.cmsgs()? {
@@ -64,6 +68,13 @@ impl Reader {
                 self.fds
                     .extend(fds.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }));
             }
+        }
+        if self.fds.len() > MAX_FDS {
+            self.fds.clear();
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "too many descriptors",
+            ));
         }
         let n = msg.bytes;
         if n == 0 {
@@ -147,6 +158,27 @@ mod tests {
         assert_eq!(line, br#"{"op":"two"}"#);
         assert!(fds.is_empty());
         assert!(r.recv(&b).unwrap().is_none());
+    }
+
+    #[test]
+    fn refuses_too_many_descriptors_and_keeps_none() {
+        let path = std::env::temp_dir().join(format!("podvisor-fdmsg-{}", std::process::id()));
+        let file = std::fs::File::create(&path).unwrap();
+        // Descriptors of this process open on `path` (other tests run alongside).
+        let open = || {
+            std::fs::read_dir("/proc/self/fd")
+                .unwrap()
+                .flatten()
+                .filter(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == path))
+                .count()
+        };
+        let (a, b) = UnixStream::pair().unwrap();
+        send(&a, br#"{"op":"one"}"#, &[file.as_raw_fd(); MAX_FDS + 4]).unwrap();
+        let mut r = Reader::default();
+        assert!(r.recv(&b).is_err());
+        drop(r);
+        assert_eq!(open(), 1);
+        let _ = std::fs::remove_file(&path);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 pub mod agent;
 pub mod assets;
 pub mod container;
-mod fdmsg;
+pub mod fdmsg;
 pub mod io;
 pub mod network;
 pub mod oci;

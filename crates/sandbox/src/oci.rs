@@ -126,6 +126,8 @@ pub struct Hooks {
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", default)]
 pub struct Linux {
+    #[serde(rename = "cgroupsPath")]
+    pub cgroups_path: String,
     pub namespaces: Vec<Namespace>,
     pub resources: Option<Resources>,
     pub sysctl: BTreeMap<String, String>,
@@ -195,8 +197,13 @@ impl Spec {
             path: path.clone(),
             source,
         })?;
-        let spec: Spec = serde_json::from_slice(&text).map_err(|source| SpecError::Parse {
-            path: path.clone(),
+        Spec::parse(bundle, &text)
+    }
+
+    /// Parses and checks `text`, the bytes of `bundle/config.json`.
+    pub fn parse(bundle: &Path, text: &[u8]) -> Result<Spec, SpecError> {
+        let spec: Spec = serde_json::from_slice(text).map_err(|source| SpecError::Parse {
+            path: bundle.join("config.json"),
             source,
         })?;
         spec.validate(bundle)?;
@@ -239,6 +246,7 @@ impl Spec {
                 }
             }
         }
+        self.vm_cgroup()?;
         Ok(())
     }
 
@@ -277,6 +285,36 @@ impl Spec {
             Some(limit) => limit.div_ceil(1 << 20) + VM_OVERHEAD_MIB,
             None => DEFAULT_VM_MEMORY_MIB,
         }
+    }
+
+    /// The cgroup the VM goes in, relative to each hierarchy's root, from
+    /// `linux.cgroupsPath`: a path (`/kubepods/pod1/abc`, as cgroupfs
+    /// drivers give it) or systemd's `slice:prefix:name`
+    /// (`machine.slice/libpod-abc.scope`, as runc's systemd driver lays it
+    /// out). None: podvisor's own (`podvisor/vm-<uid>`).
+    pub fn vm_cgroup(&self) -> Result<Option<String>, SpecError> {
+        let path = self
+            .linux
+            .as_ref()
+            .map(|l| l.cgroups_path.as_str())
+            .unwrap_or("");
+        cgroup_path(path)
+            .map_err(|why| SpecError::Invalid(format!("linux.cgroupsPath {path:?}: {why}")))
+    }
+
+    /// The container's CPU limit in millicores, from its CFS quota and period.
+    pub fn cpu_millis(&self) -> Option<u64> {
+        let cpu = self.resources()?.cpu.as_ref()?;
+        millis(cpu.quota?, cpu.period.unwrap_or(100_000) as i64)
+    }
+
+    /// The pod's CPU limit in millicores, from the CRI sandbox annotations.
+    pub fn pod_cpu_millis(&self) -> Option<u64> {
+        let get = |k: &str| self.annotations.get(k).and_then(|v| v.parse::<i64>().ok());
+        millis(
+            get(CRI_SANDBOX_CPU_QUOTA)?,
+            get(CRI_SANDBOX_CPU_PERIOD).unwrap_or(100_000),
+        )
     }
 
     /// The VM's vCPUs: the annotation, else the CPU quota rounded up, else 1.
@@ -380,7 +418,10 @@ impl Spec {
                 })
             } else {
                 let cpu = self.resources().and_then(|r| r.cpu.as_ref());
-                cpu.and_then(|c| Some((c.quota?, c.period.unwrap_or(100_000) as i64)))
+                // A period past i64 (not `as`: it would turn negative and
+                // lift the limit) leaves less than one CPU.
+                let period = |c: &Cpu| i64::try_from(c.period.unwrap_or(100_000));
+                cpu.and_then(|c| Some((c.quota?, period(c).unwrap_or(i64::MAX))))
                     .filter(|(q, p)| *q > 0 && *p > 0)
             };
             if let Some((q, p)) = quota {
@@ -429,6 +470,67 @@ impl Spec {
         };
         (memory, vcpus)
     }
+}
+
+/// Millicores of a CFS quota over its period (None: no limit).
+fn millis(quota: i64, period: i64) -> Option<u64> {
+    if quota <= 0 || period <= 0 {
+        return None;
+    }
+    Some(((quota as u128 * 1000).div_ceil(period as u128)).min(u64::MAX as u128) as u64)
+}
+
+/// A cgroupsPath as a relative path under a hierarchy's root; None if empty.
+fn cgroup_path(path: &str) -> Result<Option<String>, &'static str> {
+    if path.is_empty() {
+        return Ok(None);
+    }
+    if path.len() > 4096 || path.contains('\0') {
+        return Err("too long or not text");
+    }
+    let relative = match path.split(':').collect::<Vec<_>>()[..] {
+        [_] => path.trim_start_matches('/').to_string(),
+        [slice, prefix, name] => {
+            // systemd: a slice `a-b.slice` lives in `a.slice`; the unit is
+            // `prefix-name.scope` (a name ending in .slice is a slice).
+            let slice = if slice.is_empty() {
+                "system.slice"
+            } else {
+                slice
+            };
+            let stem = slice
+                .strip_suffix(".slice")
+                .ok_or("the systemd slice does not end in .slice")?;
+            let mut dirs = Vec::new();
+            let mut acc = String::new();
+            for part in stem.split('-') {
+                if part.is_empty() {
+                    return Err("empty part in the systemd slice");
+                }
+                if !acc.is_empty() {
+                    acc.push('-');
+                }
+                acc.push_str(part);
+                dirs.push(format!("{acc}.slice"));
+            }
+            let unit = match (prefix, name.ends_with(".slice")) {
+                (_, true) => name.to_string(),
+                ("", false) => format!("{name}.scope"),
+                (p, false) => format!("{p}-{name}.scope"),
+            };
+            dirs.push(unit);
+            dirs.join("/")
+        }
+        _ => return Err("neither a path nor slice:prefix:name"),
+    };
+    let ok = !relative.is_empty()
+        && relative
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != ".." && !c.starts_with("cgroup."));
+    if !ok {
+        return Err("every component must be a plain name (no empty, `.`, `..` or cgroup.*)");
+    }
+    Ok(Some(relative))
 }
 
 impl Resources {
@@ -502,6 +604,43 @@ impl Process {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cgroups_paths() {
+        let p = |s: &str| cgroup_path(s);
+        assert_eq!(p(""), Ok(None));
+        assert_eq!(
+            p("/kubepods/pod1/abc"),
+            Ok(Some("kubepods/pod1/abc".into()))
+        );
+        assert_eq!(p("docker/abc"), Ok(Some("docker/abc".into())));
+        assert_eq!(
+            p("kubepods-besteffort-pod1.slice:cri-containerd:abc"),
+            Ok(Some(
+                "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1.slice/cri-containerd-abc.scope"
+                    .into()
+            ))
+        );
+        assert_eq!(
+            p("machine.slice:libpod:abc"),
+            Ok(Some("machine.slice/libpod-abc.scope".into()))
+        );
+        for bad in [
+            "/",
+            "/a/../b",
+            "a//b",
+            "/a/./b",
+            "a/cgroup.procs",
+            "a:b",
+            "x:p:n",
+            "a\0b",
+        ] {
+            assert!(p(bad).is_err(), "{bad}");
+        }
+        assert_eq!(millis(50_000, 100_000), Some(500));
+        assert_eq!(millis(-1, 100_000), None);
+        assert_eq!(millis(i64::MAX, 1), Some(u64::MAX));
+    }
 
     fn bundle(config: &str) -> (tempdir::Dir, Result<Spec, SpecError>) {
         let d = tempdir::Dir::new();

@@ -69,13 +69,23 @@ pub fn annotation_policy(path: &Path) -> Result<AnnotationPolicy, SandboxError> 
     }
     let text = std::fs::read_to_string(path)
         .map_err(|e| SandboxError::Invalid(format!("reading {}: {e}", path.display())))?;
-    let file: ConfigFile = toml::from_str(&text)
-        .map_err(|e| SandboxError::Invalid(format!("{}: {}", path.display(), e.message())))?;
+    parse_annotation_policy(path, &text)
+}
+
+/// The annotation policy in `text`, the policy file at `path`.
+pub fn parse_annotation_policy(path: &Path, text: &str) -> Result<AnnotationPolicy, SandboxError> {
+    let file = parse_config_file(path, text)?;
     Ok(AnnotationPolicy {
         valid_kernel_paths: file.valid_kernel_paths,
         max_memory_mib: file.max_memory_mib,
         max_vcpus: file.max_vcpus,
     })
+}
+
+/// The policy file at `path`, whose bytes are `text`.
+fn parse_config_file(path: &Path, text: &str) -> Result<ConfigFile, SandboxError> {
+    toml::from_str(text)
+        .map_err(|e| SandboxError::Invalid(format!("{}: {}", path.display(), e.message())))
 }
 
 /// The factory policy's file: `PODVISOR_CONFIG`, else the default.
@@ -94,9 +104,7 @@ pub fn front_end_template(path: &Path) -> Result<Option<String>, SandboxError> {
     }
     let text = std::fs::read_to_string(path)
         .map_err(|e| SandboxError::Invalid(format!("reading {}: {e}", path.display())))?;
-    let file: ConfigFile = toml::from_str(&text)
-        .map_err(|e| SandboxError::Invalid(format!("{}: {}", path.display(), e.message())))?;
-    Ok(file.template)
+    Ok(parse_config_file(path, &text)?.template)
 }
 
 /// The front ends' template, opened, if the policy names one whose shape
@@ -175,8 +183,12 @@ pub async fn provide(mut config: SandboxConfig) -> Result<Sandbox, SandboxError>
 pub fn load_config(path: &Path) -> Result<Vec<PoolConfig>, SandboxError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| SandboxError::Invalid(format!("reading {}: {e}", path.display())))?;
-    let file: ConfigFile = toml::from_str(&text)
-        .map_err(|e| SandboxError::Invalid(format!("{}: {}", path.display(), e.message())))?;
+    parse_config(path, &text)
+}
+
+/// The factory policy in `text`, the policy file at `path`: its pools, checked.
+pub fn parse_config(path: &Path, text: &str) -> Result<Vec<PoolConfig>, SandboxError> {
+    let file = parse_config_file(path, text)?;
     for p in &file.pool {
         if p.size == 0 || p.size > 64 {
             return Err(SandboxError::Invalid(format!(
@@ -246,7 +258,7 @@ fn write_status(root: &Path, template: &str, s: PoolStatus) {
 /// for each answer before saying more.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "op")]
-pub(crate) enum Request {
+pub enum Request {
     /// A ready clone. The message carries one tap device per NIC of the
     /// template, made in the caller's network namespace.
     Take { nics: usize },
@@ -257,8 +269,9 @@ pub(crate) enum Request {
     Detach { name: String },
 }
 
+/// The daemon's answer to each request, a JSON line.
 #[derive(Serialize, Deserialize, Default)]
-pub(crate) struct Reply {
+pub struct Reply {
     #[serde(default)]
     error: String,
     #[serde(default)]
@@ -284,6 +297,17 @@ impl Reply {
     }
 }
 
+/// What the daemon makes of a request line.
+pub fn parse_request(line: &[u8]) -> serde_json::Result<Request> {
+    serde_json::from_slice(line)
+}
+
+/// What a caller makes of the daemon's answer line.
+pub fn parse_reply(answer: &[u8]) -> Result<Reply, SandboxError> {
+    serde_json::from_slice(answer)
+        .map_err(|e| SandboxError::Invalid(format!("the pool's answer: {e}")))
+}
+
 /// A ready clone: paused, its agent session closed, an empty share, its
 /// NICs on hubs with no tap yet.
 struct Member {
@@ -295,8 +319,10 @@ struct Member {
 async fn launch_member(root: &Path, template: &Template, n: u64) -> Result<Member, SandboxError> {
     let id = format!("pool-{}-{}-{n}", template.meta.name, std::process::id());
     let share = pools_dir(root).join(&template.meta.name).join(&id);
-    std::fs::create_dir_all(&share)
-        .map_err(|e| SandboxError::Invalid(format!("creating {}: {e}", share.display())))?;
+    let parent = share.parent().expect("a member's share has a parent");
+    std::fs::create_dir_all(parent)
+        .map_err(|e| SandboxError::Invalid(format!("creating {}: {e}", parent.display())))?;
+    crate::share::create_top(&share).map_err(|e| SandboxError::Invalid(format!("{e}")))?;
     let (memory_mib, vcpus, assets, accel) = template.shape();
     // The caller's taps join the hubs when it takes the clone.
     let nics = (0..template.meta.nics)
@@ -308,6 +334,7 @@ async fn launch_member(root: &Path, template: &Template, n: u64) -> Result<Membe
         .collect();
     let config = SandboxConfig {
         cpu_millis: None,
+        cgroup: None,
         id,
         root: root.to_path_buf(),
         memory_mib,
@@ -469,7 +496,7 @@ async fn retire(member: Member) {
 }
 
 /// A name a caller may attach a tree at: one plain path component.
-fn attach_point(share: &Path, name: &str) -> Result<PathBuf, String> {
+pub fn attach_point(share: &Path, name: &str) -> Result<PathBuf, String> {
     let plain = !name.is_empty()
         && name.len() <= 255
         && name != "."
@@ -541,7 +568,7 @@ async fn hand_out(
     if fdmsg::send_async(&conn, &reply.line()).await.is_ok() && ok {
         // The caller holds the connection while it uses the sandbox.
         while let Ok(Some((line, fds))) = reader.recv_async(&conn).await {
-            let done = match serde_json::from_slice::<Request>(&line) {
+            let done = match parse_request(&line) {
                 Ok(Request::Attach { name }) => attach(&member.share, &name, fds.first()),
                 Ok(Request::Detach { name }) => detach(&member.share, &name),
                 Ok(Request::Take { .. }) => Err("this connection already holds a clone".into()),
@@ -626,7 +653,7 @@ async fn read_request(
         .await
         .ok()?
         .ok()??;
-    Some((serde_json::from_slice(&line).ok()?, fds))
+    Some((parse_request(&line).ok()?, fds))
 }
 
 /// Claims template `template`'s pool for this process (held while the
@@ -780,8 +807,7 @@ pub(crate) fn ask(
         .recv(conn)
         .map_err(io)?
         .ok_or_else(|| SandboxError::Invalid("the pool daemon hung up".into()))?;
-    serde_json::from_slice(&answer)
-        .map_err(|e| SandboxError::Invalid(format!("the pool's answer: {e}")))
+    parse_reply(&answer)
 }
 
 /// Takes a ready clone from template `template`'s pool, its NICs joined to

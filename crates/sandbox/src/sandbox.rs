@@ -34,6 +34,9 @@ pub struct SandboxConfig {
     /// The VM's CPU limit in millicores (its cgroup's cpu.max); `None`: its
     /// vCPUs.
     pub cpu_millis: Option<u64>,
+    /// The VM's cgroup, relative to each hierarchy's root (a container's
+    /// `cgroupsPath`, checked by `Spec`); `None`: podvisor's own.
+    pub cgroup: Option<String>,
     /// Clone this template instead of booting (its shape overrides memory,
     /// vcpus, assets and accelerator); boot cold if it is unusable.
     pub template: Option<Template>,
@@ -189,6 +192,7 @@ pub(crate) fn vm_config(config: &SandboxConfig, dir: &StateDir) -> VmConfig {
             dir: dir.file("jail"),
             uid_dir: crate::state::uids(&config.root),
             cpu_millis: config.cpu_millis,
+            cgroup: config.cgroup.clone(),
             propagate: crate::share::in_private_namespace(),
         }),
     }

@@ -204,13 +204,18 @@ impl Template {
         let text = fs::read(dir.join(META)).map_err(|e| corrupt(format!("{META}: {e}")))?;
         let meta: TemplateMeta =
             serde_json::from_slice(&text).map_err(|e| corrupt(format!("{META}: {e}")))?;
+        // The name becomes a path component (a pool's shares, its socket).
+        if meta.name != name {
+            return Err(corrupt(format!("{META} names template {:?}", meta.name)));
+        }
         let t = Template { dir, meta };
         let mem = fs::metadata(t.memory()).map_err(|e| corrupt(format!("memory file: {e}")))?;
-        if mem.len() != t.meta.memory_mib << 20 {
+        let expected = t.meta.memory_mib.checked_mul(1 << 20);
+        if Some(mem.len()) != expected {
             return Err(corrupt(format!(
-                "memory file has {} bytes, expected {}",
+                "memory file has {} bytes, expected {} MiB",
                 mem.len(),
-                t.meta.memory_mib << 20
+                t.meta.memory_mib
             )));
         }
         let state = fs::metadata(t.state()).map_err(|e| corrupt(format!("state file: {e}")))?;

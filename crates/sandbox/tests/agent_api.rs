@@ -33,6 +33,7 @@ async fn start_sandbox(root: &StateRoot) -> Sandbox {
     let dir = build_dir();
     Sandbox::start(SandboxConfig {
         cpu_millis: None,
+        cgroup: None,
         id: "api".into(),
         root: root.path.clone(),
         memory_mib: 256,

@@ -927,9 +927,9 @@ impl Task for Service {
             });
             metrics.cpu = MessageField::some(CPUStat {
                 usage: MessageField::some(CPUUsage {
-                    total: s.cpu_usage_usec * 1000,
-                    user: s.cpu_user_usec * 1000,
-                    kernel: s.cpu_system_usec * 1000,
+                    total: s.cpu_usage_usec.saturating_mul(1000),
+                    user: s.cpu_user_usec.saturating_mul(1000),
+                    kernel: s.cpu_system_usec.saturating_mul(1000),
                     ..Default::default()
                 }),
                 ..Default::default()

@@ -49,9 +49,9 @@ pub async fn run(args: EventsArgs, root: &Path) -> anyhow::Result<u8> {
             "id": args.id,
             "data": {
                 "cpu": {"usage": {
-                    "total": s.cpu_usage_usec * 1000,
-                    "user": s.cpu_user_usec * 1000,
-                    "kernel": s.cpu_system_usec * 1000,
+                    "total": s.cpu_usage_usec.saturating_mul(1000),
+                    "user": s.cpu_user_usec.saturating_mul(1000),
+                    "kernel": s.cpu_system_usec.saturating_mul(1000),
                 }},
                 "memory": {
                     "usage": {"usage": s.memory_usage, "limit": s.memory_limit, "max": s.memory_max_usage},

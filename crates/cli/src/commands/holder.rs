@@ -144,7 +144,8 @@ async fn run(args: &HolderArgs, root: &Path, spec: Spec, sync: &mut Sync) -> any
     let accel = checked_accel(None)?;
     let nics = network.as_ref().map(|n| n.nics.clone()).unwrap_or_default();
     let config = SandboxConfig {
-        cpu_millis: None,
+        cpu_millis: spec.cpu_millis(),
+        cgroup: spec.vm_cgroup()?,
         id: dir.sandbox_id(),
         root: root.to_path_buf(),
         memory_mib: spec.vm_memory_mib(),

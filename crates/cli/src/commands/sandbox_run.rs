@@ -216,6 +216,7 @@ async fn start(args: &RunArgs, root: &Path, rootfs: PathBuf) -> anyhow::Result<S
     tracing::info!(sandbox = %id, %accel, "starting sandbox");
     let config = SandboxConfig {
         cpu_millis: None,
+        cgroup: None,
         id: id.clone(),
         root: root.to_path_buf(),
         memory_mib: memory,

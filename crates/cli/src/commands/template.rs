@@ -84,6 +84,7 @@ async fn create(args: CreateArgs, root: &Path) -> anyhow::Result<u8> {
     let (nics, _taps) = sandbox::network::scratch_nics(args.nics)?;
     let config = SandboxConfig {
         cpu_millis: None,
+        cgroup: None,
         id: String::new(),
         root: root.to_path_buf(),
         memory_mib: args.vm.memory,

@@ -8,14 +8,14 @@ use std::path::Path;
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Interest};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Interest};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 
 use crate::HypervisorError;
 
 /// The longest QMP line we read (replies to our commands are small).
-const MAX_LINE: u64 = 1 << 20;
+pub const MAX_LINE: u64 = 1 << 20;
 
 pub struct Qmp {
     reader: BufReader<OwnedReadHalf>,
@@ -54,6 +54,29 @@ pub fn parse_reply(line: &str) -> Result<Reply, HypervisorError> {
     Err(HypervisorError::Qmp(format!("unexpected reply {line:?}")))
 }
 
+/// Reads and parses the next line from QEMU. A compromised QEMU may send a
+/// line without end: at most `max_line` bytes of it are read.
+pub async fn read_reply_line<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    max_line: u64,
+) -> Result<Reply, HypervisorError> {
+    let mut line = Vec::new();
+    let n = reader
+        .take(max_line)
+        .read_until(b'\n', &mut line)
+        .await
+        .map_err(HypervisorError::QmpIo)?;
+    if n == 0 {
+        return Err(HypervisorError::Qmp("QEMU closed the QMP socket".into()));
+    }
+    if !line.ends_with(b"\n") {
+        return Err(HypervisorError::Qmp(format!(
+            "a QMP reply longer than {max_line} bytes"
+        )));
+    }
+    parse_reply(String::from_utf8_lossy(&line).trim())
+}
+
 /// One command as QMP takes it: a JSON object on a line.
 fn command_line(command: &str, arguments: Option<Value>) -> String {
     let mut msg = json!({ "execute": command });
@@ -88,23 +111,7 @@ impl Qmp {
     }
 
     async fn read_reply(&mut self) -> Result<Reply, HypervisorError> {
-        // A compromised QEMU may send a line without end: read at most
-        // MAX_LINE bytes of it.
-        let mut line = Vec::new();
-        let n = (&mut self.reader)
-            .take(MAX_LINE)
-            .read_until(b'\n', &mut line)
-            .await
-            .map_err(HypervisorError::QmpIo)?;
-        if n == 0 {
-            return Err(HypervisorError::Qmp("QEMU closed the QMP socket".into()));
-        }
-        if !line.ends_with(b"\n") {
-            return Err(HypervisorError::Qmp(format!(
-                "a QMP reply longer than {MAX_LINE} bytes"
-            )));
-        }
-        parse_reply(String::from_utf8_lossy(&line).trim())
+        read_reply_line(&mut self.reader, MAX_LINE).await
     }
 
     /// Runs one command and returns its `return` value.

@@ -44,7 +44,11 @@ async fn boot_vm(key: &str, pod_id: &str, kind: &Kind, spec: &Spec) -> anyhow::R
     };
     let nics = network.as_ref().map(|n| n.nics.clone()).unwrap_or_default();
     let config = SandboxConfig {
-        cpu_millis: None,
+        cpu_millis: match kind {
+            Kind::Sandbox => spec.pod_cpu_millis(),
+            _ => spec.cpu_millis(),
+        },
+        cgroup: spec.vm_cgroup()?,
         id: key.to_string(),
         root: root(),
         memory_mib,
