@@ -73,6 +73,9 @@ pub struct Paths {
     pub initrd: PathBuf,
     pub shares: Vec<PathBuf>,
     pub memory: Option<PathBuf>,
+    /// The memory file is a template's, mapped privately, and this QEMU can
+    /// open it read-only (`readonly=on,rom=off`): it is bound read-only.
+    pub memory_readonly: bool,
     /// The directory that holds the VMM's sockets.
     pub vm_dir: PathBuf,
 }
@@ -89,9 +92,19 @@ impl Paths {
                 crate::MemoryBackend::File { path, .. } => Some(path.clone()),
                 crate::MemoryBackend::Anonymous => None,
             },
+            memory_readonly: memory_readonly(binary, config),
             vm_dir: vm_dir(config),
         }
     }
+}
+
+/// Whether `config`'s memory is a file mapped privately (a clone's template
+/// memory) that `binary` can open read-only.
+fn memory_readonly(binary: &Path, config: &VmConfig) -> bool {
+    matches!(
+        config.memory,
+        crate::MemoryBackend::File { shared: false, .. }
+    ) && crate::qemu::maps_readonly_files_privately(binary)
 }
 
 /// The VMM's sockets live in one directory of their own (the only host
@@ -479,7 +492,11 @@ impl Plan {
                     File::create(path).map_err(|e| io_err("creating", path, e))?;
                 }
                 dirs.push(cstr(&inside("/mem")));
-                Some(bind(path, "/mem/memory", file)?)
+                let ro = match memory_readonly(binary, config) {
+                    true => MOUNT_ATTR_RDONLY,
+                    false => 0,
+                };
+                Some(bind(path, "/mem/memory", file | ro)?)
             }
         };
         dirs.push(cstr(&inside("/share")));
@@ -530,6 +547,7 @@ impl Plan {
             initrd,
             shares,
             memory,
+            memory_readonly: memory_readonly(binary, config),
             vm_dir: vm,
         };
         Ok((plan, paths))

@@ -60,9 +60,15 @@ pub fn args(config: &VmConfig, paths: &Paths, root: bool) -> Vec<String> {
     let backend = match &config.memory {
         MemoryBackend::Anonymous => format!("memory-backend-ram,id=mem,size={mem}"),
         MemoryBackend::File { path, shared } => format!(
-            "memory-backend-file,id=mem,size={mem},mem-path={},share={}",
+            "memory-backend-file,id=mem,size={mem},mem-path={},share={}{}",
             escape(paths.memory.as_deref().unwrap_or(path)),
-            if *shared { "on" } else { "off" }
+            if *shared { "on" } else { "off" },
+            // QEMU 8.2: opened O_RDONLY, mapped copy-on-write.
+            if paths.memory_readonly {
+                ",readonly=on,rom=off"
+            } else {
+                ""
+            }
         ),
     };
     push(&["-object", &backend]);

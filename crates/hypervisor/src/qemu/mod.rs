@@ -360,3 +360,47 @@ impl VirtualMachine for QemuVm {
         let _ = self.child.wait();
     }
 }
+
+/// Whether the QEMU at `binary` can map a file read-only yet writable
+/// copy-on-write (`memory-backend-file,readonly=on,rom=off`, QEMU 8.2 and
+/// later): a clone then opens its template's memory file `O_RDONLY`. Older
+/// ones open it read-write (guest writes never reach it: the mapping is
+/// private, but a compromised QEMU could write the fd).
+pub fn maps_readonly_files_privately(binary: &std::path::Path) -> bool {
+    static ANSWER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ANSWER.get_or_init(|| {
+        let out = Command::new(binary).arg("--version").output();
+        let text = out
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        version_at_least(&text, (8, 2))
+    })
+}
+
+/// Whether `qemu --version`'s text says at least `want` (major, minor).
+fn version_at_least(text: &str, want: (u32, u32)) -> bool {
+    let Some(v) = text.split("version ").nth(1) else {
+        return false;
+    };
+    let mut parts = v.split(|c: char| !c.is_ascii_digit());
+    let major = parts.next().and_then(|p| p.parse().ok());
+    let minor = parts.next().and_then(|p| p.parse().ok());
+    matches!((major, minor), (Some(a), Some(b)) if (a, b) >= want)
+}
+
+#[cfg(test)]
+mod version_tests {
+    #[test]
+    fn versions() {
+        let v = |t: &str| super::version_at_least(t, (8, 2));
+        assert!(!v(
+            "QEMU emulator version 7.2.18 (Debian 1:7.2+dfsg-7+deb12u18)"
+        ));
+        assert!(v(
+            "QEMU emulator version 8.2.2 (Debian 1:8.2.2+ds-0ubuntu1)"
+        ));
+        assert!(v("QEMU emulator version 10.0.0"));
+        assert!(!v("QEMU emulator version 8.1.5"));
+        assert!(!v("garbage"));
+    }
+}
