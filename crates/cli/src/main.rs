@@ -191,6 +191,7 @@ fn main() -> ExitCode {
         // Sandboxes whose owner died (SIGKILL) are cleaned up by the next call.
         sandbox::state::collect_garbage(&cli.root);
         sandbox::template::Template::collect_garbage(&cli.root);
+        sandbox::pool::collect_garbage(&cli.root);
         let root = &g.root;
         match command {
             Command::Sandbox(cmd) => commands::sandbox(cmd, root).await,

@@ -725,3 +725,116 @@ fn the_vm_goes_in_the_containers_cgroups_path_with_its_cpu_limit() {
     assert!(text(&o).contains("cgroupsPath"), "{}", text(&o));
     assert_eq!(root.processes(), Vec::<u32>::new());
 }
+
+/// When a SIGKILL lands: from right after the start to after the VM is up
+/// (a cold TCG boot takes about 2 s here).
+const KILL_AFTER_MS: [u64; 5] = [30, 250, 700, 1400, 3000];
+
+/// Runs `start` (a fresh command each time) and kills its process group with
+/// SIGKILL after each of KILL_AFTER_MS, then runs `next` (the call a client
+/// makes next) and checks nothing of it is left: no process, mount,
+/// directory, socket or memory file under the root.
+fn killed_at_each_step(
+    root: &StateRoot,
+    mut start: impl FnMut() -> Command,
+    mut next: impl FnMut(),
+    kept: &[&str],
+) {
+    for ms in KILL_AFTER_MS {
+        let mut child = start()
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(ms));
+        // SAFETY: a signal to the process group of the child we spawned.
+        unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+        let _ = child.wait();
+        // What it started dies with it (parent-death signals); then the
+        // next call collects what is left on disk.
+        wait_processes_gone(root);
+        next();
+        let at = format!("killed after {ms} ms");
+        assert_eq!(root.processes(), Vec::<u32>::new(), "processes left, {at}");
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let root_path = root.path.to_string_lossy();
+        let mounted: Vec<&str> = mounts.lines().filter(|l| l.contains(&*root_path)).collect();
+        assert!(mounted.is_empty(), "mounts left, {at}: {mounted:?}");
+        for dir in ["sandboxes", "containers", "pools"] {
+            let left: Vec<String> = test_utils::names_in(&root.path.join(dir))
+                .into_iter()
+                .filter(|n| !kept.contains(&n.as_str()))
+                .collect();
+            assert_eq!(left, Vec::<String>::new(), "{dir} left, {at}");
+        }
+        let templates: Vec<String> = test_utils::names_in(&root.path.join("templates"))
+            .into_iter()
+            .filter(|n| !kept.contains(&n.as_str()))
+            .collect();
+        assert_eq!(templates, Vec::<String>::new(), "templates left, {at}");
+    }
+}
+
+#[test]
+fn a_killed_create_leaves_nothing_after_the_next_call() {
+    let root = StateRoot::new("hostile-kill-create");
+    let bundle = Bundle::new("kill", |c| {
+        c["process"]["args"] = serde_json::json!(["sleep", "60"]);
+    });
+    killed_at_each_step(
+        &root,
+        || {
+            let mut c = pv(&root);
+            c.args(["create", "--bundle"]).arg(&bundle.path).arg("k");
+            c
+        },
+        // What containerd or podman does after a failed create.
+        || {
+            let _ = output(pv(&root).args(["delete", "--force", "k"]));
+            let _ = output(pv(&root).arg("list"));
+        },
+        &[],
+    );
+}
+
+#[test]
+fn a_killed_template_create_at_each_step_leaves_nothing() {
+    let root = StateRoot::new("hostile-kill-template");
+    killed_at_each_step(
+        &root,
+        || {
+            let mut c = pv(&root);
+            c.args(["template", "create", "--name", "t", "--memory", "128"]);
+            c
+        },
+        || {
+            let _ = output(pv(&root).args(["template", "list"]));
+            let _ = output(pv(&root).args(["template", "rm", "t"]));
+        },
+        &[],
+    );
+}
+
+#[test]
+fn a_killed_pool_serve_at_each_step_leaves_nothing() {
+    let root = StateRoot::new("hostile-kill-pool");
+    let o = output(pv(&root).args(["template", "create", "--name", "p", "--memory", "128"]));
+    assert!(o.status.success(), "{}", text(&o));
+    let config = root.path.join("config.toml");
+    std::fs::write(&config, "[[pool]]\ntemplate = \"p\"\nsize = 2\n").unwrap();
+    killed_at_each_step(
+        &root,
+        || {
+            let mut c = pv(&root);
+            c.args(["pool", "serve", "--config"]).arg(&config);
+            c
+        },
+        || {
+            let _ = output(pv(&root).arg("list"));
+        },
+        &["p"],
+    );
+    let _ = output(pv(&root).args(["template", "rm", "p"]));
+}

@@ -233,17 +233,74 @@ pub fn status(root: &Path, template: &str) -> Option<PoolStatus> {
 /// per pool. Fails while another process holds it.
 fn lock(root: &Path, template: &str) -> std::io::Result<std::fs::File> {
     use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
     let path = pools_dir(root).join(format!("{template}.lock"));
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)?;
-    // SAFETY: flock on an fd we own.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(std::io::Error::last_os_error());
+    // The garbage collector unlinks a lock it holds: a file locked after
+    // that is no longer the pool's, so lock again.
+    for _ in 0..8 {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)?;
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let ours = f.metadata()?;
+        match std::fs::metadata(&path) {
+            Ok(m) if m.ino() == ours.ino() && m.dev() == ours.dev() => return Ok(f),
+            _ => continue,
+        }
     }
-    Ok(f)
+    Err(std::io::Error::other(
+        "the pool's lock file keeps being replaced",
+    ))
+}
+
+/// Removes what daemons that died (SIGKILL) left of their pools: socket,
+/// status file, member shares (their mounts died with the daemon's mount
+/// namespace) and lock, for every pool no live daemon holds.
+pub fn collect_garbage(root: &Path) {
+    use std::os::fd::AsRawFd;
+    let dir = pools_dir(root);
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    let mut pools = std::collections::BTreeSet::new();
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let stem = [".lock", ".sock", ".json", ".json.tmp"]
+            .iter()
+            .find_map(|x| name.strip_suffix(x))
+            .map(str::to_string)
+            .unwrap_or(name);
+        pools.insert(stem);
+    }
+    for template in pools {
+        let lock_path = dir.join(format!("{template}.lock"));
+        let held = match std::fs::OpenOptions::new().write(true).open(&lock_path) {
+            // SAFETY: flock on an fd we own.
+            Ok(f) => match unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } {
+                0 => Some(f),
+                _ => continue,
+            },
+            Err(_) => None,
+        };
+        let _ = std::fs::remove_file(socket(root, &template));
+        for x in ["json", "json.tmp"] {
+            let _ = std::fs::remove_file(dir.join(format!("{template}.{x}")));
+        }
+        if let Ok(members) = std::fs::read_dir(dir.join(&template)) {
+            for m in members.flatten() {
+                crate::share::remove_unmounted(&m.path());
+            }
+        }
+        let _ = std::fs::remove_dir(dir.join(&template));
+        if held.is_some() {
+            let _ = std::fs::remove_file(&lock_path);
+        }
+    }
 }
 
 fn write_status(root: &Path, template: &str, s: PoolStatus) {
