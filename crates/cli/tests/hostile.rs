@@ -384,15 +384,7 @@ fn a_second_pool_serve_is_refused() {
     assert!(o.status.success(), "{}", text(&o));
     let config = root.path.join("config.toml");
     std::fs::write(&config, "[[pool]]\ntemplate = \"p\"\nsize = 1\n").unwrap();
-    let mut first = pv(&root)
-        .args(["pool", "serve", "--config"])
-        .arg(&config)
-        .process_group(0)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut first = quiet_group(pv(&root).args(["pool", "serve", "--config"]).arg(&config));
     let sock = root.path.join("pools/p.sock");
     let t = Instant::now();
     while !sock.exists() && t.elapsed() < Duration::from_secs(30) {
@@ -726,6 +718,16 @@ fn the_vm_goes_in_the_containers_cgroups_path_with_its_cpu_limit() {
     assert_eq!(root.processes(), Vec::<u32>::new());
 }
 
+/// Spawns `cmd` in a process group of its own, with no stdio.
+fn quiet_group(cmd: &mut Command) -> std::process::Child {
+    cmd.process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 /// When a SIGKILL lands: from right after the start to after the VM is up
 /// (a cold TCG boot takes about 2 s here).
 const KILL_AFTER_MS: [u64; 5] = [30, 250, 700, 1400, 3000];
@@ -741,13 +743,7 @@ fn killed_at_each_step(
     kept: &[&str],
 ) {
     for ms in KILL_AFTER_MS {
-        let mut child = start()
-            .process_group(0)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = quiet_group(&mut start());
         std::thread::sleep(Duration::from_millis(ms));
         // SAFETY: a signal to the process group of the child we spawned.
         unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
