@@ -190,7 +190,7 @@ pub(crate) fn vm_config(config: &SandboxConfig, dir: &StateDir) -> VmConfig {
         nic_hubs: false,
         jail: jail_enabled().then(|| hypervisor::Jail {
             dir: dir.file("jail"),
-            uid_dir: crate::state::uids(&config.root),
+            uid_dir: crate::state::uids(),
             cpu_millis: config.cpu_millis,
             cgroup: config.cgroup.clone(),
             propagate: crate::share::in_private_namespace(),

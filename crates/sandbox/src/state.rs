@@ -37,10 +37,14 @@ pub struct StateDir {
     _lock: File,
 }
 
-/// The lock files of the uids jailed VMMs run as.
-pub fn uids(root: &Path) -> PathBuf {
-    root.join("uids")
+/// The lock files of the uids jailed VMMs run as: one directory for the
+/// whole host, whatever the `--root`: a uid (and the cgroup named after it)
+/// belongs to one VM at a time across all roots.
+pub fn uids() -> PathBuf {
+    PathBuf::from(UIDS)
 }
+
+const UIDS: &str = "/run/podvisor/uids";
 
 fn sandboxes(root: &Path) -> PathBuf {
     root.join("sandboxes")
