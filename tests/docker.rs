@@ -82,6 +82,48 @@ fn docker_runs_execs_publishes_mounts_and_stops() {
     );
     ok(&d.run(&["rm", "web", "stubborn"]));
 
+    // The VM frozen after start (its QEMU stopped): `docker stop` and
+    // `docker rm -f` end it within their deadlines.
+    ok(&d.run(&[
+        "run",
+        "--runtime",
+        "podvisor",
+        "-d",
+        "--name",
+        "frozen",
+        "busybox:local",
+        "sleep",
+        "600",
+    ]));
+    let root = d.dir.0.join("exec/runtime-runc/moby");
+    let qemu = test_utils::processes_mentioning(&root.to_string_lossy())
+        .into_iter()
+        .find(|p| {
+            std::fs::read_link(format!("/proc/{p}/exe"))
+                .map(|e| e.to_string_lossy().contains("qemu"))
+                .unwrap_or(false)
+        })
+        .expect("the container's QEMU");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(qemu as i32),
+        nix::sys::signal::SIGSTOP,
+    )
+    .unwrap();
+    let t = std::time::Instant::now();
+    let stopped = d.run(&["stop", "-t", "2", "frozen"]);
+    let took = t.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(40),
+        "docker stop took {took:?}"
+    );
+    let t = std::time::Instant::now();
+    ok(&d.run(&["rm", "-f", "frozen"]));
+    let took_rm = t.elapsed();
+    assert!(
+        took_rm < std::time::Duration::from_secs(30),
+        "docker rm -f took {took_rm:?} (stop said {stopped:?})"
+    );
+
     let line = format!(
         "DOCKER_HOST=unix://{} /usr/bin/docker run --rm -it --runtime podvisor busybox:local sh",
         d.dir.0.join("docker.sock").display()
