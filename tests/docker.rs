@@ -96,14 +96,7 @@ fn docker_runs_execs_publishes_mounts_and_stops() {
         "600",
     ]));
     let root = d.dir.0.join("exec/runtime-runc/moby");
-    let qemu = test_utils::processes_mentioning(&root.to_string_lossy())
-        .into_iter()
-        .find(|p| {
-            std::fs::read_link(format!("/proc/{p}/exe"))
-                .map(|e| e.to_string_lossy().contains("qemu"))
-                .unwrap_or(false)
-        })
-        .expect("the container's QEMU");
+    let qemu = test_utils::qemu_mentioning(&root.to_string_lossy()).expect("the container's QEMU");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(qemu as i32),
         nix::sys::signal::SIGSTOP,

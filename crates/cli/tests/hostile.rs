@@ -254,13 +254,7 @@ fn a_console_flood_stays_at_the_cap() {
 
 /// The first QEMU whose command line names `needle`.
 fn qemu_of(needle: &str) -> Option<u32> {
-    test_utils::processes_mentioning(needle)
-        .into_iter()
-        .find(|p| {
-            std::fs::read_link(format!("/proc/{p}/exe"))
-                .map(|e| e.to_string_lossy().contains("qemu"))
-                .unwrap_or(false)
-        })
+    test_utils::qemu_mentioning(needle)
 }
 
 fn status_field(pid: u32, field: &str) -> String {

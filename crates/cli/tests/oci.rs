@@ -365,13 +365,7 @@ fn killed_holder_or_vmm_leaves_a_stopped_container_that_delete_cleans() {
     // QEMU SIGKILLed: the holder notices, says so in its status, exits.
     let (pid, _c) = create(&root, &bundle.path, "q");
     ok(&pv(&root, &["start", "q"]));
-    let vmm = processes_mentioning(&format!("{}/sandboxes", root.path.display()))
-        .into_iter()
-        .find(|p| {
-            std::fs::read_link(format!("/proc/{p}/exe"))
-                .map(|e| e.to_string_lossy().contains("qemu"))
-                .unwrap_or(false)
-        })
+    let vmm = test_utils::qemu_mentioning(&format!("{}/sandboxes", root.path.display()))
         .expect("the container's QEMU");
     nix::sys::signal::kill(Pid::from_raw(vmm as i32), nix::sys::signal::SIGKILL).unwrap();
     assert_eq!(wait_exit(pid, Duration::from_secs(30)), 137);

@@ -101,6 +101,15 @@ pub fn names_in(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The first QEMU whose command line mentions `needle`.
+pub fn qemu_mentioning(needle: &str) -> Option<u32> {
+    processes_mentioning(needle).into_iter().find(|p| {
+        fs::read_link(format!("/proc/{p}/exe"))
+            .map(|e| e.to_string_lossy().contains("qemu"))
+            .unwrap_or(false)
+    })
+}
+
 pub fn processes_mentioning(needle: &str) -> Vec<u32> {
     let me = std::process::id();
     fs::read_dir("/proc")
