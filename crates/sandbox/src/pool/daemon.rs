@@ -235,7 +235,9 @@ async fn wake(member: &mut Member, nics: usize, taps: &[OwnedFd]) -> Result<Repl
     for (i, tap) in taps.iter().enumerate() {
         member.sb.connect_tap(i, tap.as_fd()).await?;
     }
+    let t = Instant::now();
     member.sb.resume().await?;
+    tracing::debug!(sandbox = %member.sb.id, resume_us = t.elapsed().as_micros() as u64, "resumed a ready clone");
     Ok(Reply {
         sandbox_id: member.sb.id.clone(),
         agent_socket: member.agent_socket.clone(),
