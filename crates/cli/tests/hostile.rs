@@ -518,6 +518,28 @@ fn annotations_cannot_name_a_kernel_or_outgrow_the_limits() {
     }
 }
 
+/// `run`s container `id` (its config edited by `edit`) that says ready and
+/// sleeps; returns the running `run`, its QEMU's pid and the bundle.
+fn run_until_ready(
+    root: &StateRoot,
+    id: &str,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> (std::process::Child, u32, Bundle) {
+    let bundle = Bundle::new(id, |c| {
+        c["process"]["args"] = serde_json::json!(["sh", "-c", "echo ready; sleep 60"]);
+        edit(c);
+    });
+    let (child, _out) = test_utils::spawn_until_ready(
+        pv(root)
+            .args(["run", "--bundle"])
+            .arg(&bundle.path)
+            .arg(id)
+            .stdin(Stdio::null()),
+    );
+    let pid = qemu_of(&root.path.to_string_lossy()).expect("no QEMU for this root");
+    (child, pid, bundle)
+}
+
 #[test]
 fn a_full_share_top_gives_enospc_not_host_memory() {
     // The share's top directory is what a guest kernel (through QEMU's 9p
@@ -525,17 +547,7 @@ fn a_full_share_top_gives_enospc_not_host_memory() {
     // tmpfs. Written from inside the VMM's jail, as a compromised guest
     // would have QEMU write.
     let root = StateRoot::new("hostile-top");
-    let bundle = Bundle::new("top", |c| {
-        c["process"]["args"] = serde_json::json!(["sh", "-c", "echo ready; sleep 60"]);
-    });
-    let (mut child, _out) = test_utils::spawn_until_ready(
-        pv(&root)
-            .args(["run", "--bundle"])
-            .arg(&bundle.path)
-            .arg("top")
-            .stdin(Stdio::null()),
-    );
-    let pid = qemu_of(&root.path.to_string_lossy()).expect("no QEMU for this root");
+    let (mut child, pid, _bundle) = run_until_ready(&root, "top", |_| {});
     let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
     let top = mounts
         .lines()
@@ -648,19 +660,10 @@ fn the_vm_goes_in_the_containers_cgroups_path_with_its_cpu_limit() {
     let root = StateRoot::new("hostile-cgroup");
     let parent = format!("podvisor-test-{}", std::process::id());
     let leaf = format!("{parent}/c1");
-    let bundle = Bundle::new("cgroup", |c| {
-        c["process"]["args"] = serde_json::json!(["sh", "-c", "echo ready; sleep 60"]);
+    let (mut child, pid, _bundle) = run_until_ready(&root, "cg", |c| {
         c["linux"]["cgroupsPath"] = format!("/{leaf}").into();
         c["linux"]["resources"]["cpu"] = serde_json::json!({"quota": 50000, "period": 100000});
     });
-    let (mut child, _out) = test_utils::spawn_until_ready(
-        pv(&root)
-            .args(["run", "--bundle"])
-            .arg(&bundle.path)
-            .arg("cg")
-            .stdin(Stdio::null()),
-    );
-    let pid = qemu_of(&root.path.to_string_lossy()).expect("no QEMU for this root");
     let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     // v1 (this workplace's hybrid host): the memory hierarchy; v2: "0::".
     let v1 = cgroups.lines().any(|l| l.contains(":memory:"));

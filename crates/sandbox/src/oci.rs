@@ -304,17 +304,34 @@ impl Spec {
 
     /// The container's CPU limit in millicores, from its CFS quota and period.
     pub fn cpu_millis(&self) -> Option<u64> {
-        let cpu = self.resources()?.cpu.as_ref()?;
-        millis(cpu.quota?, cpu.period.unwrap_or(100_000) as i64)
+        self.cpu_quota().map(millis)
     }
 
     /// The pod's CPU limit in millicores, from the CRI sandbox annotations.
     pub fn pod_cpu_millis(&self) -> Option<u64> {
+        self.pod_cpu_quota().map(millis)
+    }
+
+    /// The container's CFS quota and period (both positive), if it has a
+    /// CPU limit.
+    fn cpu_quota(&self) -> Option<(u64, u64)> {
+        let cpu = self.resources()?.cpu.as_ref()?;
+        let quota = u64::try_from(cpu.quota?).ok().filter(|q| *q > 0)?;
+        let period = cpu.period.unwrap_or(100_000);
+        (period > 0).then_some((quota, period))
+    }
+
+    /// The pod's CFS quota and period, from the CRI sandbox annotations.
+    fn pod_cpu_quota(&self) -> Option<(u64, u64)> {
         let get = |k: &str| self.annotations.get(k).and_then(|v| v.parse::<i64>().ok());
-        millis(
-            get(CRI_SANDBOX_CPU_QUOTA)?,
-            get(CRI_SANDBOX_CPU_PERIOD).unwrap_or(100_000),
-        )
+        let quota = u64::try_from(get(CRI_SANDBOX_CPU_QUOTA)?)
+            .ok()
+            .filter(|q| *q > 0)?;
+        let period = get(CRI_SANDBOX_CPU_PERIOD)
+            .and_then(|p| u64::try_from(p).ok())
+            .filter(|p| *p > 0)
+            .unwrap_or(100_000);
+        Some((quota, period))
     }
 
     /// The VM's vCPUs: the annotation, else the CPU quota rounded up, else 1.
@@ -322,10 +339,9 @@ impl Spec {
         if let Some(n) = self.annotations.get(ANNOTATION_VCPUS) {
             return n.parse().unwrap_or(1);
         }
-        let cpu = self.resources().and_then(|r| r.cpu.as_ref());
-        match cpu.and_then(|c| Some((c.quota?, c.period.unwrap_or(100_000)))) {
-            Some((q, p)) if q > 0 && p > 0 => (q as u64).div_ceil(p).clamp(1, 64) as u32,
-            _ => 1,
+        match self.cpu_quota() {
+            Some((q, p)) => q.div_ceil(p).clamp(1, 64) as u32,
+            None => 1,
         }
     }
 
@@ -408,24 +424,12 @@ impl Spec {
             .and_then(|v| v.parse::<u32>().ok())
         {
             let quota = if pod {
-                get(CRI_SANDBOX_CPU_QUOTA).filter(|q| *q > 0).map(|q| {
-                    (
-                        q,
-                        get(CRI_SANDBOX_CPU_PERIOD)
-                            .filter(|p| *p > 0)
-                            .unwrap_or(100_000),
-                    )
-                })
+                self.pod_cpu_quota()
             } else {
-                let cpu = self.resources().and_then(|r| r.cpu.as_ref());
-                // A period past i64 (not `as`: it would turn negative and
-                // lift the limit) leaves less than one CPU.
-                let period = |c: &Cpu| i64::try_from(c.period.unwrap_or(100_000));
-                cpu.and_then(|c| Some((c.quota?, period(c).unwrap_or(i64::MAX))))
-                    .filter(|(q, p)| *q > 0 && *p > 0)
+                self.cpu_quota()
             };
             if let Some((q, p)) = quota {
-                let most = (q as u64).div_ceil(p as u64) as u32;
+                let most = q.div_ceil(p) as u32;
                 if n > most {
                     return refuse(format!(
                         "annotation {ANNOTATION_VCPUS}={n}: above the CPU limit ({most})"
@@ -455,17 +459,9 @@ impl Spec {
             (None, Some(limit)) => (limit as u64).div_ceil(1 << 20) + VM_OVERHEAD_MIB,
             (None, None) => DEFAULT_POD_MEMORY_MIB,
         };
-        let vcpus = match (
-            self.annotations.get(ANNOTATION_VCPUS),
-            get(CRI_SANDBOX_CPU_QUOTA).filter(|q| *q > 0),
-        ) {
+        let vcpus = match (self.annotations.get(ANNOTATION_VCPUS), self.pod_cpu_quota()) {
             (Some(n), _) => n.parse().unwrap_or(1),
-            (None, Some(q)) => {
-                let p = get(CRI_SANDBOX_CPU_PERIOD)
-                    .filter(|p| *p > 0)
-                    .unwrap_or(100_000);
-                (q as u64).div_ceil(p as u64).clamp(1, 64) as u32
-            }
+            (None, Some((q, p))) => q.div_ceil(p).clamp(1, 64) as u32,
             (None, None) => 1,
         };
         (memory, vcpus)
@@ -473,11 +469,8 @@ impl Spec {
 }
 
 /// Millicores of a CFS quota over its period (None: no limit).
-fn millis(quota: i64, period: i64) -> Option<u64> {
-    if quota <= 0 || period <= 0 {
-        return None;
-    }
-    Some(((quota as u128 * 1000).div_ceil(period as u128)).min(u64::MAX as u128) as u64)
+fn millis((quota, period): (u64, u64)) -> u64 {
+    ((quota as u128 * 1000).div_ceil(period as u128)).min(u64::MAX as u128) as u64
 }
 
 /// A cgroupsPath as a relative path under a hierarchy's root; None if empty.
@@ -637,9 +630,8 @@ mod tests {
         ] {
             assert!(p(bad).is_err(), "{bad}");
         }
-        assert_eq!(millis(50_000, 100_000), Some(500));
-        assert_eq!(millis(-1, 100_000), None);
-        assert_eq!(millis(i64::MAX, 1), Some(u64::MAX));
+        assert_eq!(millis((50_000, 100_000)), 500);
+        assert_eq!(millis((u64::MAX, 1)), u64::MAX);
     }
 
     fn bundle(config: &str) -> (tempdir::Dir, Result<Spec, SpecError>) {

@@ -53,8 +53,7 @@ impl QemuDriver {
 
     /// `qemu-system-x86_64 --version`, first line.
     pub fn version(&self) -> Option<String> {
-        let out = Command::new(&self.binary).arg("--version").output().ok()?;
-        String::from_utf8_lossy(&out.stdout)
+        version_text(&self.binary)
             .lines()
             .next()
             .map(str::to_string)
@@ -368,13 +367,38 @@ impl VirtualMachine for QemuVm {
 /// private, but a compromised QEMU could write the fd).
 pub fn maps_readonly_files_privately(binary: &std::path::Path) -> bool {
     static ANSWER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ANSWER.get_or_init(|| {
-        let out = Command::new(binary).arg("--version").output();
-        let text = out
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
-        version_at_least(&text, (8, 2))
-    })
+    *ANSWER.get_or_init(|| version_at_least(&version_text(binary), (8, 2)))
+}
+
+/// `binary --version`, remembered under /run/podvisor per binary (device,
+/// inode, mtime): asking QEMU costs ~10 ms, on every VM start otherwise.
+fn version_text(binary: &std::path::Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let cache = std::fs::metadata(binary).ok().map(|m| {
+        std::path::PathBuf::from(format!(
+            "/run/podvisor/qemu-version-{}-{}-{}",
+            m.dev(),
+            m.ino(),
+            m.mtime_nsec() + m.mtime() * 1_000_000_000
+        ))
+    });
+    if let Some(text) = cache.as_ref().and_then(|c| std::fs::read_to_string(c).ok()) {
+        return text;
+    }
+    let text = Command::new(binary)
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    if let (Some(c), false) = (&cache, text.is_empty()) {
+        // Written whole, then renamed: a reader never sees half of it.
+        let tmp = c.with_extension(format!("{}.tmp", std::process::id()));
+        let _ = c.parent().map(std::fs::create_dir_all);
+        if std::fs::write(&tmp, &text).is_ok() && std::fs::rename(&tmp, c).is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+    }
+    text
 }
 
 /// Whether `qemu --version`'s text says at least `want` (major, minor).
