@@ -89,6 +89,20 @@ def pss_kb(pid):
     return 0
 
 
+def supervisor_of(vmm):
+    """The VM's supervisor: QEMU's parent (its PSS counts as the sandbox's)."""
+    try:
+        with open(f"/proc/{vmm}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (FileNotFoundError, IndexError, ValueError):
+        return 0
+
+
+def vmm_pss_kb(vmm):
+    """PSS of a VMM and its supervisor."""
+    return pss_kb(vmm) + pss_kb(supervisor_of(vmm))
+
+
 def idle_sandbox_pss(root, memory):
     p = subprocess.Popen([PODVISOR, "--root", root, "sandbox", "run", "--memory", str(memory), "--",
                           "sh", "-c", "echo ready; read x"],
@@ -99,7 +113,7 @@ def idle_sandbox_pss(root, memory):
     time.sleep(2)  # let the guest settle
     sandboxes = os.path.join(root, "sandboxes")
     vmm = [int(open(os.path.join(sandboxes, d, "vmm.pid")).read()) for d in os.listdir(sandboxes)]
-    total = pss_kb(p.pid) + sum(pss_kb(v) for v in vmm)
+    total = pss_kb(p.pid) + sum(vmm_pss_kb(v) for v in vmm)
     qemu = sum(pss_kb(v) for v in vmm)
     p.stdin.close()
     p.wait(timeout=60)

@@ -17,7 +17,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from sandbox_run import OUT, PODVISOR, machine, pss_kb  # noqa: E402
+from sandbox_run import OUT, PODVISOR, machine, pss_kb, vmm_pss_kb  # noqa: E402
 
 
 def run_true(root, template=None):
@@ -102,11 +102,12 @@ def stop(procs):
 
 
 def group_pss(root, procs):
-    """PSS (MiB) per sandbox: each podvisor process plus its QEMU."""
+    """PSS (MiB) per sandbox: each podvisor process plus its QEMU and the
+    QEMU's supervisor."""
     time.sleep(2)
     sandboxes = os.path.join(root, "sandboxes")
     vmm = [int(open(os.path.join(sandboxes, d, "vmm.pid")).read()) for d in os.listdir(sandboxes)]
-    total = sum(pss_kb(p.pid) for p in procs) + sum(pss_kb(v) for v in vmm)
+    total = sum(pss_kb(p.pid) for p in procs) + sum(vmm_pss_kb(v) for v in vmm)
     return total / len(procs) / 1024
 
 

@@ -624,6 +624,25 @@ pub fn parent(pid: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Who answers for process `pid`: for a VM's supervisor (which leaves the
+/// process that started it), that starter, named last on its command line;
+/// for any other process, its parent.
+pub fn owner(pid: &str) -> String {
+    let args: Vec<String> = std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|c| {
+            String::from_utf8_lossy(&c)
+                .split('\0')
+                .filter(|a| !a.is_empty())
+                .map(String::from)
+                .collect()
+        })
+        .unwrap_or_default();
+    match args.iter().any(|a| a == "--podvisor-vm-supervisor") {
+        true => args.last().cloned().unwrap_or_default(),
+        false => parent(pid),
+    }
+}
+
 /// The pid of the podvisor shim serving `pod` (started with `-id POD`).
 pub fn shim_of(pod: &str) -> Option<String> {
     pids().into_iter().find(|p| {

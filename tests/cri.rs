@@ -14,7 +14,9 @@ use k8s_cri::v1::{
     UpdateContainerResourcesRequest,
 };
 use podvisor_client_tests::cri::{self, connect, Cri};
-use podvisor_client_tests::{cmdline, parent, pids, shim_of, Containerd, PoolDaemon, Scratch};
+use podvisor_client_tests::{
+    cmdline, owner, parent, pids, shim_of, Containerd, PoolDaemon, Scratch,
+};
 
 const IMAGE: &str = "localhost/busybox:latest";
 
@@ -128,8 +130,9 @@ async fn exec_sync(cri: &mut Cri, id: &str, cmd: &[&str]) -> (i32, String) {
     )
 }
 
-/// QEMU processes whose parent is the shim of `pod` (started `-id POD`).
-fn vms_of(pod: &str) -> usize {
+/// The QEMU processes of `pod`'s shim (started `-id POD`): their parent is
+/// a VM supervisor that shim started.
+fn vms_pids(pod: &str) -> Vec<String> {
     pids()
         .into_iter()
         .filter(|p| {
@@ -139,10 +142,17 @@ fn vms_of(pod: &str) -> usize {
                 .is_some_and(|a| a.contains("qemu-system"))
         })
         .filter(|p| {
-            let parent = cmdline(&parent(p));
-            parent.contains("containerd-shim-podvisor-v2") && parent.contains(pod)
+            let supervisor = parent(p);
+            let shim = cmdline(&owner(&supervisor));
+            cmdline(&supervisor).contains("--podvisor-vm-supervisor")
+                && shim.contains("containerd-shim-podvisor-v2")
+                && shim.contains(pod)
         })
-        .count()
+        .collect()
+}
+
+fn vms_of(pod: &str) -> usize {
+    vms_pids(pod).len()
 }
 
 async fn eventually<F, Fut>(what: &str, timeout: Duration, mut f: F)
@@ -622,10 +632,8 @@ async fn pods_take_their_vm_from_the_factory() {
 
 /// The command line of the pod's QEMU.
 fn cloned_vm_cmdline(pod: &str) -> String {
-    let shim = shim_of(pod).expect("the pod's shim");
-    pids()
-        .into_iter()
-        .find(|p| parent(p) == shim && cmdline(p).contains("qemu-system"))
-        .map(|p| cmdline(&p))
+    vms_pids(pod)
+        .first()
+        .map(|p| cmdline(p))
         .unwrap_or_default()
 }

@@ -13,7 +13,7 @@ use k8s_cri::v1::{
     RunPodSandboxRequest, StartContainerRequest,
 };
 use podvisor_client_tests::cri::{self, connect, Cri};
-use podvisor_client_tests::{cmdline, parent, pids, Containerd, Scratch};
+use podvisor_client_tests::{cmdline, owner, parent, pids, Containerd, Scratch};
 
 fn pod_config(name: &str, logs: &std::path::Path) -> PodSandboxConfig {
     cri::pod_config(name, "bench", logs)
@@ -81,7 +81,7 @@ fn pod_pss_mib(pod: &str) -> f64 {
                 total += pss_kib(p);
                 break;
             }
-            q = parent(&q);
+            q = owner(&q);
             if q.is_empty() || q == "1" || q == "0" {
                 break;
             }
@@ -143,7 +143,7 @@ impl Pool {
         };
         pids()
             .into_iter()
-            .filter(|p| parent(p) == self.pid && cmdline(p).contains("qemu-system"))
+            .filter(|p| owner(&parent(p)) == self.pid && cmdline(p).contains("qemu-system"))
             .min_by_key(start)
             .map(|p| pss_kib(&p) as f64 / 1024.0)
             .unwrap_or(0.0)

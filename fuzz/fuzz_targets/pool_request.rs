@@ -1,13 +1,15 @@
-//! A pool daemon's side of its socket: the request lines a caller sends
-//! (`sandbox::pool::parse_request`, as `read_request` and `hand_out` use
-//! it), and the attach point a name in one becomes (`attach_point`): one
-//! plain component right under the clone's share, whatever the name.
+//! The request lines a pool daemon reads from a caller
+//! (`sandbox::pool::parse_request`) and a VM's supervisor reads from its
+//! front end (`sandbox::supervisor::parse_request`), and the attach point a
+//! name in one becomes (`attach_point`): one plain component right under
+//! the VM's share, whatever the name.
 #![no_main]
 
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
 use sandbox::pool::{attach_point, parse_request, Request};
+use sandbox::supervisor::{self, Request as VmRequest};
 
 const SHARE: &str = "/run/podvisor/pools/t/pool-t-1-1";
 
@@ -24,9 +26,14 @@ fn check(name: &str) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    match parse_request(data) {
-        Ok(Request::Attach { name }) | Ok(Request::Detach { name }) => check(&name),
-        Ok(Request::Take { .. }) | Err(_) => {}
+    if let Ok(Request::Take { nics }) = parse_request(data) {
+        let _ = nics;
+    }
+    match supervisor::parse_request(data) {
+        Ok((_, VmRequest::Attach { name, .. })) | Ok((_, VmRequest::Detach { name, .. })) => {
+            check(&name)
+        }
+        _ => {}
     }
     if let Ok(name) = std::str::from_utf8(data) {
         check(name);

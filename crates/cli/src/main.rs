@@ -145,6 +145,8 @@ fn canonical_root(root: &std::path::Path) -> PathBuf {
 }
 
 fn main() -> ExitCode {
+    // Run again as a VM's supervisor: serves it and never returns.
+    sandbox::supervisor::serve_if_asked();
     let mut cli = Cli::parse();
     cli.root = canonical_root(&cli.root);
     let log = logging::init(cli.log.as_deref(), &cli.log_format, cli.debug);

@@ -643,18 +643,6 @@ fn a_write_under_a_submount_of_a_read_only_bind_is_refused() {
     let _ = output(pv(&root).args(["delete", "--force", "ro"]));
 }
 
-/// A cgroup file of `leaf`: cgroup v2's `v2` when the unified hierarchy has
-/// the controllers, else `v1` in controller `ctl`'s hierarchy.
-fn cgroup_file(leaf: &str, v2: &str, ctl: &str, v1: &str) -> PathBuf {
-    let base = Path::new("/sys/fs/cgroup");
-    let unified = base.join(leaf).join(v2);
-    if unified.exists() {
-        unified
-    } else {
-        base.join(ctl).join(leaf).join(v1)
-    }
-}
-
 #[test]
 fn the_vm_goes_in_the_containers_cgroups_path_with_its_cpu_limit() {
     let root = StateRoot::new("hostile-cgroup");
@@ -664,24 +652,8 @@ fn the_vm_goes_in_the_containers_cgroups_path_with_its_cpu_limit() {
         c["linux"]["cgroupsPath"] = format!("/{leaf}").into();
         c["linux"]["resources"]["cpu"] = serde_json::json!({"quota": 50000, "period": 100000});
     });
-    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    // v1 (this workplace's hybrid host): the memory hierarchy; v2: "0::".
-    let v1 = cgroups.lines().any(|l| l.contains(":memory:"));
-    let inside = cgroups
-        .lines()
-        .filter(|l| match v1 {
-            true => l.contains(":memory:") || l.contains(":pids:"),
-            false => l.starts_with("0::"),
-        })
-        .all(|l| l.ends_with(&format!(":/{leaf}")));
-    assert!(inside, "QEMU is not in /{leaf}: {cgroups}");
-    let quota =
-        std::fs::read_to_string(cgroup_file(&leaf, "cpu.max", "cpu", "cpu.cfs_quota_us")).unwrap();
-    assert_eq!(
-        quota.split_whitespace().next(),
-        Some("50000"),
-        "half a CPU: {quota}"
-    );
+    test_utils::in_cgroup(pid, &leaf).unwrap();
+    assert_eq!(test_utils::cpu_quota(&leaf), Some(50000), "half a CPU");
     let _ = child.kill();
     let _ = child.wait();
     wait_processes_gone(&root);
@@ -689,10 +661,10 @@ fn the_vm_goes_in_the_containers_cgroups_path_with_its_cpu_limit() {
     // The leaf goes with the VM; the parent was made for it and stays, as
     // runc leaves it.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while cgroup_file(&leaf, "", "memory", "").exists() && Instant::now() < deadline {
+    while test_utils::cgroup_file(&leaf, "", "memory", "").exists() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
-    let left = cgroup_file(&leaf, "", "memory", "").exists();
+    let left = test_utils::cgroup_file(&leaf, "", "memory", "").exists();
     for ctl in ["", "memory", "pids", "cpu"] {
         let base = Path::new("/sys/fs/cgroup").join(ctl);
         let _ = std::fs::remove_dir(base.join(&leaf));

@@ -248,6 +248,57 @@ fn oci_run_takes_its_vm_from_the_pool() {
     assert!(o.status.success());
 }
 
+#[test]
+fn a_pooled_vm_takes_its_callers_cgroup_and_cpu_limit() {
+    let root = StateRoot::new("pool-cgroup");
+    let policy = "template = \"cg\"\n[[pool]]\ntemplate = \"cg\"\nsize = 1\n";
+    let (daemon, config) = serve(&root, "cg", "256", policy, "cg: 1 of 1 ready");
+    let parent = format!("podvisor-test-pool-{}", std::process::id());
+    let leaf = format!("{parent}/c1");
+    let bundle = test_utils::Bundle::new("pooled-cgroup", |c| {
+        c["process"]["args"] = serde_json::json!(["sleep", "60"]);
+        c["linux"]["cgroupsPath"] = format!("/{leaf}").into();
+        c["linux"]["resources"]["cpu"] = serde_json::json!({"quota": 50000, "period": 100000});
+    });
+    // The container's stdio is what `create` was given (as with runc).
+    let created = podvisor(&root)
+        .env("PODVISOR_CONFIG", &config)
+        .args(["create", "--bundle", bundle.path.to_str().unwrap(), "pcg"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(created.success(), "create failed");
+    wait_status(&root, &config, "1 handed out");
+    // The pooled VM's QEMU left the daemon's cgroup for the container's.
+    let procs = test_utils::cgroup_file(&leaf, "cgroup.procs", "memory", "cgroup.procs");
+    let pid = std::fs::read_to_string(&procs)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse::<u64>().ok())
+        .find(|p| qemu_alive(*p))
+        .unwrap_or_else(|| panic!("no QEMU in {}", procs.display()));
+    test_utils::in_cgroup(pid as u32, &leaf).unwrap();
+    assert_eq!(test_utils::cpu_quota(&leaf), Some(50000), "half a CPU");
+    let o = output(podvisor(&root).args(["delete", "--force", "pcg"]));
+    assert!(o.status.success(), "delete: {}", text(&o.stderr));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while test_utils::cgroup_file(&leaf, "", "memory", "").exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let left = test_utils::cgroup_file(&leaf, "", "memory", "").exists();
+    for ctl in ["", "memory", "pids", "cpu"] {
+        let base = std::path::Path::new("/sys/fs/cgroup").join(ctl);
+        let _ = std::fs::remove_dir(base.join(&leaf));
+        let _ = std::fs::remove_dir(base.join(&parent));
+    }
+    assert!(!left, "the VM's cgroup {leaf} outlived it");
+    stop(daemon);
+    let o = output(podvisor(&root).args(["template", "rm", "cg"]));
+    assert!(o.status.success());
+}
+
 /// Sends one line on the pool's socket and returns the answer.
 fn ask(conn: &mut std::os::unix::net::UnixStream, line: &str) -> String {
     use std::io::{BufRead, Write};
@@ -259,22 +310,30 @@ fn ask(conn: &mut std::os::unix::net::UnixStream, line: &str) -> String {
     answer
 }
 
+/// Whether process `pid` is a live QEMU.
+fn qemu_alive(pid: u64) -> bool {
+    std::fs::read_link(format!("/proc/{pid}/exe"))
+        .map(|e| e.to_string_lossy().contains("qemu"))
+        .unwrap_or(false)
+}
+
 #[test]
-fn pool_daemon_refuses_bad_requests() {
+fn pool_daemon_refuses_bad_requests_and_hands_over_vms_whole() {
     let root = StateRoot::new("pool-requests");
     let policy = "[[pool]]\ntemplate = \"q\"\nsize = 1\n";
     let (daemon, config) = serve(&root, "q", "128", policy, "q: 1 of 1 ready");
     let sock = root.path.join("pools/q.sock");
     let connect = || std::os::unix::net::UnixStream::connect(&sock).unwrap();
 
-    // Anything but a request for a clone first; garbage; a silent caller.
-    let mut c = connect();
-    assert!(ask(&mut c, r#"{"op":"attach","name":"x"}"#).contains("ask for a clone first"));
-    let mut c = connect();
-    std::io::Write::write_all(&mut c, b"not json\n").unwrap();
-    let mut rest = String::new();
-    let _ = std::io::Read::read_to_string(&mut c, &mut rest);
-    assert_eq!(rest, "", "garbage gets no answer, only a hang-up");
+    // Anything but a request for a clone (garbage, an unknown op) gets no
+    // answer, only a hang-up; a silent caller holds nothing up.
+    for line in [&b"not json\n"[..], b"{\"op\":\"attach\",\"name\":\"x\"}\n"] {
+        let mut c = connect();
+        std::io::Write::write_all(&mut c, line).unwrap();
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut c, &mut rest);
+        assert_eq!(rest, "", "{line:?} gets no answer, only a hang-up");
+    }
     let _silent = connect();
 
     // Tap devices the template has no NICs for: refused (the clone is
@@ -287,36 +346,79 @@ fn pool_daemon_refuses_bad_requests() {
     drop(c);
     wait_status(&root, &config, "q: 1 of 1 ready, 1 handed out");
 
-    // A clone taken: attach points must be plain names, and carry a tree.
-    let mut c = connect();
-    let taken = ask(&mut c, r#"{"op":"take","nics":0}"#);
-    assert!(taken.contains("agent_socket"), "{taken}");
-    for (line, want) in [
-        (r#"{"op":"attach","name":"../etc"}"#, "not a plain name"),
-        (r#"{"op":"attach","name":""}"#, "not a plain name"),
-        (r#"{"op":"attach","name":"ok"}"#, "no mount tree came"),
-        (r#"{"op":"detach","name":"a/b"}"#, "not a plain name"),
-        (r#"{"op":"take","nics":0}"#, "already holds a clone"),
-        (r#"{"op":"dance"}"#, "bad request"),
-    ] {
-        let answer = ask(&mut c, line);
-        assert!(answer.contains(want), "{line}: {answer}");
-    }
+    // A clone taken: the answer carries the VM's supervisor connection and
+    // its VMM's pidfd.
+    let c = connect();
+    sandbox::fdmsg::send(&c, br#"{"op":"take","nics":0}"#, &[]).unwrap();
+    let mut reader = sandbox::fdmsg::Reader::default();
+    let (answer, fds) = reader.recv(&c).unwrap().expect("an answer");
+    let answer: serde_json::Value = serde_json::from_slice(&answer).unwrap();
+    assert_eq!(fds.len(), 2, "{answer}");
+    let pid = answer["vmm_pid"].as_u64().unwrap();
+    let mut seq = answer["seq"].as_u64().unwrap();
     drop(c);
-    wait_status(&root, &config, "q: 1 of 1 ready, 2 handed out");
-    wait_sandboxes(&root, 1);
-    // A retired clone's share goes right after its VM.
-    let shares = || {
-        std::fs::read_dir(root.path.join("pools/q"))
+    let mut fds = fds.into_iter();
+    let vm = std::os::unix::net::UnixStream::from(fds.next().unwrap());
+    // The daemon's copy was non-blocking (one open file for both).
+    vm.set_nonblocking(false).unwrap();
+    vm.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut vm_reader = sandbox::fdmsg::Reader::default();
+    let mut ask_vm = |body: &str| {
+        seq += 1;
+        let line = format!(r#"{{"seq":{seq},{body}}}"#);
+        sandbox::fdmsg::send(&vm, line.as_bytes(), &[]).unwrap();
+        let (a, _) = vm_reader
+            .recv(&vm)
             .unwrap()
-            .count()
+            .expect("the supervisor answers");
+        String::from_utf8_lossy(&a).into_owned()
     };
+    // Its supervisor refuses bad requests and serves on.
+    for (body, want) in [
+        (
+            r#""op":"attach","tag":"rootfs","name":"../etc""#,
+            "not a plain name",
+        ),
+        (
+            r#""op":"attach","tag":"rootfs","name":"""#,
+            "not a plain name",
+        ),
+        (
+            r#""op":"attach","tag":"rootfs","name":"ok""#,
+            "no mount tree came",
+        ),
+        (
+            r#""op":"attach","tag":"host","name":"ok""#,
+            "the VM has no share",
+        ),
+        (
+            r#""op":"detach","tag":"rootfs","name":"a/b""#,
+            "not a plain name",
+        ),
+        (r#""op":"connect_tap","index":0"#, "no tap device came"),
+        (r#""op":"dance""#, "bad request"),
+        (r#""op":"status""#, r#""error":"""#),
+    ] {
+        let answer = ask_vm(body);
+        assert!(answer.contains(want), "{body}: {answer}");
+    }
+    // The daemon stops: the VM it handed over is ours and lives on.
+    stop(daemon);
+    assert!(qemu_alive(pid), "the handed-over VM died with its daemon");
+    assert!(ask_vm(r#""op":"status""#).contains(r#""exit":"""#));
+    // Hanging up ends it, its share and its state directory.
+    drop(vm);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while shares() != 1 {
-        assert!(Instant::now() < deadline, "a retired clone's share stayed");
+    while qemu_alive(pid) || !root.sandboxes().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the VM or its state stayed: {:?}",
+            root.sandboxes()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    stop(daemon);
+    let shares = test_utils::names_in(&root.path.join("pools/q"));
+    assert!(shares.is_empty(), "shares left: {shares:?}");
     let o = output(podvisor(&root).args(["template", "rm", "q"]));
     assert!(o.status.success());
 }

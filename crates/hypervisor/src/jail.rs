@@ -20,7 +20,7 @@ use seccompiler::{
 use crate::{Accel, HypervisorError, VmConfig};
 
 /// What the caller decides about the jail of one VM.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Jail {
     /// An empty directory, private to this VM: a small tmpfs is mounted on
     /// it in the VMM's namespace and becomes its root.
@@ -215,13 +215,39 @@ fn take_uid(dir: &Path, id: &str) -> Result<(u32, File), HypervisorError> {
 /// its uid under `podvisor/`; on cgroup v2 when its controllers are there,
 /// else on the v1 hierarchies. Returns the leaves (one per hierarchy) after
 /// writing the limits.
-fn make_cgroup(uid: u32, config: &VmConfig, jail: &Jail) -> Result<Vec<PathBuf>, HypervisorError> {
-    let memory = (config.memory_mib + memory_overhead_mib(config.accel)) << 20;
+/// The CFS quota (per `CPU_PERIOD_US`) of `jail`'s CPU limit, at most the
+/// VM's vCPUs.
+fn cpu_quota(config: &VmConfig, jail: &Jail) -> u64 {
     let millis = jail
         .cpu_millis
         .unwrap_or(config.vcpus as u64 * 1000)
         .clamp(10, config.vcpus as u64 * 1000);
-    let quota = millis * CPU_PERIOD_US / 1000;
+    millis * CPU_PERIOD_US / 1000
+}
+
+/// Sets `jail`'s CPU limit on a VM's cgroup leaves `dirs`.
+pub(crate) fn set_cpu_limit(
+    dirs: &[PathBuf],
+    config: &VmConfig,
+    jail: &Jail,
+) -> Result<(), HypervisorError> {
+    let quota = cpu_quota(config, jail);
+    for dir in dirs {
+        let (file, value) = match dir.join("cpu.max").exists() {
+            true => ("cpu.max", format!("{quota} {CPU_PERIOD_US}")),
+            false if dir.join("cpu.cfs_quota_us").exists() => {
+                ("cpu.cfs_quota_us", quota.to_string())
+            }
+            false => continue,
+        };
+        fs::write(dir.join(file), value).map_err(|e| io_err("writing", &dir.join(file), e))?;
+    }
+    Ok(())
+}
+
+fn make_cgroup(uid: u32, config: &VmConfig, jail: &Jail) -> Result<Vec<PathBuf>, HypervisorError> {
+    let memory = (config.memory_mib + memory_overhead_mib(config.accel)) << 20;
+    let quota = cpu_quota(config, jail);
     let write = |dir: &Path, file: &str, value: String| {
         fs::write(dir.join(file), value).map_err(|e| io_err("writing", &dir.join(file), e))
     };
@@ -328,6 +354,29 @@ fn shared_mount_point(dir: &Path) -> Result<(), HypervisorError> {
         }
     }
     Ok(())
+}
+
+/// Moves the running VMM `pid` (jailed as `uid`) into the cgroup `jail`
+/// names, with `jail`'s CPU limit, and removes the leaves it leaves
+/// (`old`): a pool's ready VM taken by a caller with a `cgroupsPath` of its
+/// own. Returns the new leaves.
+pub(crate) fn move_cgroup(
+    pid: u32,
+    uid: u32,
+    config: &VmConfig,
+    jail: &Jail,
+    old: &[PathBuf],
+) -> Result<Vec<PathBuf>, HypervisorError> {
+    let new = make_cgroup(uid, config, jail)?;
+    for dir in &new {
+        let procs = dir.join("cgroup.procs");
+        if let Err(e) = fs::write(&procs, pid.to_string()) {
+            remove_cgroups(&new);
+            return Err(io_err("moving the VMM into", &procs, e));
+        }
+    }
+    remove_cgroups(old);
+    Ok(new)
 }
 
 /// Removes a VM's cgroup leaves (once its VMM has exited).

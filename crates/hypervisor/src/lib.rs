@@ -36,7 +36,7 @@ pub enum HypervisorError {
 }
 
 /// A directory the guest mounts over virtio-9p under `tag`.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Share {
     pub tag: String,
     pub path: PathBuf,
@@ -45,7 +45,7 @@ pub struct Share {
 
 /// A network device backed by a tap device the caller made (in the network
 /// namespace the VMM runs in).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Nic {
     pub tap: String,
     /// The guest device's MAC address, "aa:bb:cc:dd:ee:ff".
@@ -56,7 +56,7 @@ pub struct Nic {
 }
 
 /// Where guest memory lives.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub enum MemoryBackend {
     /// Private anonymous memory.
     #[default]
@@ -66,7 +66,7 @@ pub enum MemoryBackend {
 }
 
 /// Everything a driver needs to launch one VM.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
     pub id: String,
     pub memory_mib: u64,

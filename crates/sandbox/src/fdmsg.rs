@@ -99,6 +99,38 @@ impl Reader {
         }
     }
 
+    /// The next message on a (possibly non-blocking) socket, waiting until
+    /// `deadline` at most; None at end of stream.
+    pub fn recv_until(
+        &mut self,
+        fd: RawFd,
+        deadline: std::time::Instant,
+    ) -> io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
+        loop {
+            if let Some(m) = self.take_line() {
+                return Ok(Some(m));
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "no answer in time"));
+            }
+            let mut p = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+            // SAFETY: one pollfd that lives for the call.
+            unsafe { libc::poll(&mut p, 1, ms) };
+            match self.fill(fd) {
+                Ok(true) => {}
+                Ok(false) => return Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// The next message on a tokio socket; None at end of stream.
     pub async fn recv_async(
         &mut self,
@@ -118,6 +150,22 @@ impl Reader {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return Err(e),
             }
+        }
+    }
+}
+
+/// Sends one line with `fds` on a tokio socket (small messages: a line the
+/// socket cannot take whole is not resumed).
+pub async fn send_async_with(
+    sock: &tokio::net::UnixStream,
+    line: &[u8],
+    fds: &[RawFd],
+) -> io::Result<()> {
+    loop {
+        sock.writable().await?;
+        match sock.try_io(tokio::io::Interest::WRITABLE, || send(sock, line, fds)) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            done => return done,
         }
     }
 }

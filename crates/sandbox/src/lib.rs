@@ -13,6 +13,7 @@ pub mod proxy;
 mod sandbox;
 pub mod share;
 pub mod state;
+pub mod supervisor;
 pub mod template;
 
 pub use sandbox::{Sandbox, SandboxConfig, Timings};

@@ -5,13 +5,16 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use agent_proto::Empty;
-use hypervisor::qemu::{tail, QemuDriver, QemuVm};
-use hypervisor::{Accel, Hypervisor, MemoryBackend, Share, VirtualMachine, VmConfig};
+use std::os::fd::AsRawFd;
+
+use hypervisor::qemu::{tail, QemuDriver};
+use hypervisor::{Accel, MemoryBackend, Share, VmConfig};
 
 use crate::agent::{self, AgentClient, AgentError};
 use crate::assets::GuestAssets;
 use crate::state::StateDir;
-use crate::template::Template;
+use crate::supervisor::{Handover, Request, Supervisor};
+use crate::template::{Template, ROOTFS_TAG};
 use crate::SandboxError;
 
 pub const MIN_MEMORY_MIB: u64 = 64;
@@ -63,38 +66,28 @@ pub struct Sandbox {
     pub agent: AgentClient,
     pub timings: Timings,
     pub kernel_release: String,
-    vmm: Vmm,
+    /// The VM's supervisor (QEMU's parent), ours for as long as we hold it.
+    vm: Supervisor,
+    /// Our state directory (a pooled VM's comes with `adopt`).
+    dir: Option<StateDir>,
+    agent_socket: PathBuf,
+    hangup: agent::HangUp,
+    nics: usize,
+    /// The VM's share is in its supervisor's mount namespace, not ours (a
+    /// VM a pool made): `attach` fills it.
+    remote_share: bool,
 }
 
-/// A VM a pool daemon handed over: it stays the daemon's until `conn` closes.
+/// A VM a pool hands over: its supervisor's connection, and who it is.
 pub(crate) struct PooledVm {
     pub id: String,
     pub template: String,
     pub accel: Accel,
     pub kernel_release: String,
-    pub conn: PoolConn,
-    pub pid: u32,
-}
-
-/// The connection to the pool daemon that owns a VM, and its reader.
-pub(crate) type PoolConn = std::sync::Mutex<(std::os::unix::net::UnixStream, crate::fdmsg::Reader)>;
-
-/// Who owns the VM: this process, or a pool daemon that handed it over and
-/// tears it down when the connection we hold closes.
-enum Vmm {
-    Owned {
-        vm: QemuVm,
-        dir: StateDir,
-        hangup: agent::HangUp,
-        nics: usize,
-    },
-    Pooled {
-        conn: PoolConn,
-        pid: u32,
-        /// A state directory of the caller's, for its sockets (no VMM pid:
-        /// the VMM is the daemon's).
-        dir: Option<StateDir>,
-    },
+    pub supervisor: Handover,
+    pub agent_socket: PathBuf,
+    pub hangup: agent::HangUp,
+    pub nics: usize,
 }
 
 /// Total host memory in MiB, from /proc/meminfo.
@@ -208,13 +201,18 @@ pub fn jail_enabled() -> bool {
 }
 
 struct Launched {
-    vm: QemuVm,
+    vm: Supervisor,
     client: AgentClient,
     hangup: agent::HangUp,
     version: agent_proto::VersionResponse,
     vmm_ready: Duration,
     agent_ready: Duration,
 }
+
+/// How long loading a template's state may take.
+const RESTORE_WAIT: Duration = Duration::from_secs(70);
+/// How long pausing, resuming or joining a tap may take.
+const VMM_WAIT: Duration = Duration::from_secs(10);
 
 pub(crate) fn host_entropy() -> Vec<u8> {
     let mut b = vec![0u8; 64];
@@ -225,12 +223,13 @@ pub(crate) fn host_entropy() -> Vec<u8> {
 }
 
 /// Boots (or, with a template, restores) the VM and handshakes with its
-/// agent. On failure nothing of the VM is left running.
+/// agent. On failure nothing of the VM is left running. `cleanup` are
+/// directories its supervisor removes once the VM is gone.
 async fn launch(
-    driver: &QemuDriver,
     config: &SandboxConfig,
     dir: &StateDir,
     template: Option<&Template>,
+    cleanup: Vec<PathBuf>,
 ) -> Result<Launched, SandboxError> {
     let mut vmc = vm_config(config, dir);
     if let Some(t) = template {
@@ -253,11 +252,12 @@ async fn launch(
         vmc.nic_hubs = t.meta.nic_hubs;
     }
     let t0 = Instant::now();
-    let mut vm = driver.launch(&vmc).await?;
-    dir.record_vmm_pid(vm.pid());
+    let vm = Supervisor::launch(&vmc, Some(dir.lock())).await?;
+    dir.record_vmm_pid(vm.pid);
     let ready = async {
         if let Some(t) = template {
-            vm.restore(&t.state()).await.map_err(|e| {
+            let restore = Request::Restore { state: t.state() };
+            vm.ask(&restore, &[], RESTORE_WAIT).await.map_err(|e| {
                 SandboxError::Invalid(format!("{e}: {}", tail(&vmc.vmm_log, 3).replace('\n', " ")))
             })?;
         }
@@ -265,7 +265,7 @@ async fn launch(
         let (channel, hangup) = agent::channel_with_hangup(&vmc.agent_socket)?;
         let mut client = AgentClient::new(channel).max_decoding_message_size(16 << 20);
         let version =
-            wait_for_agent(&mut vm, &mut client, config.boot_timeout, &vmc.console_log).await?;
+            wait_for_agent(&vm, &mut client, config.boot_timeout, &vmc.console_log).await?;
         if template.is_some() {
             client
                 .set_identity(agent_proto::IdentityRequest {
@@ -274,6 +274,10 @@ async fn launch(
                 })
                 .await
                 .map_err(AgentError::from)?;
+        }
+        if !cleanup.is_empty() {
+            let request = Request::CleanUp { dirs: cleanup };
+            vm.ask(&request, &[], VMM_WAIT).await?;
         }
         Ok::<_, SandboxError>((client, version, vmm_ready, hangup))
     }
@@ -288,7 +292,7 @@ async fn launch(
             agent_ready: t0.elapsed(),
         }),
         Err(e) => {
-            vm.stop(Duration::from_secs(1)).await;
+            vm.finish(Duration::from_secs(1)).await;
             Err(e)
         }
     }
@@ -296,13 +300,31 @@ async fn launch(
 
 impl Sandbox {
     pub async fn start(config: SandboxConfig) -> Result<Sandbox, SandboxError> {
+        Self::start_with_cleanup(config, Vec::new()).await
+    }
+
+    /// `start`, with directories the VM's supervisor removes once the VM is
+    /// gone (with its state directory), whoever holds the VM then: for VMs
+    /// that are handed over.
+    pub(crate) async fn start_handed_over(
+        config: SandboxConfig,
+        mut cleanup: Vec<PathBuf>,
+    ) -> Result<Sandbox, SandboxError> {
+        cleanup.push(crate::state::sandbox_dir(&config.root, &config.id));
+        Self::start_with_cleanup(config, cleanup).await
+    }
+
+    async fn start_with_cleanup(
+        config: SandboxConfig,
+        cleanup: Vec<PathBuf>,
+    ) -> Result<Sandbox, SandboxError> {
         config.validate()?;
-        let driver = QemuDriver::locate()?;
+        QemuDriver::locate()?;
         let dir = StateDir::create(&config.root, &config.id)?;
         let mut fallback = None;
         let mut launched = None;
         if let Some(t) = &config.template {
-            match launch(&driver, &config, &dir, Some(t)).await {
+            match launch(&config, &dir, Some(t), cleanup.clone()).await {
                 Ok(l) => launched = Some(l),
                 Err(e) => {
                     tracing::warn!(sandbox = %config.id, template = %t.meta.name, "clone failed, booting cold: {e}");
@@ -322,7 +344,7 @@ impl Sandbox {
             .map(|t| t.meta.name.clone());
         let l = match launched {
             Some(l) => l,
-            None => match launch(&driver, &config, &dir, None).await {
+            None => match launch(&config, &dir, None, cleanup).await {
                 Ok(l) => l,
                 Err(e) => {
                     dir.remove();
@@ -344,18 +366,22 @@ impl Sandbox {
             agent: l.client,
             timings,
             kernel_release: l.version.kernel_release,
-            vmm: Vmm::Owned {
-                vm: l.vm,
-                dir,
-                hangup: l.hangup,
-                nics: config.nics.len(),
-            },
+            vm: l.vm,
+            agent_socket: dir.vm_file("agent.sock"),
+            dir: Some(dir),
+            hangup: l.hangup,
+            nics: config.nics.len(),
+            remote_share: false,
         })
     }
 
-    /// A sandbox whose VM a pool daemon owns (see `pool::take`).
-    pub(crate) fn pooled(vm: PooledVm, agent: AgentClient, timings: Timings) -> Sandbox {
-        Sandbox {
+    /// A sandbox whose VM a pool made and handed over (see `pool::take`).
+    pub(crate) fn pooled(
+        vm: PooledVm,
+        agent: AgentClient,
+        timings: Timings,
+    ) -> Result<Sandbox, SandboxError> {
+        Ok(Sandbox {
             id: vm.id,
             cloned_from: Some(vm.template),
             fallback: None,
@@ -363,31 +389,57 @@ impl Sandbox {
             agent,
             timings,
             kernel_release: vm.kernel_release,
-            vmm: Vmm::Pooled {
-                conn: vm.conn,
-                pid: vm.pid,
-                dir: None,
-            },
-        }
+            vm: Supervisor::adopt(vm.supervisor)?,
+            dir: None,
+            agent_socket: vm.agent_socket,
+            hangup: vm.hangup,
+            nics: vm.nics,
+            remote_share: true,
+        })
+    }
+
+    /// Our state directory.
+    pub(crate) fn state_dir(&self) -> Option<&std::path::Path> {
+        self.dir.as_ref().map(|d| d.path.as_path())
+    }
+
+    /// Gives the VM up to another process: its supervisor's connection, to
+    /// send on. This process's hold ends without stopping the VM; its state
+    /// directory stays for the supervisor to remove.
+    pub(crate) fn hand_over(self) -> Result<Handover, SandboxError> {
+        self.vm.hand_over()
+    }
+
+    /// Puts a pooled VM in the caller's cgroup (`cgroup`, else its own) with
+    /// the caller's CPU limit: what it would have had if the caller had
+    /// booted it.
+    pub(crate) async fn limit(
+        &self,
+        cgroup: Option<String>,
+        cpu_millis: Option<u64>,
+    ) -> Result<(), SandboxError> {
+        let request = Request::Cgroup { cgroup, cpu_millis };
+        self.vm.ask(&request, &[], VMM_WAIT).await.map(drop)
     }
 
     /// Names a pooled sandbox `id` and gives it a state directory of ours.
     pub(crate) fn adopt(&mut self, root: &std::path::Path, id: &str) -> Result<(), SandboxError> {
-        if let Vmm::Pooled { dir, .. } = &mut self.vmm {
-            *dir = Some(StateDir::create(root, id)?);
+        if self.remote_share && self.dir.is_none() {
+            self.dir = Some(StateDir::create(root, id)?);
             self.id = id.into();
         }
         Ok(())
     }
 
-    /// Whether a pool daemon owns this sandbox's VM.
+    /// Whether the VM came from a pool: its share is not a directory of
+    /// ours, and `attach` fills it.
     pub fn is_pooled(&self) -> bool {
-        matches!(self.vmm, Vmm::Pooled { .. })
+        self.remote_share
     }
 
     /// Makes directory `dir` of this process's mount namespace, with what
     /// is mounted below it, appear at `name` in a pooled VM's root share
-    /// (its daemon mounts a copy of the tree). A VM of our own shares a
+    /// (its supervisor mounts a copy of the tree). A VM of our own shares a
     /// directory of ours: its caller fills that directly.
     pub fn attach(
         &self,
@@ -395,28 +447,42 @@ impl Sandbox {
         name: &str,
         readonly: bool,
     ) -> Result<(), SandboxError> {
-        match &self.vmm {
-            Vmm::Pooled { conn, .. } => crate::pool::attach_remote(conn, dir, name, readonly),
-            Vmm::Owned { .. } => Err(SandboxError::Invalid(
+        if !self.remote_share {
+            return Err(SandboxError::Invalid(
                 "attach: this VM shares its caller's own directory".into(),
-            )),
+            ));
         }
+        let tree = crate::pool::open_tree(dir, readonly)?;
+        let request = Request::Attach {
+            tag: ROOTFS_TAG.into(),
+            name: name.into(),
+        };
+        self.vm
+            .ask_blocking(&request, &[tree.as_raw_fd()], VMM_WAIT)
+            .map(drop)
+            .map_err(|e| {
+                SandboxError::Invalid(format!("attaching {} to the pooled VM: {e}", dir.display()))
+            })
     }
 
     /// Undoes `attach`.
     pub fn detach(&self, name: &str) -> Result<(), SandboxError> {
-        match &self.vmm {
-            Vmm::Pooled { conn, .. } => crate::pool::detach_remote(conn, name),
-            Vmm::Owned { .. } => Ok(()),
+        if !self.remote_share {
+            return Ok(());
         }
+        let request = Request::Detach {
+            tag: ROOTFS_TAG.into(),
+            name: name.into(),
+        };
+        self.vm
+            .ask_blocking(&request, &[], VMM_WAIT)
+            .map(drop)
+            .map_err(|e| SandboxError::Invalid(format!("detaching {name} from the pooled VM: {e}")))
     }
 
-    /// How many NICs the VM has (known for VMs of our own).
+    /// How many NICs the VM has.
     pub(crate) fn nics(&self) -> usize {
-        match &self.vmm {
-            Vmm::Owned { nics, .. } => *nics,
-            Vmm::Pooled { .. } => 0,
-        }
+        self.nics
     }
 
     /// Joins tap device `fd` to NIC `index` of a clone started without one.
@@ -425,102 +491,69 @@ impl Sandbox {
         index: usize,
         fd: std::os::fd::BorrowedFd<'_>,
     ) -> Result<(), SandboxError> {
-        match &mut self.vmm {
-            Vmm::Owned { vm, .. } => Ok(vm.connect_tap(index, fd).await?),
-            Vmm::Pooled { .. } => Err(SandboxError::Invalid("a pooled VM is its daemon's".into())),
-        }
+        let request = Request::ConnectTap { index };
+        self.vm
+            .ask(&request, &[fd.as_raw_fd()], VMM_WAIT)
+            .await
+            .map(drop)
     }
 
     /// The VMM's host pid.
     pub fn vmm_pid(&self) -> u32 {
-        match &self.vmm {
-            Vmm::Owned { vm, .. } => vm.pid(),
-            Vmm::Pooled { pid, .. } => *pid,
-        }
+        self.vm.pid
     }
 
-    /// Powers the guest off and removes every trace of the sandbox. A pooled
-    /// one goes back to its daemon, which tears it down.
+    /// Powers the guest off and removes every trace of the sandbox.
     pub async fn destroy(self) {
-        let (mut vm, dir) = match self.vmm {
-            Vmm::Owned { vm, dir, .. } => (vm, dir),
-            Vmm::Pooled { dir, conn, .. } => {
-                // Hanging up hands the VM back: its daemon tears it down.
-                drop(conn);
-                if let Some(dir) = dir {
-                    dir.remove();
-                }
-                return;
-            }
-        };
         let mut agent = self.agent;
-        if vm.try_exit().is_none() {
+        if !self.vm.exited() {
             let _ =
                 tokio::time::timeout(Duration::from_millis(500), agent.shutdown(Empty {})).await;
-            let deadline = Instant::now() + Duration::from_millis(500);
-            while vm.try_exit().is_none() && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            self.vm.wait_exit(Duration::from_millis(500)).await;
         }
-        vm.stop(Duration::from_secs(2)).await;
-        dir.remove();
+        self.vm.finish(Duration::from_secs(2)).await;
+        if let Some(dir) = self.dir {
+            dir.remove();
+        }
     }
 
     /// Why the VM is gone, if it is: exit status and the console's last lines.
     pub fn vm_exit(&mut self) -> Option<String> {
-        let (vm, dir) = match &mut self.vmm {
-            Vmm::Owned { vm, dir, .. } => (vm, dir),
-            // The daemon's child: gone, or a zombie it has not reaped yet.
-            Vmm::Pooled { pid, .. } => {
-                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-                let state = stat.rsplit_once(") ").and_then(|(_, r)| r.chars().next());
-                return match state {
-                    Some('Z' | 'X') | None => Some(format!(
-                        "VM exited (process {pid} of its pool daemon is gone)"
-                    )),
-                    Some(_) => None,
-                };
-            }
+        if !self.vm.exited() {
+            return None;
+        }
+        let status = self
+            .vm
+            .ask_blocking(&Request::Status, &[], Duration::from_secs(1))
+            .map(|r| r.exit)
+            .unwrap_or_else(|_| format!("process {} is gone", self.vm.pid));
+        let console = match &self.dir {
+            Some(dir) if !self.remote_share => tail(&dir.file("console.log"), 5),
+            _ => String::from("(in its pool's directory)"),
         };
-        let status = vm.try_exit()?;
-        Some(format!(
-            "VM exited ({status}); console: {}",
-            tail(&dir.file("console.log"), 5)
-        ))
+        Some(format!("VM exited ({status}); console: {console}"))
     }
 
     /// Stops the guest's vCPUs (a pool keeps its ready clones paused).
     pub async fn pause(&mut self) -> Result<(), SandboxError> {
-        match &mut self.vmm {
-            Vmm::Owned { vm, .. } => Ok(vm.pause().await?),
-            Vmm::Pooled { .. } => Err(SandboxError::Invalid("a pooled VM is its daemon's".into())),
-        }
+        self.vm.ask(&Request::Pause, &[], VMM_WAIT).await.map(drop)
     }
 
     pub async fn resume(&mut self) -> Result<(), SandboxError> {
-        match &mut self.vmm {
-            Vmm::Owned { vm, .. } => Ok(vm.resume().await?),
-            Vmm::Pooled { .. } => Err(SandboxError::Invalid("a pooled VM is its daemon's".into())),
-        }
+        self.vm.ask(&Request::Resume, &[], VMM_WAIT).await.map(drop)
     }
 
     /// The VM's agent socket (for a new session after this one hangs up).
     pub fn agent_socket(&self) -> Option<PathBuf> {
-        match &self.vmm {
-            Vmm::Owned { dir, .. } => Some(dir.vm_file("agent.sock")),
-            Vmm::Pooled { .. } => None,
-        }
+        Some(self.agent_socket.clone())
     }
 
     /// Closes this host's agent session now, so that another process can
     /// open its own; later calls here open a fresh one.
     pub fn hang_up_agent(&mut self) -> Result<(), SandboxError> {
-        let Vmm::Owned { dir, hangup, .. } = &mut self.vmm else {
-            return Ok(());
-        };
-        hangup.now();
-        let (channel, fresh) = agent::channel_with_hangup(&dir.vm_file("agent.sock"))?;
-        *hangup = fresh;
+        self.hangup.now();
+        let (channel, fresh) = agent::channel_with_hangup(&self.agent_socket)?;
+        self.hangup = fresh;
         self.agent = AgentClient::new(channel).max_decoding_message_size(16 << 20);
         Ok(())
     }
@@ -529,7 +562,7 @@ impl Sandbox {
 /// Handshakes with the agent, failing early if the VM dies (a kernel panic
 /// reboots and so exits QEMU) and late if nothing answers.
 pub(crate) async fn wait_for_agent(
-    vm: &mut QemuVm,
+    vm: &Supervisor,
     client: &mut AgentClient,
     timeout: Duration,
     console: &std::path::Path,
@@ -537,7 +570,12 @@ pub(crate) async fn wait_for_agent(
     let handshake = agent::handshake(client);
     tokio::pin!(handshake);
     let deadline = tokio::time::Instant::now() + timeout;
-    let exited = |status: std::process::ExitStatus| {
+    let exited = || async {
+        let status = vm
+            .ask(&Request::Status, &[], Duration::from_secs(1))
+            .await
+            .map(|r| r.exit)
+            .unwrap_or_default();
         SandboxError::Invalid(format!(
             "VM exited before its agent answered ({status}); guest console:\n{}",
             tail(console, 8)
@@ -548,18 +586,15 @@ pub(crate) async fn wait_for_agent(
             r = &mut handshake => {
                 let Err(e) = r else { return r.map_err(SandboxError::from) };
                 // A broken channel usually means the VM died: say that instead.
-                for _ in 0..100 {
-                    if let Some(status) = vm.try_exit() {
-                        return Err(exited(status));
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
+                if vm.wait_exit(Duration::from_secs(1)).await {
+                    return Err(exited().await);
                 }
                 return Err(e.into());
             }
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
         }
-        if let Some(status) = vm.try_exit() {
-            return Err(exited(status));
+        if vm.exited() {
+            return Err(exited().await);
         }
         if tokio::time::Instant::now() >= deadline {
             return Err(SandboxError::Invalid(format!(

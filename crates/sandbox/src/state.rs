@@ -28,6 +28,9 @@ pub enum StateError {
 pub const DEFAULT_ROOT: &str = "/run/podvisor";
 const LOCK: &str = "lock";
 const VMM_PID: &str = "vmm.pid";
+/// The pid of the process the directory is for (its creator, or the
+/// process a pool handed the VM to).
+const OWNER: &str = "owner";
 const VM: &str = "vm";
 const JAIL: &str = "jail";
 
@@ -88,6 +91,7 @@ impl StateDir {
             path: staging.clone(),
             source,
         })?;
+        let _ = fs::write(staging.join(OWNER), std::process::id().to_string());
         // The VMM's sockets, and the empty directory its jail is built on.
         for sub in [VM, JAIL] {
             if let Err(source) = fs::create_dir(staging.join(sub)) {
@@ -143,6 +147,12 @@ impl StateDir {
         self.path.join(VM).join(name)
     }
 
+    /// The lock file: whoever holds a copy keeps the directory from being
+    /// collected.
+    pub(crate) fn lock(&self) -> &File {
+        &self._lock
+    }
+
     pub fn record_vmm_pid(&self, pid: u32) {
         let _ = fs::write(self.file(VMM_PID), pid.to_string());
     }
@@ -150,6 +160,49 @@ impl StateDir {
     pub fn remove(self) {
         let _ = fs::remove_dir_all(&self.path);
     }
+}
+
+/// Records process `pid` as the owner of sandbox directory `dir` (a VM
+/// handed to it).
+pub fn record_owner(dir: &Path, pid: u32) {
+    let _ = fs::write(dir.join(OWNER), pid.to_string());
+}
+
+/// Whether the directory's owner is gone (or never said who it was).
+fn owner_gone(dir: &Path) -> bool {
+    let Some(pid) = fs::read_to_string(dir.join(OWNER))
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+    else {
+        return true;
+    };
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = stat.rsplit_once(") ").and_then(|(_, r)| r.chars().next());
+    matches!(state, None | Some('Z' | 'X'))
+}
+
+/// Takes the lock of a directory whose owner died and whose VM's
+/// supervisor is still cleaning up (it lets go once the VMM is gone).
+fn lock_after_owner(dir: &Path, lock: &File) -> bool {
+    if !owner_gone(dir) {
+        return false;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while std::time::Instant::now() < deadline {
+        if matches!(try_lock(lock), Ok(true)) {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    false
+}
+
+/// Whether the directory of sandbox `id` is held (its owner, or its VM's
+/// supervisor, lives).
+pub fn is_held(root: &Path, id: &str) -> bool {
+    File::open(sandbox_dir(root, id).join(LOCK))
+        .map(|f| !matches!(try_lock(&f), Ok(true)))
+        .unwrap_or(false)
 }
 
 /// Whether process `pid` is a VMM started for the sandbox directory `dir`
@@ -190,7 +243,7 @@ pub fn collect_garbage(root: &Path) -> Vec<String> {
             }
             continue;
         };
-        if !matches!(try_lock(&lock), Ok(true)) {
+        if !matches!(try_lock(&lock), Ok(true)) && !lock_after_owner(&dir, &lock) {
             continue;
         }
         if let Some(pid) = fs::read_to_string(dir.join(VMM_PID))

@@ -9,12 +9,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hypervisor::qemu::QemuDriver;
-use hypervisor::{Accel, Hypervisor, MemoryBackend, Share, VirtualMachine};
+use hypervisor::{Accel, MemoryBackend, Share};
 use serde::{Deserialize, Serialize};
 
 use crate::assets::GuestAssets;
 use crate::sandbox::{vm_config, wait_for_agent, SandboxConfig};
 use crate::state::StateDir;
+use crate::supervisor::{Request, Supervisor};
 use crate::SandboxError;
 
 const META: &str = "template.json";
@@ -22,6 +23,9 @@ const MEMORY: &str = "memory";
 const STATE: &str = "state";
 /// The share clones mount their root from; empty in the template itself.
 pub const ROOTFS_TAG: &str = "rootfs";
+
+/// How long saving a template's VM may take.
+const SAVE_WAIT: Duration = Duration::from_secs(70);
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct TemplateMeta {
@@ -130,7 +134,7 @@ impl Template {
     ) -> Result<TemplateMeta, SandboxError> {
         let share = dir.join("share");
         fs::create_dir(&share).map_err(io_err("creating the template share".into()))?;
-        let driver = QemuDriver::locate()?;
+        QemuDriver::locate()?;
         // The template's own VM lives in a sandbox state dir like any other,
         // so a killed `template create` is cleaned up the same way.
         let state_dir = StateDir::create(&config.root, &format!("template-{name}"))?;
@@ -146,20 +150,23 @@ impl Template {
         };
         vmc.nic_hubs = true;
         let result = async {
-            let mut vm = driver.launch(&vmc).await?;
-            state_dir.record_vmm_pid(vm.pid());
+            let vm = Supervisor::launch(&vmc, Some(state_dir.lock())).await?;
+            state_dir.record_vmm_pid(vm.pid);
             let saved = async {
                 let channel = crate::agent::channel(&vmc.agent_socket)?;
                 let mut client = crate::agent::AgentClient::new(channel);
-                wait_for_agent(&mut vm, &mut client, config.boot_timeout, &vmc.console_log).await?;
+                wait_for_agent(&vm, &mut client, config.boot_timeout, &vmc.console_log).await?;
                 // Hang up. The guest may not see it before the save; each
                 // clone's host starts a fresh session (SESSION_MAGIC) anyway.
                 drop(client);
-                vm.save(&dir.join(STATE)).await?;
+                let save = Request::Save {
+                    state: dir.join(STATE),
+                };
+                vm.ask(&save, &[], SAVE_WAIT).await?;
                 Ok::<_, SandboxError>(())
             }
             .await;
-            vm.stop(Duration::from_secs(2)).await;
+            vm.finish(Duration::from_secs(2)).await;
             saved
         }
         .await;

@@ -44,6 +44,8 @@ fn action(args: &[String]) -> &str {
 }
 
 fn main() {
+    // Run again as a VM's supervisor: serves it and never returns.
+    sandbox::supervisor::serve_if_asked();
     let args: Vec<String> = std::env::args().collect();
     let serving = action(&args).is_empty() && args.iter().any(|a| a.ends_with("socket"));
     if serving {

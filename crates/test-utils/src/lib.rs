@@ -101,6 +101,42 @@ pub fn names_in(dir: &Path) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Cgroup file `v2` of `leaf` on a unified host, else file `v1` of `leaf`
+/// in controller `ctl`'s hierarchy (v1 or hybrid hosts).
+pub fn cgroup_file(leaf: &str, v2: &str, ctl: &str, v1: &str) -> PathBuf {
+    let base = Path::new("/sys/fs/cgroup");
+    let unified = base.join(leaf).join(v2);
+    if unified.exists() {
+        unified
+    } else {
+        base.join(ctl).join(leaf).join(v1)
+    }
+}
+
+/// Whether process `pid` is in cgroup `/leaf`: in the memory and pids
+/// hierarchies on v1, in the unified one on v2.
+pub fn in_cgroup(pid: u32, leaf: &str) -> Result<(), String> {
+    let cgroups = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let v1 = cgroups.lines().any(|l| l.contains(":memory:"));
+    let inside = cgroups
+        .lines()
+        .filter(|l| match v1 {
+            true => l.contains(":memory:") || l.contains(":pids:"),
+            false => l.starts_with("0::"),
+        })
+        .all(|l| l.ends_with(&format!(":/{leaf}")));
+    match inside && !cgroups.is_empty() {
+        true => Ok(()),
+        false => Err(format!("process {pid} is not in /{leaf}: {cgroups}")),
+    }
+}
+
+/// The CFS quota of cgroup `leaf` (µs per 100 ms period).
+pub fn cpu_quota(leaf: &str) -> Option<u64> {
+    let text = fs::read_to_string(cgroup_file(leaf, "cpu.max", "cpu", "cpu.cfs_quota_us")).ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
 /// The first QEMU whose command line mentions `needle`.
 pub fn qemu_mentioning(needle: &str) -> Option<u32> {
     processes_mentioning(needle).into_iter().find(|p| {

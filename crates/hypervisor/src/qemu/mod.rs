@@ -17,7 +17,7 @@ pub use cmdline::{args, kernel_cmdline, valid_kernel_arg};
 pub use console::tail;
 use qmp::Qmp;
 
-use crate::jail::{self, Paths, Plan};
+use crate::jail::{self, Jail, Paths, Plan};
 use crate::{Hypervisor, HypervisorError, VirtualMachine, VmConfig};
 
 const BINARY: &str = "qemu-system-x86_64";
@@ -180,21 +180,29 @@ impl Hypervisor for QemuDriver {
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
         tracing::debug!(vm = %config.id, pid = child.id(), jailed = plan.is_some(), "qemu started");
-        Ok(QemuVm { child, qmp, plan })
+        let cgroups = plan.as_ref().map(|p| p.cgroups.clone()).unwrap_or_default();
+        Ok(QemuVm {
+            child,
+            qmp,
+            plan,
+            cgroups,
+        })
     }
 }
 
 pub struct QemuVm {
     child: Child,
     qmp: Qmp,
-    /// The jail's uid lock and cgroups, held while the VMM lives.
+    /// The jail's uid lock, held while the VMM lives.
     plan: Option<Arc<Plan>>,
+    /// The VMM's cgroup leaves, removed once it has exited.
+    cgroups: Vec<PathBuf>,
 }
 
 impl Drop for QemuVm {
     fn drop(&mut self) {
-        if let (Some(p), Ok(Some(_))) = (&self.plan, self.child.try_wait()) {
-            jail::remove_cgroups(&p.cgroups);
+        if let Ok(Some(_)) = self.child.try_wait() {
+            jail::remove_cgroups(&self.cgroups);
         }
     }
 }
@@ -204,6 +212,42 @@ const MIGRATION_WAIT: Duration = Duration::from_secs(60);
 impl QemuVm {
     pub async fn status(&mut self) -> Result<String, HypervisorError> {
         self.qmp.status().await
+    }
+
+    /// Moves the jailed VMM into cgroup `cgroup` (relative to each
+    /// hierarchy's root; `None`: its own `podvisor/vm-<uid>`) with CPU limit
+    /// `cpu_millis`. `config` is the one it was launched with. An unjailed
+    /// VMM has no cgroup of its own: nothing to do.
+    pub fn move_cgroup(
+        &mut self,
+        config: &VmConfig,
+        cgroup: Option<String>,
+        cpu_millis: Option<u64>,
+    ) -> Result<(), HypervisorError> {
+        let (Some(plan), Some(jail)) = (&self.plan, &config.jail) else {
+            return Ok(());
+        };
+        let jail = Jail {
+            cgroup,
+            cpu_millis,
+            ..jail.clone()
+        };
+        let old = std::mem::take(&mut self.cgroups);
+        let moved = match jail.cgroup.is_some() {
+            true => jail::move_cgroup(self.child.id(), plan.uid, config, &jail, &old),
+            // Its own leaf stays: only its CPU limit changes.
+            false => jail::set_cpu_limit(&old, config, &jail).map(|()| old.clone()),
+        };
+        match moved {
+            Ok(new) => {
+                self.cgroups = new;
+                Ok(())
+            }
+            Err(e) => {
+                self.cgroups = old;
+                Err(e)
+            }
+        }
     }
 
     /// The uid the VMM runs as in its jail.

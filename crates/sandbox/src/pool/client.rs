@@ -1,24 +1,6 @@
-//! The caller's side: taking a ready clone, attaching trees to it.
+//! The caller's side: taking a ready clone, whole.
 
 use super::*;
-
-/// Asks `conn` one thing and reads the answer (blocking, bounded by the
-/// socket's read timeout).
-pub(crate) fn ask(
-    conn: &std::os::unix::net::UnixStream,
-    reader: &mut fdmsg::Reader,
-    request: &Request,
-    fds: &[RawFd],
-) -> Result<Reply, SandboxError> {
-    let io = |e: std::io::Error| SandboxError::Invalid(format!("asking the pool: {e}"));
-    let line = serde_json::to_vec(request).unwrap_or_default();
-    fdmsg::send(conn, &line, fds).map_err(io)?;
-    let (answer, _) = reader
-        .recv(conn)
-        .map_err(io)?
-        .ok_or_else(|| SandboxError::Invalid("the pool daemon hung up".into()))?;
-    parse_reply(&answer)
-}
 
 /// Takes a ready clone from template `template`'s pool, its NICs joined to
 /// `taps` (tap devices of this process's network namespace, one per NIC of
@@ -42,17 +24,38 @@ pub async fn take(
     conn.set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| SandboxError::Invalid(format!("asking the pool: {e}")))?;
     let mut reader = fdmsg::Reader::default();
+    let io = |e: std::io::Error| SandboxError::Invalid(format!("asking the pool: {e}"));
     let request = Request::Take { nics: taps.len() };
-    let reply = ask(&conn, &mut reader, &request, taps)?;
+    let line = serde_json::to_vec(&request).unwrap_or_default();
+    fdmsg::send(&conn, &line, taps).map_err(io)?;
+    let (answer, fds) = reader
+        .recv(&conn)
+        .map_err(io)?
+        .ok_or_else(|| SandboxError::Invalid("the pool daemon hung up".into()))?;
+    let reply = parse_reply(&answer)?;
+    drop(conn);
     if !reply.error.is_empty() {
         tracing::info!(template, "pool: {}", reply.error);
         return Ok(None);
     }
+    let mut fds = fds.into_iter();
+    let (Some(vm_conn), Some(pidfd)) = (fds.next(), fds.next()) else {
+        return Err(SandboxError::Invalid(
+            "the pool's answer carried no VM".into(),
+        ));
+    };
+    // From here on the VM is ours: dropping these ends it.
+    let supervisor = crate::supervisor::Handover {
+        conn: vm_conn,
+        seq: reply.seq,
+        pidfd,
+        pid: reply.vmm_pid,
+    };
     let handout = t0.elapsed();
     // A session the guest did not see begin (its marker split across reads
     // of a just-resumed VM) is answered by a fresh connection: try again.
     let mut attempt = 0;
-    let (mut client, version) = loop {
+    let (mut client, version, hangup) = loop {
         attempt += 1;
         let (channel, hangup) = agent::channel_with_hangup(&reply.agent_socket)?;
         let mut client = AgentClient::new(channel).max_decoding_message_size(16 << 20);
@@ -63,7 +66,7 @@ pub async fn take(
             hangup.now();
         }
         match answer {
-            Ok(Ok(v)) => break (client, v),
+            Ok(Ok(v)) => break (client, v, hangup),
             Ok(Err(e)) if attempt >= 3 => return Err(e.into()),
             Err(_) if attempt >= 3 => return Err(AgentError::Timeout(wait * 3).into()),
             _ => tracing::debug!(
@@ -90,47 +93,10 @@ pub async fn take(
         template: template.into(),
         accel,
         kernel_release: version.kernel_release,
-        conn: std::sync::Mutex::new((conn, reader)),
-        pid: reply.vmm_pid,
+        supervisor,
+        agent_socket: reply.agent_socket,
+        hangup,
+        nics: taps.len(),
     };
-    Ok(Some(Sandbox::pooled(vm, client, timings)))
-}
-
-/// Asks the daemon that owns a pooled VM to mount `dir`'s tree at `name`
-/// in its share.
-pub(crate) fn attach_remote(
-    conn: &std::sync::Mutex<(std::os::unix::net::UnixStream, fdmsg::Reader)>,
-    dir: &Path,
-    name: &str,
-    readonly: bool,
-) -> Result<(), SandboxError> {
-    let tree = open_tree(dir, readonly)?;
-    let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
-    let (conn, reader) = &mut *guard;
-    let request = Request::Attach { name: name.into() };
-    let reply = ask(conn, reader, &request, &[tree.as_raw_fd()])?;
-    match reply.error.is_empty() {
-        true => Ok(()),
-        false => Err(SandboxError::Invalid(format!(
-            "attaching {} to the pooled VM: {}",
-            dir.display(),
-            reply.error
-        ))),
-    }
-}
-
-pub(crate) fn detach_remote(
-    conn: &std::sync::Mutex<(std::os::unix::net::UnixStream, fdmsg::Reader)>,
-    name: &str,
-) -> Result<(), SandboxError> {
-    let mut guard = conn.lock().unwrap_or_else(|p| p.into_inner());
-    let (conn, reader) = &mut *guard;
-    let reply = ask(conn, reader, &Request::Detach { name: name.into() }, &[])?;
-    match reply.error.is_empty() {
-        true => Ok(()),
-        false => Err(SandboxError::Invalid(format!(
-            "detaching {name} from the pooled VM: {}",
-            reply.error
-        ))),
-    }
+    Ok(Some(Sandbox::pooled(vm, client, timings)?))
 }

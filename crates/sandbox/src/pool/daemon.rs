@@ -6,7 +6,6 @@ use super::*;
 /// NICs on hubs with no tap yet.
 struct Member {
     sb: Sandbox,
-    share: PathBuf,
     agent_socket: PathBuf,
 }
 
@@ -45,7 +44,9 @@ async fn launch_member(root: &Path, template: &Template, n: u64) -> Result<Membe
         boot_timeout: Duration::from_secs(60),
         template: Some(template.clone()),
     };
-    let mut sb = match Sandbox::start(config).await {
+    // The VM's supervisor removes the share (and the VM's state directory)
+    // once the VM is gone, whoever holds the VM then.
+    let mut sb = match Sandbox::start_handed_over(config, vec![share.clone()]).await {
         Ok(sb) if sb.cloned_from.is_some() => sb,
         // A pool holds clones only: a cold VM has no hubs to join taps to.
         Ok(sb) => {
@@ -75,11 +76,7 @@ async fn launch_member(root: &Path, template: &Template, n: u64) -> Result<Membe
         let _ = std::fs::remove_dir_all(&share);
         return Err(e);
     }
-    Ok(Member {
-        sb,
-        share,
-        agent_socket,
-    })
+    Ok(Member { sb, agent_socket })
 }
 
 /// The warm-up container's id and directory in a fresh clone's share.
@@ -171,56 +168,9 @@ async fn run_warm_up(sb: &Sandbox) -> Result<i32, tonic::Status> {
     Ok(agent.wait_process(process).await?.into_inner().exit_code)
 }
 
-/// Unmounts everything a caller attached and removes the share (with what
-/// the guest wrote at its top), unless something stayed mounted.
-fn clear_share(share: &Path) {
-    if let Ok(entries) = std::fs::read_dir(share) {
-        for e in entries.flatten() {
-            // Not following a symlink the guest may have put in its place.
-            let flags = MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW;
-            while umount2(&e.path(), flags).is_ok() {}
-        }
-    }
-    crate::share::remove_unmounted(share);
-}
-
+/// Ends a ready clone (its supervisor removes its share).
 async fn retire(member: Member) {
     member.sb.destroy().await;
-    clear_share(&member.share);
-}
-
-/// A name a caller may attach a tree at: one plain path component.
-pub fn attach_point(share: &Path, name: &str) -> Result<PathBuf, String> {
-    let plain = !name.is_empty()
-        && name.len() <= 255
-        && name != "."
-        && name != ".."
-        && !name.contains('/')
-        && !name.contains('\0');
-    if plain {
-        Ok(share.join(name))
-    } else {
-        Err(format!("{name:?} is not a plain name"))
-    }
-}
-
-/// Mounts the detached tree `tree` (from `open_tree`) at `share/name`.
-fn attach(share: &Path, name: &str, tree: Option<&OwnedFd>) -> Result<(), String> {
-    let at = attach_point(share, name)?;
-    let tree = tree.ok_or("no mount tree came with the request")?;
-    std::fs::create_dir(&at).map_err(|e| format!("creating {}: {e}", at.display()))?;
-    let moved = move_mount(tree, &at);
-    if let Err(e) = moved {
-        let _ = std::fs::remove_dir(&at);
-        return Err(format!("mounting the tree at {name}: {e}"));
-    }
-    Ok(())
-}
-
-fn detach(share: &Path, name: &str) -> Result<(), String> {
-    let at = attach_point(share, name)?;
-    while umount2(&at, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW).is_ok() {}
-    std::fs::remove_dir(&at).map_err(|e| format!("removing {name}: {e}"))
 }
 
 /// Resumes `member` for the caller on `conn`, its taps joined to the NICs.
@@ -247,36 +197,43 @@ async fn wake(member: &mut Member, nics: usize, taps: &[OwnedFd]) -> Result<Repl
     })
 }
 
-/// Hands `member` to the caller on `conn`, serves its attach and detach
-/// requests, and tears the clone down when `conn` closes.
-async fn hand_out(
-    mut member: Member,
-    nics: usize,
-    taps: Vec<OwnedFd>,
-    mut reader: fdmsg::Reader,
-    conn: UnixStream,
-) {
-    let reply = wake(&mut member, nics, &taps)
-        .await
-        .unwrap_or_else(Reply::error);
+/// Hands `member` over whole to the caller on `conn`: its supervisor's
+/// connection goes with the answer, and the VM is the caller's from then
+/// on (it outlives this daemon). A clone that cannot be woken is retired.
+async fn hand_out(mut member: Member, nics: usize, taps: Vec<OwnedFd>, conn: UnixStream) {
+    let woken = wake(&mut member, nics, &taps).await;
     drop(taps);
-    let ok = reply.error.is_empty();
-    if fdmsg::send_async(&conn, &reply.line()).await.is_ok() && ok {
-        // The caller holds the connection while it uses the sandbox.
-        while let Ok(Some((line, fds))) = reader.recv_async(&conn).await {
-            let done = match parse_request(&line) {
-                Ok(Request::Attach { name }) => attach(&member.share, &name, fds.first()),
-                Ok(Request::Detach { name }) => detach(&member.share, &name),
-                Ok(Request::Take { .. }) => Err("this connection already holds a clone".into()),
-                Err(e) => Err(format!("bad request: {e}")),
+    let reply = match woken {
+        Ok(reply) => reply,
+        Err(e) => {
+            let _ = fdmsg::send_async(&conn, &Reply::error(e).line()).await;
+            retire(member).await;
+            return;
+        }
+    };
+    // The VM is the caller's: its state directory says so to garbage
+    // collection (which waits for a dead owner's VM to be cleaned up).
+    let caller = conn.peer_cred().ok().and_then(|c| c.pid());
+    if let (Some(pid), Some(dir)) = (caller, member.sb.state_dir()) {
+        crate::state::record_owner(dir, pid as u32);
+    }
+    let vm = member.sb.hand_over();
+    match vm {
+        Ok(vm) => {
+            let reply = Reply {
+                seq: vm.seq,
+                ..reply
             };
-            let reply = done.err().map(Reply::error).unwrap_or_default();
-            if fdmsg::send_async(&conn, &reply.line()).await.is_err() {
-                break;
+            let fds = [vm.conn.as_raw_fd(), vm.pidfd.as_raw_fd()];
+            if let Err(e) = fdmsg::send_async_with(&conn, &reply.line(), &fds).await {
+                // The caller is gone: so is the VM, when `vm` closes here.
+                tracing::warn!(sandbox = %reply.sandbox_id, "handing over: {e}");
             }
         }
+        Err(e) => {
+            let _ = fdmsg::send_async(&conn, &Reply::error(e).line()).await;
+        }
     }
-    retire(member).await;
 }
 
 /// The caller's first message, with its descriptors.
@@ -302,12 +259,9 @@ pub async fn serve(
     std::fs::create_dir_all(pools_dir(&root)).map_err(|e| {
         SandboxError::Invalid(format!("creating {}: {e}", pools_dir(&root).display()))
     })?;
-    // Shares a daemon killed before left (its mounts died with it).
-    if let Ok(entries) = std::fs::read_dir(pools_dir(&root).join(&config.template)) {
-        for e in entries.flatten() {
-            crate::share::remove_unmounted(&e.path());
-        }
-    }
+    // Shares a daemon killed before left (its mounts died with it), but
+    // not those of the VMs it handed over.
+    sweep_shares(&root, &config.template);
     let sock = socket(&root, &config.template);
     let _ = std::fs::remove_file(&sock);
     let listener = UnixListener::bind(&sock)
@@ -330,7 +284,7 @@ pub async fn serve(
     // meanwhile must not cancel it halfway (and leak its VM).
     let mut refill: Option<tokio::task::JoinHandle<Result<Member, SandboxError>>> = None;
     // Requests are read by their own tasks: a silent caller holds nothing up.
-    type Asked = (usize, Vec<OwnedFd>, fdmsg::Reader, UnixStream);
+    type Asked = (usize, Vec<OwnedFd>, UnixStream);
     let (req_tx, mut req_rx) = tokio::sync::mpsc::unbounded_channel::<Asked>();
     loop {
         if refill.is_none() && ready.len() < config.size {
@@ -374,21 +328,17 @@ pub async fn serve(
                         let mut reader = fdmsg::Reader::default();
                         match read_request(&conn, &mut reader).await {
                             Some((Request::Take { nics }, taps)) => {
-                                let _ = tx.send((nics, taps, reader, conn));
-                            }
-                            Some(_) => {
-                                let no = Reply::error("ask for a clone first");
-                                let _ = fdmsg::send_async(&conn, &no.line()).await;
+                                let _ = tx.send((nics, taps, conn));
                             }
                             None => {}
                         }
                     });
                 }
             }
-            Some((nics, taps, reader, conn)) = req_rx.recv() => match ready.pop_front() {
+            Some((nics, taps, conn)) = req_rx.recv() => match ready.pop_front() {
                 Some(m) => {
                     status.handed_out += 1;
-                    tokio::spawn(hand_out(m, nics, taps, reader, conn));
+                    tokio::spawn(hand_out(m, nics, taps, conn));
                 }
                 None => {
                     let empty = Reply::error("the pool is empty");

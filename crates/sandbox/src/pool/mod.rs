@@ -16,7 +16,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use hypervisor::Share;
-use nix::mount::{umount2, MntFlags};
 use serde::{Deserialize, Serialize};
 use tokio::net::{UnixListener, UnixStream};
 
@@ -29,9 +28,9 @@ mod client;
 mod daemon;
 mod policy;
 
+pub use crate::supervisor::attach_point;
 pub use client::take;
-pub(crate) use client::{attach_remote, detach_remote};
-pub use daemon::{attach_point, serve};
+pub use daemon::serve;
 pub use policy::*;
 
 /// Where `sandbox run` attaches its root in a pooled clone's share (the
@@ -127,14 +126,26 @@ pub fn collect_garbage(root: &Path) {
         for x in ["json", "json.tmp"] {
             let _ = std::fs::remove_file(dir.join(format!("{template}.{x}")));
         }
-        if let Ok(members) = std::fs::read_dir(dir.join(&template)) {
-            for m in members.flatten() {
-                crate::share::remove_unmounted(&m.path());
-            }
-        }
+        sweep_shares(root, &template);
         let _ = std::fs::remove_dir(dir.join(&template));
         if held.is_some() {
             let _ = std::fs::remove_file(&lock_path);
+        }
+    }
+}
+
+/// Removes the shares of pool `template`'s members whose VM is gone. A VM
+/// handed over lives on after its daemon: its supervisor holds its state
+/// directory, and its share (in the supervisor's mount namespace) must not
+/// be removed from under it here.
+fn sweep_shares(root: &Path, template: &str) {
+    let Ok(members) = std::fs::read_dir(pools_dir(root).join(template)) else {
+        return;
+    };
+    for m in members.flatten() {
+        let id = m.file_name().to_string_lossy().into_owned();
+        if !crate::state::is_held(root, &id) {
+            crate::share::remove_unmounted(&m.path());
         }
     }
 }
@@ -153,13 +164,10 @@ fn write_status(root: &Path, template: &str, s: PoolStatus) {
 #[serde(rename_all = "snake_case", tag = "op")]
 pub enum Request {
     /// A ready clone. The message carries one tap device per NIC of the
-    /// template, made in the caller's network namespace.
+    /// template, made in the caller's network namespace. The answer carries
+    /// the clone's supervisor connection and VMM pidfd: the VM is the
+    /// caller's from then on (see `supervisor`).
     Take { nics: usize },
-    /// Mount the tree the message carries (an `open_tree` clone of one of
-    /// the caller's directories) at `name` in the clone's share.
-    Attach { name: String },
-    /// Unmount `name` from the clone's share.
-    Detach { name: String },
 }
 
 /// The daemon's answer to each request, a JSON line.
@@ -167,6 +175,9 @@ pub enum Request {
 pub struct Reply {
     #[serde(default)]
     error: String,
+    /// The number of the last request the clone's supervisor answered.
+    #[serde(default)]
+    seq: u64,
     #[serde(default)]
     sandbox_id: String,
     #[serde(default)]

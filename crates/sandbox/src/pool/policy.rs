@@ -132,7 +132,11 @@ pub async fn provide(mut config: SandboxConfig) -> Result<Sandbox, SandboxError>
         };
         match taken {
             Ok(Some(mut sb)) => {
-                if let Err(e) = sb.adopt(&config.root, &config.id) {
+                let owned = match sb.adopt(&config.root, &config.id) {
+                    Ok(()) => sb.limit(config.cgroup.clone(), config.cpu_millis).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = owned {
                     sb.destroy().await;
                     return Err(e);
                 }
