@@ -3,6 +3,7 @@
 
 mod commands;
 mod console;
+mod go_duration;
 mod hooks;
 mod logging;
 mod tty;
@@ -10,15 +11,18 @@ mod tty;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
     name = "podvisor",
-    version,
-    about = "Runs every container in its own micro-VM"
+    about = "Runs every container in its own micro-VM",
+    disable_version_flag = true
 )]
 struct Cli {
+    /// Print the version (as `version` does).
+    #[arg(short = 'v', long, action = clap::ArgAction::Version)]
+    version: Option<bool>,
     /// Directory for podvisor's state.
     #[arg(long, global = true, default_value = sandbox::state::DEFAULT_ROOT)]
     root: PathBuf,
@@ -107,6 +111,8 @@ enum Command {
     Events(commands::events::EventsArgs),
     /// Print what this runtime supports (runtime-spec features JSON).
     Features,
+    /// Print podvisor's version, commit and the runtime-spec version.
+    Version,
     /// Write a starting config.json.
     Spec(commands::features::SpecArgs),
     /// Not supported: a VM's process cannot be checkpointed with CRIU.
@@ -133,6 +139,24 @@ impl std::fmt::Display for Exit {
 
 impl std::error::Error for Exit {}
 
+/// What `version` and `--version` print after "podvisor ", in runc's lines.
+fn version_text() -> String {
+    format!(
+        "version {}\ncommit: {}\nspec: {}",
+        env!("CARGO_PKG_VERSION"),
+        env!("PODVISOR_COMMIT"),
+        sandbox::container::OCI_VERSION
+    )
+}
+
+/// Parses the command line; clap prints help, errors and the version.
+fn parse_cli() -> Cli {
+    // Built once per process: the leak is the life of the process anyway.
+    let version: &'static str = Box::leak(version_text().into_boxed_str());
+    let mut matches = Cli::command().version(version).get_matches();
+    Cli::from_arg_matches_mut(&mut matches).unwrap_or_else(|e| e.exit())
+}
+
 /// `--root` as an absolute path without symlinks: mount tables name it so,
 /// and the unmount checks compare against them.
 fn canonical_root(root: &std::path::Path) -> PathBuf {
@@ -145,7 +169,7 @@ fn canonical_root(root: &std::path::Path) -> PathBuf {
 }
 
 fn main() -> ExitCode {
-    let mut cli = Cli::parse();
+    let mut cli = parse_cli();
     cli.root = canonical_root(&cli.root);
     let log = logging::init(cli.log.as_deref(), &cli.log_format, cli.debug);
     let g = Globals {
@@ -212,6 +236,10 @@ fn main() -> ExitCode {
             Command::Update(args) => commands::update::run(args, root).await,
             Command::Events(args) => commands::events::run(args, root).await,
             Command::Features => commands::features::features(),
+            Command::Version => {
+                println!("podvisor {}", version_text());
+                Ok(0)
+            }
             Command::Spec(args) => commands::features::spec(args),
             Command::Checkpoint(_) => commands::features::unsupported("checkpoint"),
             Command::Restore(_) => commands::features::unsupported("restore"),
