@@ -153,8 +153,45 @@ fn version_text() -> String {
 fn parse_cli() -> Cli {
     // Built once per process: the leak is the life of the process anyway.
     let version: &'static str = Box::leak(version_text().into_boxed_str());
-    let mut matches = Cli::command().version(version).get_matches();
-    Cli::from_arg_matches_mut(&mut matches).unwrap_or_else(|e| e.exit())
+    let parsed = Cli::command()
+        .version(version)
+        .try_get_matches()
+        .and_then(|mut m| Cli::from_arg_matches_mut(&mut m));
+    parsed.unwrap_or_else(|e| usage_error(e))
+}
+
+/// Help and the version go out as clap prints them; bad usage is an error
+/// as any other, as runc has it: also in --log (found in the raw
+/// arguments, since they did not parse), exit status 1.
+fn usage_error(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit()
+    }
+    let args: Vec<String> = std::env::args().collect();
+    let value = |flag: &str| {
+        let eq = format!("{flag}=");
+        args.iter()
+            .enumerate()
+            .find_map(|(i, a)| match a.strip_prefix(&eq) {
+                Some(v) => Some(v.to_string()),
+                None => (a == flag).then(|| args.get(i + 1).cloned()).flatten(),
+            })
+    };
+    let file = value("--log").map(PathBuf::from);
+    let format = value("--log-format").unwrap_or_else(|| "text".into());
+    let _ = e.print();
+    let msg = e.kind().as_str().unwrap_or("invalid usage");
+    let detail = e.to_string();
+    let first = detail.lines().next().unwrap_or(msg);
+    logging::init(file.as_deref(), &format, false)
+        .error_to_file(first.trim_start_matches("error: "));
+    std::process::exit(1)
 }
 
 /// `--root` as an absolute path without symlinks: mount tables name it so,

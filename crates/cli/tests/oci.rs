@@ -320,6 +320,11 @@ fn bad_input_gets_runc_style_errors_and_leaves_nothing() {
     fail(&["kill", "ghost", "KILL"], "does not exist");
     fail(&["kill", "ghost", "NOSUCHSIG"], "unknown signal");
     fail(&["checkpoint", "x"], "not supported");
+    fail(
+        &["events", "--interval", "1x", "ghost"],
+        "time: unknown unit \"x\" in duration \"1x\"",
+    );
+    fail(&["list", "--no-such-flag"], "--no-such-flag");
     fail(&["restore", "x"], "not supported");
 
     // A duplicate id and a second start.
