@@ -6,7 +6,7 @@ AGENT_TARGET := x86_64-unknown-linux-gnu
 AGENT_BIN := target/$(AGENT_TARGET)/release/podvisor-agent
 export PODVISOR_CACHE ?= $(HOME)/.cache/podvisor
 
-.PHONY: all deps build host agent kernel initrd rootfs demo test lint fuzz bench clean install
+.PHONY: all deps build host agent kernel initrd rootfs demo test lint fuzz bench bench-quick clean install
 
 all: build
 
@@ -63,6 +63,15 @@ bench: build
 	bench/oci.py
 	bench/pod.py
 	bench/jail.py
+
+# Every benchmark once, small (one run each): CI runs it so that a change that
+# breaks a benchmark cannot land. Its numbers are no measurement.
+bench-quick: build
+	bench/sandbox_run.py --quick
+	bench/template.py --quick
+	bench/oci.py --quick
+	bench/pod.py --quick
+	bench/jail.py --quick
 
 install: build
 	install -D -m 0755 $(OUT)/podvisor /usr/local/bin/podvisor

@@ -20,7 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main():
-    runs = sys.argv[1] if len(sys.argv) > 1 else "7"
+    # `--quick`: one run, to check the benchmark still works (CI).
+    runs = "1" if sys.argv[1:] == ["--quick"] else sys.argv[1] if len(sys.argv) > 1 else "7"
     subprocess.run(["cargo", "build", "--release", "-p", "podvisor-client-tests", "--bin", "pod-bench"],
                    cwd=ROOT, check=True)
     print(f"machine: {machine()}")

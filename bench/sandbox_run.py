@@ -124,8 +124,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--memory", type=int, default=256)
+    ap.add_argument("--quick", action="store_true", help="one run, small sizes: checks the benchmark still works (CI)")
     args = ap.parse_args()
-    if args.runs < 5:
+    if args.quick:
+        args.runs, args.memory = 1, 128
+    elif args.runs < 5:
         sys.exit("--runs must be at least 5 (medians)")
     for f in ("podvisor", "vmlinux", "podvisor-initrd.cpio"):
         if not os.path.exists(os.path.join(OUT, f)):
@@ -143,7 +146,7 @@ def main():
             wall.append(dt)
             splits.append(t)
             floor.append(floor_once(kernel, initrd, accel, args.memory))
-        pss = [idle_sandbox_pss(root, args.memory) for _ in range(3)]
+        pss = [idle_sandbox_pss(root, args.memory) for _ in range(1 if args.quick else 3)]
 
         med = statistics.median
         ms = lambda s: f"{s * 1000:7.0f} ms"

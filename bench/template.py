@@ -115,8 +115,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--clones", type=int, default=10, help="clones started at once for the rate")
+    ap.add_argument("--quick", action="store_true", help="one run, small sizes: checks the benchmark still works (CI)")
     args = ap.parse_args()
-    if args.runs < 5:
+    if args.quick:
+        args.runs, args.clones = 1, 2
+    elif args.runs < 5:
         sys.exit("--runs must be at least 5 (medians)")
     if not os.path.exists(PODVISOR):
         sys.exit(f"{PODVISOR} missing: run `make build` first")

@@ -565,15 +565,25 @@ impl Agent for AgentService {
         req: Request<SignalProcessRequest>,
     ) -> Result<Response<Empty>, Status> {
         let req = req.into_inner();
-        let sig = Signal::try_from(req.signal as i32)
-            .map_err(|_| Status::invalid_argument(format!("invalid signal {}", req.signal)))?;
+        // Signal 0 sends nothing: it asks whether the process exists (kill(2)).
+        let sig = match req.signal {
+            0 => None,
+            n => Some(
+                Signal::try_from(n as i32)
+                    .map_err(|_| Status::invalid_argument(format!("invalid signal {n}")))?,
+            ),
+        };
         let c = self.container(&req.container_id)?;
-        if req.all && sig == Signal::SIGKILL {
+        if req.all && sig == Some(Signal::SIGKILL) {
             cgroup::kill_all(&c.cgroup).map_err(internal("killing the container's processes"))?;
             return Ok(Response::new(Empty {}));
         }
         if req.all {
-            for pid in cgroup::pids(&c.cgroup) {
+            let pids = cgroup::pids(&c.cgroup);
+            if sig.is_none() && pids.is_empty() {
+                return Err(Status::failed_precondition("container not running"));
+            }
+            for pid in pids {
                 let _ = kill(Pid::from_raw(pid as i32), sig);
             }
             return Ok(Response::new(Empty {}));
@@ -582,7 +592,7 @@ impl Agent for AgentService {
         if p.exited().is_some() {
             return Err(Status::failed_precondition("process already exited"));
         }
-        spawn::pidfd_signal(&p.pidfd, sig as i32).map_err(errno("kill"))?;
+        spawn::pidfd_signal(&p.pidfd, sig.map_or(0, |s| s as i32)).map_err(errno("kill"))?;
         Ok(Response::new(Empty {}))
     }
 

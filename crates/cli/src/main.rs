@@ -3,6 +3,7 @@
 
 mod commands;
 mod console;
+mod go_duration;
 mod hooks;
 mod logging;
 mod tty;
@@ -10,15 +11,18 @@ mod tty;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
     name = "podvisor",
-    version,
-    about = "Runs every container in its own micro-VM"
+    about = "Runs every container in its own micro-VM",
+    disable_version_flag = true
 )]
 struct Cli {
+    /// Print the version (as `version` does).
+    #[arg(short = 'v', long, action = clap::ArgAction::Version)]
+    version: Option<bool>,
     /// Directory for podvisor's state.
     #[arg(long, global = true, default_value = sandbox::state::DEFAULT_ROOT)]
     root: PathBuf,
@@ -107,6 +111,8 @@ enum Command {
     Events(commands::events::EventsArgs),
     /// Print what this runtime supports (runtime-spec features JSON).
     Features,
+    /// Print podvisor's version, commit and the runtime-spec version.
+    Version,
     /// Write a starting config.json.
     Spec(commands::features::SpecArgs),
     /// Not supported: a VM's process cannot be checkpointed with CRIU.
@@ -133,6 +139,61 @@ impl std::fmt::Display for Exit {
 
 impl std::error::Error for Exit {}
 
+/// What `version` and `--version` print after "podvisor ", in runc's lines.
+fn version_text() -> String {
+    format!(
+        "version {}\ncommit: {}\nspec: {}",
+        env!("CARGO_PKG_VERSION"),
+        env!("PODVISOR_COMMIT"),
+        sandbox::container::OCI_VERSION
+    )
+}
+
+/// Parses the command line; clap prints help, errors and the version.
+fn parse_cli() -> Cli {
+    // Built once per process: the leak is the life of the process anyway.
+    let version: &'static str = Box::leak(version_text().into_boxed_str());
+    let parsed = Cli::command()
+        .version(version)
+        .try_get_matches()
+        .and_then(|mut m| Cli::from_arg_matches_mut(&mut m));
+    parsed.unwrap_or_else(|e| usage_error(e))
+}
+
+/// Help and the version go out as clap prints them; bad usage is an error
+/// as any other, as runc has it: also in --log (found in the raw
+/// arguments, since they did not parse), exit status 1.
+fn usage_error(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit()
+    }
+    let args: Vec<String> = std::env::args().collect();
+    let value = |flag: &str| {
+        let eq = format!("{flag}=");
+        args.iter()
+            .enumerate()
+            .find_map(|(i, a)| match a.strip_prefix(&eq) {
+                Some(v) => Some(v.to_string()),
+                None => (a == flag).then(|| args.get(i + 1).cloned()).flatten(),
+            })
+    };
+    let file = value("--log").map(PathBuf::from);
+    let format = value("--log-format").unwrap_or_else(|| "text".into());
+    let _ = e.print();
+    let msg = e.kind().as_str().unwrap_or("invalid usage");
+    let detail = e.to_string();
+    let first = detail.lines().next().unwrap_or(msg);
+    logging::init(file.as_deref(), &format, false)
+        .error_to_file(first.trim_start_matches("error: "));
+    std::process::exit(1)
+}
+
 /// `--root` as an absolute path without symlinks: mount tables name it so,
 /// and the unmount checks compare against them.
 fn canonical_root(root: &std::path::Path) -> PathBuf {
@@ -147,7 +208,7 @@ fn canonical_root(root: &std::path::Path) -> PathBuf {
 fn main() -> ExitCode {
     // Run again as a VM's supervisor: serves it and never returns.
     sandbox::supervisor::serve_if_asked();
-    let mut cli = Cli::parse();
+    let mut cli = parse_cli();
     cli.root = canonical_root(&cli.root);
     let log = logging::init(cli.log.as_deref(), &cli.log_format, cli.debug);
     let g = Globals {
@@ -214,6 +275,10 @@ fn main() -> ExitCode {
             Command::Update(args) => commands::update::run(args, root).await,
             Command::Events(args) => commands::events::run(args, root).await,
             Command::Features => commands::features::features(),
+            Command::Version => {
+                println!("podvisor {}", version_text());
+                Ok(0)
+            }
             Command::Spec(args) => commands::features::spec(args),
             Command::Checkpoint(_) => commands::features::unsupported("checkpoint"),
             Command::Restore(_) => commands::features::unsupported("restore"),

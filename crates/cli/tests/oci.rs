@@ -14,13 +14,15 @@ fn podvisor() -> PathBuf {
     build_dir().join("podvisor")
 }
 
+/// `podvisor --root ROOT`, for more arguments.
+fn pv_command(root: &StateRoot) -> Command {
+    let mut cmd = Command::new(podvisor());
+    cmd.arg("--root").arg(&root.path);
+    cmd
+}
+
 fn pv(root: &StateRoot, args: &[&str]) -> Output {
-    output(
-        Command::new(podvisor())
-            .arg("--root")
-            .arg(&root.path)
-            .args(args),
-    )
+    output(pv_command(root).args(args))
 }
 
 fn ok(out: &Output) -> String {
@@ -318,6 +320,11 @@ fn bad_input_gets_runc_style_errors_and_leaves_nothing() {
     fail(&["kill", "ghost", "KILL"], "does not exist");
     fail(&["kill", "ghost", "NOSUCHSIG"], "unknown signal");
     fail(&["checkpoint", "x"], "not supported");
+    fail(
+        &["events", "--interval", "1x", "ghost"],
+        "time: unknown unit \"x\" in duration \"1x\"",
+    );
+    fail(&["list", "--no-such-flag"], "--no-such-flag");
     fail(&["restore", "x"], "not supported");
 
     // A duplicate id and a second start.
@@ -431,4 +438,292 @@ fn run_in_the_foreground_joins_the_container_pty_to_our_terminal() {
     expect("35 110");
     expect("EXIT=4");
     tmux(&["kill-session", "-t", &session]);
+}
+
+#[test]
+fn version_and_forced_delete_of_nothing_answer_as_runc() {
+    let root = StateRoot::new("oci-version");
+    let version = ok(&pv(&root, &["version"]));
+    let lines: Vec<&str> = version.lines().collect();
+    assert_eq!(lines.len(), 3, "{version}");
+    let number = lines[0].strip_prefix("podvisor version ").unwrap();
+    assert!(
+        number.split('.').count() == 3 && number.split('.').all(|n| n.parse::<u32>().is_ok()),
+        "{version}"
+    );
+    assert!(lines[1].len() > "commit: ".len() && lines[1].starts_with("commit: "));
+    let spec = lines[2].strip_prefix("spec: ").unwrap();
+    assert!(spec.starts_with("1."), "{version}");
+    for flag in ["-v", "--version"] {
+        assert_eq!(ok(&pv(&root, &[flag])), version, "{flag}");
+    }
+
+    let gone = pv(&root, &["delete", "--force", "ghost"]);
+    assert_eq!(gone.status.code(), Some(0));
+    assert!(gone.stdout.is_empty() && gone.stderr.is_empty(), "{gone:?}");
+    let gone = pv(&root, &["delete", "ghost"]);
+    assert_eq!(
+        gone.status.code(),
+        Some(1),
+        "without --force it is an error"
+    );
+    assert_eq!(ok(&pv(&root, &["list", "-f", "json"])), "null\n");
+}
+
+/// The keys of `object` (parsed from `text`) in the order `text` has them
+/// (serde_json's map sorts them).
+fn keys_in_order<'a>(
+    text: &str,
+    object: &'a serde_json::Map<String, serde_json::Value>,
+) -> Vec<&'a str> {
+    let mut keys: Vec<&str> = object.keys().map(String::as_str).collect();
+    keys.sort_by_key(|k| text.find(&format!("\"{k}\":")).unwrap_or(usize::MAX));
+    keys
+}
+
+/// Reads lines from `child`'s stdout until `n` came, within `within`.
+fn lines_within(child: &mut std::process::Child, n: usize, within: Duration) -> Vec<String> {
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+            // Keep draining after the test stopped listening: a closed
+            // pipe would fail the writer.
+            let _ = tx.send(line.unwrap_or_default());
+        }
+    });
+    let deadline = Instant::now() + within;
+    let mut got = Vec::new();
+    while got.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => got.push(line),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("{} of {n} lines within {within:?}: {got:?}", got.len());
+            }
+        }
+    }
+    got
+}
+
+#[test]
+fn kill_zero_list_events_and_exec_details_as_runc() {
+    become_subreaper();
+    let root = StateRoot::new("oci-details");
+    let bundle = Bundle::new("details", |c| {
+        c["process"]["args"] = serde_json::json!(["sleep", "600"]);
+        c["annotations"] = serde_json::json!({"org.example/k": "v"});
+    });
+    let (pid, _c) = create(&root, &bundle.path, "det");
+    // Signal 0 asks only whether the process is there, created or running.
+    ok(&pv(&root, &["kill", "det", "0"]));
+    ok(&pv(&root, &["start", "det"]));
+    ok(&pv(&root, &["kill", "--all", "det", "0"]));
+    ok(&pv(&root, &["kill", "det", "0"]));
+    assert_eq!(
+        state(&root, "det")["status"],
+        "running",
+        "signal 0 sends nothing"
+    );
+
+    // list: runc's table (tabwriter, min width 12, padding 3), ids, JSON.
+    let table = ok(&pv(&root, &["list"]));
+    let rows: Vec<&str> = table.lines().collect();
+    assert_eq!(rows.len(), 2, "{table}");
+    let bundle_path = bundle.path.to_str().unwrap();
+    let col = |row: &str, text: &str| {
+        row.find(text)
+            .unwrap_or_else(|| panic!("{text:?} in {row:?}"))
+    };
+    assert!(rows[0].starts_with("ID          PID         STATUS      BUNDLE   "));
+    assert!(rows[1].starts_with(&format!(
+        "det         {:<12}running     {bundle_path}   ",
+        pid
+    )));
+    assert_eq!(col(rows[0], "CREATED"), col(rows[1], "20"));
+    assert_eq!(col(rows[0], "OWNER"), bundle_path.len() + 36 + 3 + 30 + 3);
+    assert!(rows[1].ends_with("   root"), "{table}");
+    assert_eq!(ok(&pv(&root, &["list", "-q"])), "det\n");
+    let json = ok(&pv(&root, &["list", "--format", "json"]));
+    let listed: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        keys_in_order(&json, listed[0].as_object().unwrap()),
+        [
+            "ociVersion",
+            "id",
+            "pid",
+            "status",
+            "bundle",
+            "rootfs",
+            "created",
+            "annotations",
+            "owner"
+        ],
+        "runc's containerState order: {json}"
+    );
+    assert_eq!(listed[0]["pid"], pid);
+    assert_eq!(listed[0]["annotations"]["org.example/k"], "v");
+
+    // events: --stats once; --interval as Go reads it, streaming until the
+    // container stops.
+    let once = ok(&pv(&root, &["events", "--stats", "det"]));
+    assert_eq!(once.lines().count(), 1, "{once}");
+    let stats: serde_json::Value = serde_json::from_str(&once).unwrap();
+    assert_eq!(
+        (stats["type"].as_str(), stats["id"].as_str()),
+        (Some("stats"), Some("det"))
+    );
+    assert_eq!(
+        keys_in_order(&once, stats["data"].as_object().unwrap()),
+        ["cpu", "memory", "pids"]
+    );
+    assert!(stats["data"]["pids"]["current"].as_u64().unwrap() >= 1);
+    let mut events = pv_command(&root)
+        .args(["events", "--interval", "100ms", "det"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let streamed = lines_within(&mut events, 3, Duration::from_secs(20));
+    for line in &streamed {
+        let e: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(e["type"], "stats", "{line}");
+    }
+    eprintln!(
+        "3 stats events at 100ms intervals took {:?}",
+        started.elapsed()
+    );
+    for bad in ["0s", "100", "1x", "-1s"] {
+        let out = pv(&root, &["events", "--interval", bad, "det"]);
+        assert_ne!(out.status.code(), Some(0), "--interval {bad}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("duration"), "--interval {bad}: {stderr}");
+    }
+
+    // exec: status, --pid-file (the exec process stands for it), --cwd made
+    // when missing, globals before the verb, --preserve-fds refused.
+    let exec = pv(&root, &["exec", "det", "sh", "-c", "exit 42"]);
+    assert_eq!(exec.status.code(), Some(42));
+    let exec_pid = root.path.join("fg-exec.pid");
+    let out = ok(&pv(
+        &root,
+        &[
+            "exec",
+            "--pid-file",
+            exec_pid.to_str().unwrap(),
+            "det",
+            "sh",
+            "-c",
+            "echo $$",
+        ],
+    ));
+    assert_eq!(out.trim().parse::<u32>().map(|p| p > 0), Ok(true), "{out}");
+    let written: u32 = std::fs::read_to_string(&exec_pid).unwrap().parse().unwrap();
+    assert!(written > 0);
+    assert_eq!(
+        ok(&pv(
+            &root,
+            &["exec", "--cwd", "/new/deep/dir", "det", "pwd"]
+        )),
+        "/new/deep/dir\n"
+    );
+    let log = root.path.join("debug.log");
+    let out = output(
+        Command::new(podvisor())
+            .arg("--debug")
+            .arg("--log")
+            .arg(&log)
+            .arg("--root")
+            .arg(&root.path)
+            .args(["exec", "det", "echo", "with-globals"]),
+    );
+    assert_eq!(ok(&out), "with-globals\n");
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.lines().any(|l| l.contains("level=debug msg=")),
+        "runc's debug lines in --log: {logged}"
+    );
+    let refused = output(pv_command(&root).arg("--log").arg(&log).args([
+        "exec",
+        "--preserve-fds",
+        "1",
+        "det",
+        "true",
+    ]));
+    assert_eq!(refused.status.code(), Some(1));
+    let why = "--preserve-fds is not supported";
+    assert!(String::from_utf8_lossy(&refused.stderr).contains(why));
+    assert!(std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .contains(why));
+
+    // Once the container stops, the stream ends by itself.
+    ok(&pv(&root, &["kill", "det", "KILL"]));
+    assert_eq!(wait_exit(pid, Duration::from_secs(30)), 137);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while events.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "events outlived its container");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(events.wait().unwrap().success());
+    let stopped = pv(&root, &["kill", "det", "0"]);
+    assert_eq!(
+        stopped.status.code(),
+        Some(1),
+        "signal 0 of a stopped container"
+    );
+    let stopped = pv(&root, &["events", "--stats", "det"]);
+    assert!(String::from_utf8_lossy(&stopped.stderr).contains("is not running"));
+    let table = ok(&pv(&root, &["list"]));
+    assert!(
+        table
+            .lines()
+            .nth(1)
+            .unwrap()
+            .starts_with("det         0           stopped     "),
+        "{table}"
+    );
+    ok(&pv(&root, &["delete", "det"]));
+}
+
+#[test]
+fn run_keep_leaves_a_stopped_container_for_delete() {
+    let root = StateRoot::new("oci-keep");
+    let bundle = Bundle::new("keep", |c| {
+        c["process"]["args"] = serde_json::json!(["sh", "-c", "echo kept; exit 3"]);
+    });
+    let out = pv(
+        &root,
+        &[
+            "run",
+            "--keep",
+            "--bundle",
+            bundle.path.to_str().unwrap(),
+            "kept",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "kept\n");
+    let s = state(&root, "kept");
+    assert_eq!(
+        (s["status"].as_str(), s["pid"].as_i64()),
+        (Some("stopped"), Some(0))
+    );
+    assert_eq!(ok(&pv(&root, &["list", "-q"])), "kept\n");
+    ok(&pv(&root, &["delete", "kept"]));
+    assert!(root.containers().is_empty());
+
+    // Without --keep the state goes with the container.
+    let out = pv(
+        &root,
+        &["run", "--bundle", bundle.path.to_str().unwrap(), "gone"],
+    );
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    assert!(root.containers().is_empty());
 }

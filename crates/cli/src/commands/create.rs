@@ -41,6 +41,12 @@ pub struct RunArgs {
     /// Return once started instead of waiting for the container to exit.
     #[arg(short, long)]
     pub detach: bool,
+    /// Keep the stopped container's state after it exits (`delete` removes it).
+    #[arg(long)]
+    pub keep: bool,
+    /// Accepted for runc compatibility: the holder reaps in its own way.
+    #[arg(long)]
+    pub no_subreaper: bool,
 }
 
 /// A started holder, as `create` leaves it.
@@ -150,7 +156,9 @@ pub async fn run(mut args: RunArgs, g: &Globals) -> anyhow::Result<u8> {
         let _ = tokio::task::spawn_blocking(move || t.join()).await;
     }
     let code = status.code().unwrap_or(137).clamp(0, 255) as u8;
-    super::delete::remove_stopped(&g.root, &args.create.id).await;
+    if !args.keep {
+        super::delete::remove_stopped(&g.root, &args.create.id).await;
+    }
     Ok(code)
 }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use agent_proto::SignalProcessRequest;
 use anyhow::bail;
 use clap::Args;
-use sandbox::container::{ContainerDir, Status};
+use sandbox::container::{ContainerDir, ContainerError, Status};
 use sandbox::oci::Spec;
 
 use super::oci;
@@ -16,7 +16,7 @@ use crate::hooks;
 
 #[derive(Args)]
 pub struct DeleteArgs {
-    /// Kill the container first if it still runs.
+    /// Kill the container first if it still runs; a missing one is no error.
     #[arg(short, long)]
     pub force: bool,
     pub id: String,
@@ -26,7 +26,11 @@ pub struct DeleteArgs {
 const HOLDER_GRACE: Duration = Duration::from_secs(10);
 
 pub async fn run(args: DeleteArgs, root: &Path) -> anyhow::Result<u8> {
-    let dir = ContainerDir::open(root, &args.id)?;
+    let dir = match ContainerDir::open(root, &args.id) {
+        // As runc: forcing the removal of what is not there is no error.
+        Err(ContainerError::NotFound(_)) if args.force => return Ok(0),
+        opened => opened?,
+    };
     let Some(record) = dir.record()? else {
         if !args.force {
             bail!("container {} is still being created", args.id);

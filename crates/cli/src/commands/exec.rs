@@ -172,7 +172,13 @@ pub async fn run(args: ExecArgs, g: &Globals) -> anyhow::Result<u8> {
         if let Some(socket) = &args.console_socket {
             console::send_console(socket, 0, 0)?;
         }
-        let code = exec_in(&g.root, &args.id, &eid, &process, &mut None).await;
+        // This process stands for the exec (it relays signals and exits
+        // with its status): its pid is the one to write.
+        let pid_file = args.pid_file.as_deref();
+        let code = exec_in(&g.root, &args.id, &eid, &process, || {
+            pid_file.map_or(Ok(()), |p| oci::write_pid_file(p, std::process::id()))
+        })
+        .await;
         drop(raw);
         return code.map(|c| c.clamp(0, 255) as u8);
     }
@@ -216,7 +222,7 @@ async fn exec_in(
     id: &str,
     eid: &str,
     process: &spec::Process,
-    sync: &mut Option<File>,
+    started: impl FnOnce() -> anyhow::Result<()>,
 ) -> anyhow::Result<i32> {
     let c = oci::open(root, id)?;
     let mut agent = oci::agent(&c.dir)?;
@@ -238,8 +244,18 @@ async fn exec_in(
         .bounded()
         .await?;
     let attached = console::attach(&agent, id, eid, process.terminal);
-    if let Some(mut f) = sync.take() {
-        let _ = f.write_all(b"ok\n");
+    if let Err(e) = started() {
+        let _ = agent
+            .signal_process(agent_proto::SignalProcessRequest {
+                container_id: id.into(),
+                exec_id: eid.into(),
+                signal: libc::SIGKILL as u32,
+                all: false,
+            })
+            .bounded()
+            .await;
+        attached.finish().await;
+        return Err(e);
     }
     let waited = agent
         .wait_process(ProcessRequest {
@@ -279,7 +295,12 @@ pub fn holder_main(args: ExecHolderArgs, root: &Path, log: &crate::logging::Log)
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let r = rt.block_on(exec_in(root, &args.id, &args.exec_id, &process, &mut sync));
+        let r = rt.block_on(exec_in(root, &args.id, &args.exec_id, &process, || {
+            if let Some(mut f) = sync.take() {
+                let _ = f.write_all(b"ok\n");
+            }
+            Ok(())
+        }));
         rt.shutdown_background();
         r
     })();

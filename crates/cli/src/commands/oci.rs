@@ -130,10 +130,11 @@ pub fn spawn_helper(
     Ok((child, outcome))
 }
 
-/// "KILL", "SIGKILL", "kill" or "9" as a signal number.
+/// "KILL", "SIGKILL", "kill" or "9" as a signal number; 0 (as kill(2)
+/// takes it) asks only whether the process exists.
 pub fn parse_signal(s: &str) -> anyhow::Result<i32> {
     if let Ok(n) = s.parse::<i32>() {
-        if (1..=64).contains(&n) {
+        if (0..=64).contains(&n) {
             return Ok(n);
         }
         bail!("invalid signal: {s}");
@@ -171,7 +172,9 @@ mod tests {
         assert_eq!(parse_signal("9").unwrap(), 9);
         assert_eq!(parse_signal("KILL").unwrap(), 9);
         assert_eq!(parse_signal("sigterm").unwrap(), 15);
-        assert!(parse_signal("0").is_err());
+        assert_eq!(parse_signal("0").unwrap(), 0);
+        assert!(parse_signal("65").is_err());
+        assert!(parse_signal("-1").is_err());
         assert!(parse_signal("BOGUS").is_err());
     }
 }
