@@ -40,6 +40,12 @@ pub enum PullError {
         #[source]
         source: OciDistributionError,
     },
+    #[error("registry {registry}: no TLS session (a registry without TLS or with a certificate not trusted here needs --tls-verify=false or an insecure_registries entry)")]
+    Tls {
+        registry: String,
+        #[source]
+        source: OciDistributionError,
+    },
     #[error("registry {registry} did not answer within {secs} s")]
     Timeout {
         registry: String,
@@ -462,17 +468,45 @@ fn transient(e: &OciDistributionError) -> bool {
     matches!(e, OciDistributionError::IoError(_))
 }
 
+/// Whether a connect error came from the TLS handshake (a certificate not
+/// trusted, a server without TLS) rather than from the TCP connection.
+fn tls_failed(re: &reqwest::Error) -> bool {
+    std::error::Error::source(re).is_some_and(carries_tls)
+}
+
+fn carries_tls(e: &(dyn std::error::Error + 'static)) -> bool {
+    if e.is::<rustls::Error>() {
+        return true;
+    }
+    // io::Error's source() skips the error it carries (itself often an
+    // io::Error carrying rustls's): look inside.
+    let carried = e
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref());
+    if carried.is_some_and(|c| carries_tls(c as &(dyn std::error::Error + 'static))) {
+        return true;
+    }
+    e.source().is_some_and(carries_tls)
+}
+
 fn is_connect(e: &OciDistributionError) -> bool {
     request_error(e).is_some_and(|r| r.is_connect())
 }
 
 fn classify(r: &Reference, e: OciDistributionError, options: &PullOptions) -> PullError {
     let registry = r.resolve_registry().to_string();
+    tracing::debug!(error = ?e, "registry request failed");
     if let Some(re) = request_error(&e) {
         if re.is_timeout() {
             return PullError::Timeout {
                 registry,
                 secs: options.read_timeout.as_secs(),
+                source: e,
+            };
+        }
+        if re.is_connect() && tls_failed(re) {
+            return PullError::Tls {
+                registry,
                 source: e,
             };
         }
