@@ -80,6 +80,8 @@ enum Command {
     Template(commands::template::TemplateCommand),
     /// Show what this host offers and whether podvisor can run here.
     Check(commands::check::CheckArgs),
+    /// Images: pull from registries, import archives, list, remove, prune.
+    Image(commands::image::ImageArgs),
     /// Pools of ready clones (the factory policy in /etc/podvisor/config.toml).
     #[command(subcommand)]
     Pool(commands::pool::PoolCommand),
@@ -260,6 +262,7 @@ fn main() -> ExitCode {
             Command::Sandbox(cmd) => commands::sandbox(cmd, root).await,
             Command::Template(cmd) => commands::template::run(cmd, root).await,
             Command::Check(args) => commands::check::run(args).await,
+            Command::Image(args) => commands::image::run(args).await,
             Command::Pool(cmd) => commands::pool::run(cmd, root).await,
             Command::Create(args) => commands::create::create(args, &g).await,
             Command::Start(args) => commands::start::run(args, root).await,

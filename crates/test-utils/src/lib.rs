@@ -1,6 +1,8 @@
 //! Fixtures for tests that boot real VMs: where the built assets are, a state
 //! root per test that checks nothing was left behind, and initramfs images.
 
+pub mod registry;
+
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -7,6 +7,7 @@ pub mod events;
 pub mod exec;
 pub mod features;
 pub mod holder;
+pub mod image;
 pub mod kill;
 pub mod oci;
 pub mod pause;

@@ -31,6 +31,10 @@ struct ConfigFile {
     max_memory_mib: Option<u64>,
     #[serde(default)]
     max_vcpus: Option<u32>,
+    /// The image store's table, read by the image crate.
+    #[serde(default)]
+    #[allow(dead_code)]
+    images: Option<toml::Table>,
 }
 
 /// What the policy file allows annotations to ask for.

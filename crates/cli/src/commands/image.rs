@@ -1,0 +1,256 @@
+//! `podvisor image ...`: pull, list, inspect, remove, import and prune the
+//! images of the store (`/var/lib/podvisor/images` unless configured).
+
+use std::collections::HashMap;
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+use image::{ImageRecord, ImagesConfig, Store};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use sandbox::pool;
+
+#[derive(Args)]
+pub struct ImageArgs {
+    /// The image store's directory (default: `root` of the config file's
+    /// [images] table, else /var/lib/podvisor/images).
+    #[arg(long, global = true)]
+    image_root: Option<PathBuf>,
+    /// podvisor's config file (its [images] table).
+    #[arg(long, global = true, env = "PODVISOR_CONFIG", default_value = pool::DEFAULT_CONFIG)]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: ImageCommand,
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Pull an image from a registry (linux/amd64); prints its digest.
+    Pull(PullArgs),
+    /// List stored images.
+    #[command(alias = "list")]
+    Ls(LsArgs),
+    /// Print a stored image's record, manifest and config as JSON.
+    Inspect { reference: String },
+    /// Remove stored images and the blobs no other image uses.
+    Rm {
+        #[arg(required = true)]
+        references: Vec<String>,
+    },
+    /// Store the images of a docker-archive or oci-archive tarball.
+    Import {
+        file: PathBuf,
+        /// Store the image under this name instead of the archive's.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Remove blobs no image uses and what interrupted pulls left.
+    Prune,
+}
+
+#[derive(Args)]
+struct PullArgs {
+    reference: String,
+    /// Verify the registry's TLS certificate; with false, any certificate
+    /// is taken and plain HTTP is tried if the registry has no TLS.
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true",
+          action = clap::ArgAction::Set)]
+    tls_verify: bool,
+    /// Print only the digest: no progress, no summary.
+    #[arg(long, short)]
+    quiet: bool,
+    /// Seconds a connection or a stalled transfer may take (default 30, or
+    /// `timeout_secs` of [images]).
+    #[arg(long)]
+    timeout: Option<u64>,
+}
+
+#[derive(Args)]
+struct LsArgs {
+    /// table or json.
+    #[arg(long, default_value = "table", value_parser = ["table", "json"])]
+    format: String,
+}
+
+pub async fn run(args: ImageArgs) -> anyhow::Result<u8> {
+    let config = ImagesConfig::load(&args.config)?;
+    let root = args
+        .image_root
+        .clone()
+        .or(config.root.clone())
+        .unwrap_or_else(|| PathBuf::from(image::store::DEFAULT_ROOT));
+    let store = Store::open(&root)
+        .with_context(|| format!("opening the image store {}", root.display()))?;
+    match args.command {
+        ImageCommand::Pull(p) => pull(&store, &config, p).await,
+        ImageCommand::Ls(l) => list(&store, &l.format),
+        ImageCommand::Inspect { reference } => inspect(&store, &reference),
+        ImageCommand::Rm { references } => {
+            for r in references {
+                let found = find(&store, &r)?;
+                store.remove_image(&found.name).await?;
+                println!("{}", found.name);
+            }
+            Ok(0)
+        }
+        ImageCommand::Import { file, name } => {
+            let images = image::import(&store, &file, name.as_deref())
+                .await
+                .with_context(|| format!("importing {}", file.display()))?;
+            for i in images {
+                println!("{} {}", i.name, i.digest);
+            }
+            Ok(0)
+        }
+        ImageCommand::Prune => {
+            let r = store.prune().await?;
+            println!(
+                "removed {} blobs ({}) and {} leftovers of interrupted writes",
+                r.blobs,
+                human_size(r.bytes),
+                r.leftovers
+            );
+            Ok(0)
+        }
+    }
+}
+
+async fn pull(store: &Store, config: &ImagesConfig, args: PullArgs) -> anyhow::Result<u8> {
+    let secs = args.timeout.or(config.timeout_secs).unwrap_or(30).max(1);
+    let progress: Option<Arc<dyn image::Progress>> =
+        (!args.quiet && std::io::stderr().is_terminal()).then(|| Arc::new(Bars::default()) as _);
+    let options = image::PullOptions {
+        tls_verify: args.tls_verify,
+        insecure_registries: config.insecure_registries.clone(),
+        connect_timeout: Duration::from_secs(secs.min(10)),
+        read_timeout: Duration::from_secs(secs),
+        progress,
+        ..image::PullOptions::default()
+    };
+    let pulled = image::pull(store, &args.reference, &options)
+        .await
+        .with_context(|| format!("pulling {}", args.reference))?;
+    if !args.quiet {
+        eprintln!(
+            "pulled {}: {} blobs fetched ({}), {} already stored",
+            pulled.image.name,
+            pulled.fetched,
+            human_size(pulled.bytes_fetched),
+            pulled.present
+        );
+    }
+    println!("{}", pulled.image.digest);
+    Ok(0)
+}
+
+fn find(store: &Store, reference: &str) -> anyhow::Result<ImageRecord> {
+    Ok(store.find(reference, image::normalize(reference).as_deref())?)
+}
+
+fn list(store: &Store, format: &str) -> anyhow::Result<u8> {
+    let images = store.images()?;
+    if format == "json" {
+        println!("{}", serde_json::to_string_pretty(&images)?);
+        return Ok(0);
+    }
+    let now = image::store::now_secs();
+    println!("{:<50} {:<19} {:>10}  AGE", "NAME", "DIGEST", "SIZE");
+    for i in images {
+        println!(
+            "{:<50} {:<19} {:>10}  {}",
+            i.name,
+            &i.digest[..i.digest.len().min(19)],
+            human_size(i.size),
+            age(now.saturating_sub(i.created))
+        );
+    }
+    Ok(0)
+}
+
+fn inspect(store: &Store, reference: &str) -> anyhow::Result<u8> {
+    let i = find(store, reference)?;
+    let json_blob = |digest: &str| -> anyhow::Result<serde_json::Value> {
+        Ok(serde_json::from_slice(&store.read_blob(digest)?)
+            .with_context(|| format!("blob {digest} is not JSON"))?)
+    };
+    let out = serde_json::json!({
+        "image": i,
+        "manifest": json_blob(&i.digest)?,
+        "config": json_blob(&i.config)?,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(0)
+}
+
+fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["kB", "MB", "GB", "TB"];
+    if bytes < 1000 {
+        return format!("{bytes} B");
+    }
+    let mut v = bytes as f64 / 1000.0;
+    let mut unit = 0;
+    while v >= 1000.0 && unit + 1 < UNITS.len() {
+        v /= 1000.0;
+        unit += 1;
+    }
+    format!("{v:.1} {}", UNITS[unit])
+}
+
+fn age(secs: u64) -> String {
+    match secs {
+        0..60 => format!("{secs} seconds ago"),
+        60..3600 => format!("{} minutes ago", secs / 60),
+        3600..86400 => format!("{} hours ago", secs / 3600),
+        _ => format!("{} days ago", secs / 86400),
+    }
+}
+
+/// A progress bar per blob on the terminal: bytes and rate.
+#[derive(Default)]
+struct Bars {
+    multi: MultiProgress,
+    bars: Mutex<HashMap<String, ProgressBar>>,
+}
+
+impl image::Progress for Bars {
+    fn start(&self, digest: &str, size: u64) {
+        let bar = self.multi.add(ProgressBar::new(size));
+        if let Ok(style) = ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec}",
+        ) {
+            bar.set_style(style.progress_chars("=> "));
+        }
+        bar.set_prefix(digest[..digest.len().min(19)].to_string());
+        if let Ok(mut bars) = self.bars.lock() {
+            bars.insert(digest.to_string(), bar);
+        }
+    }
+
+    fn advance(&self, digest: &str, bytes: u64) {
+        if let Some(b) = self.bars.lock().ok().and_then(|b| b.get(digest).cloned()) {
+            b.inc(bytes);
+        }
+    }
+
+    fn finish(&self, digest: &str) {
+        if let Some(b) = self.bars.lock().ok().and_then(|mut b| b.remove(digest)) {
+            b.finish();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_ages_read_as_people_write_them() {
+        assert_eq!(human_size(999), "999 B");
+        assert_eq!(human_size(1_500_000), "1.5 MB");
+        assert_eq!(age(59), "59 seconds ago");
+        assert_eq!(age(7200), "2 hours ago");
+    }
+}
