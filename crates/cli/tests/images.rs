@@ -212,7 +212,7 @@ fn an_index_yields_linux_amd64_and_an_arm64_only_index_is_refused() {
     let arm_layer = layout.layer(&arm_tree, "gzip");
     let arm64 = layout.image(&[arm_layer], "arm64");
     let both = layout.index_of(&[arm64.clone(), amd64.clone()]);
-    let arm_only = layout.index_of(&[arm64.clone()]);
+    let arm_only = layout.index_of(std::slice::from_ref(&arm64));
     layout.tag("multi", &both);
     layout.tag("arm", &arm_only);
     reg.push(&layout.dir, "multi", "multi:1", &["--all"]);
@@ -326,7 +326,7 @@ fn a_pull_killed_midway_leaves_nothing_complete_and_the_next_one_finishes() {
         .collect();
     std::fs::write(big.join("noise"), noise).unwrap();
     let layer = layout.layer(&big, "gzip");
-    let m = layout.image(&[layer.clone()], "amd64");
+    let m = layout.image(std::slice::from_ref(&layer), "amd64");
     layout.tag("1", &m);
     reg.push(&layout.dir, "1", "big:1", &[]);
 
@@ -393,7 +393,7 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn basic_auth_over_tls_with_right_and_wrong_credentials() {
-    let (env, reg, layout, m) = served("auth", "private/busybox:1", true);
+    let (env, reg, _layout, m) = served("auth", "private/busybox:1", true);
     let r = format!("{}/private/busybox:1", reg.host());
 
     let err = env.fails(&["pull", &r]);
@@ -549,7 +549,7 @@ fn a_corrupted_or_truncated_blob_is_refused_and_nothing_is_stored() {
 
 #[test]
 fn an_http_proxy_from_the_environment_is_honoured() {
-    let (env, reg, layout, m) = served("proxy", "busybox:1", false);
+    let (env, reg, _layout, m) = served("proxy", "busybox:1", false);
     // The relay forwards whatever it gets to the registry, which serves
     // absolute-form requests: a name that resolves nowhere works only
     // through the proxy.

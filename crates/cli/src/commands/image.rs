@@ -173,8 +173,8 @@ fn list(store: &Store, format: &str) -> anyhow::Result<u8> {
 fn inspect(store: &Store, reference: &str) -> anyhow::Result<u8> {
     let i = find(store, reference)?;
     let json_blob = |digest: &str| -> anyhow::Result<serde_json::Value> {
-        Ok(serde_json::from_slice(&store.read_blob(digest)?)
-            .with_context(|| format!("blob {digest} is not JSON"))?)
+        serde_json::from_slice(&store.read_blob(digest)?)
+            .with_context(|| format!("blob {digest} is not JSON"))
     };
     let out = serde_json::json!({
         "image": i,
