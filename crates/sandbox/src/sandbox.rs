@@ -544,8 +544,8 @@ impl Sandbox {
     }
 
     /// The VM's agent socket (for a new session after this one hangs up).
-    pub fn agent_socket(&self) -> Option<PathBuf> {
-        Some(self.agent_socket.clone())
+    pub fn agent_socket(&self) -> PathBuf {
+        self.agent_socket.clone()
     }
 
     /// Closes this host's agent session now, so that another process can

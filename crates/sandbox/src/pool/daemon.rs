@@ -61,7 +61,7 @@ async fn launch_member(root: &Path, template: &Template, n: u64) -> Result<Membe
         }
     };
     warm_up(&sb, &share).await;
-    let agent_socket = sb.agent_socket().unwrap_or_default();
+    let agent_socket = sb.agent_socket();
     // Hang up: whoever takes the clone opens a session of its own.
     let paused = match sb.hang_up_agent() {
         Ok(()) => {

@@ -110,7 +110,7 @@ async fn serve(conn: std::os::unix::net::UnixStream, lock: Option<OwnedFd>) {
             drop(unsafe { OwnedFd::from_raw_fd(fd) });
         }
     }
-    let mut vm = match launched.and_then(|vm| {
+    let (mut vm, pidfd) = match launched.and_then(|vm| {
         let fd = pidfd_open(vm.pid()).map_err(hypervisor::HypervisorError::QmpIo)?;
         Ok((vm, fd))
     }) {
@@ -122,25 +122,26 @@ async fn serve(conn: std::os::unix::net::UnixStream, lock: Option<OwnedFd>) {
     };
     let launched = Reply {
         seq: FIRST,
-        pid: vm.0.pid(),
+        pid: vm.pid(),
         ..Default::default()
     };
     let mut cleanup = Vec::new();
-    if reply(&conn, &launched, &[vm.1.as_raw_fd()]).await.is_ok() {
+    if reply(&conn, &launched, &[pidfd.as_raw_fd()]).await.is_ok() {
         // SAFETY: an OwnedFd: open, and the same descriptor for its life.
-        let pidfd = unsafe { AsyncFd::register_with_interest(vm.1, tokio::io::Interest::READABLE) };
+        let pidfd =
+            unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) };
         if let Ok(pidfd) = pidfd {
             let mut served = Served {
-                vm: &mut vm.0,
+                vm: &mut vm,
                 config: &config,
                 cleanup: &mut cleanup,
             };
             serve_requests(&conn, &mut reader, &mut served, &pidfd).await;
         }
     }
-    vm.0.stop(Duration::ZERO).await;
+    vm.stop(Duration::ZERO).await;
     // Dropping the VMM releases its jail's uid and cgroups.
-    drop(vm.0);
+    drop(vm);
     drop(lock);
     clean(&cleanup);
 }
