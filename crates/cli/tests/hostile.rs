@@ -289,6 +289,25 @@ fn qemu_runs_jailed() {
     }
     assert_eq!(status_field(pid, "Seccomp"), "2");
     assert_eq!(status_field(pid, "NoNewPrivs"), "1");
+    // It holds neither its supervisor's sockets (it could answer the front
+    // end in the supervisor's name) nor its state directory's lock.
+    let fds = |p: &str| -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{p}/fd"))
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| std::fs::read_link(e.path()).ok())
+                    .map(|l| l.to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let supervisor = status_field(pid, "PPid");
+    let ours = fds(&supervisor);
+    assert!(!ours.is_empty(), "no supervisor's descriptors seen");
+    for fd in fds(&pid.to_string()) {
+        let shared_socket = fd.starts_with("socket:") && ours.contains(&fd);
+        assert!(!shared_socket && !fd.ends_with("/lock"), "QEMU holds {fd}");
+    }
     let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/mnt")).unwrap();
     assert_ne!(
         ns(&pid.to_string()),
