@@ -637,3 +637,150 @@ fn cloned_vm_cmdline(pod: &str) -> String {
         .map(|p| cmdline(p))
         .unwrap_or_default()
 }
+
+/// The share path QEMU serves in its jail, from its command line.
+fn jail_share(qemu: &str) -> String {
+    let cmd = cmdline(qemu);
+    let at = cmd.find("path=").expect("an -fsdev path") + "path=".len();
+    cmd[at..].split(',').next().unwrap_or_default().to_string()
+}
+
+/// The mount points (field 5 of mountinfo) in `pid`'s mount namespace whose
+/// source root (field 4) ends with `root`.
+fn mounts_of(pid: &str, root: &str) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.split(' ').nth(3).is_some_and(|r| r.ends_with(root)))
+        .filter_map(|l| l.split(' ').nth(4).map(String::from))
+        .collect()
+}
+
+/// A guest that has taken over its VMM (all a hostile guest kernel can do
+/// through 9p, and more: root, in QEMU's own mount namespace) swaps
+/// renames and symlinks into the pod's share while containerd removes a
+/// container and then the pod. Nothing outside what is removed is
+/// unmounted or deleted: the other container keeps its volume, the host
+/// its mounts and files.
+#[tokio::test(flavor = "current_thread")]
+async fn a_symlink_swapped_in_during_a_delete_unmounts_nothing_else() {
+    use k8s_cri::v1::{Mount, RemoveContainerRequest, StopContainerRequest};
+    use std::process::{Command, Stdio};
+    let c = Containerd::start_with_subnet("10.88.95.0/24");
+    c.import_busybox("k8s.io");
+    let logs = Scratch::new("cri-swap");
+    let victim = Scratch::new("cri-swap-victim");
+    let attack = Scratch::new("cri-swap-attack");
+    std::fs::write(victim.0.join("probe"), "still-here").unwrap();
+    // A host mount outside the pod, a target for a redirected unmount.
+    let sentinel = Scratch::new("cri-swap-sentinel");
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "sentinel"])
+        .arg(&sentinel.0)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mounting the sentinel tmpfs");
+    std::fs::write(sentinel.0.join("probe"), "sentinel").unwrap();
+    let mut cri = connect(c.socket()).await;
+
+    let cfg = pod_config("swap", &logs.0);
+    let pod = run_pod(&mut cri, &cfg).await;
+    let with_volume = |name: &str, host: &std::path::Path, at: &str| {
+        let mut k = container(name, &["sleep", "3600"]);
+        k.mounts = vec![Mount {
+            container_path: at.into(),
+            host_path: host.to_string_lossy().into_owned(),
+            ..Default::default()
+        }];
+        k
+    };
+    let keeper =
+        start_configured(&mut cri, &pod, &cfg, with_volume("keeper", &victim.0, "/v")).await;
+    let doomed =
+        start_configured(&mut cri, &pod, &cfg, with_volume("doomed", &attack.0, "/a")).await;
+    let (code, out) = exec_sync(&mut cri, &keeper, &["cat", "/v/probe"]).await;
+    assert_eq!((code, out.as_str()), (0, "still-here"));
+
+    let qemu = vms_pids(&pod).pop().expect("the pod's QEMU");
+    let shim = shim_of(&pod).expect("the pod's shim");
+    let share = jail_share(&qemu);
+    let victim_root = victim.0.to_string_lossy().into_owned();
+    let before = mounts_of(&shim, &victim_root);
+    assert_eq!(before.len(), 1, "the keeper's volume, once: {before:?}");
+    // In QEMU's mount namespace, as root, for at most 30 s: every entry of
+    // the share's top is moved away and replaced with a link to the
+    // keeper's entry or to the sentinel, over and over.
+    let script = format!(
+        "end=$(( $(date +%s) + 30 )); n=0
+         while [ $(date +%s) -lt $end ] && [ ! -e {share}/../stop-attack ]; do
+           for e in {share}/*; do
+             [ -L \"$e\" ] && continue
+             case \"$e\" in *{keeper}*) t={share}/{keeper} ;; *) t={sentinel} ;; esac
+             mv \"$e\" \"$e.moved$n\" 2>/dev/null && ln -s \"$t\" \"$e\" 2>/dev/null
+             rmdir \"$e\" 2>/dev/null && ln -s \"$t\" \"$e\" 2>/dev/null
+             n=$((n+1))
+           done
+         done; echo swapped $n",
+        share = share,
+        keeper = keeper,
+        sentinel = sentinel.0.display(),
+    );
+    let mut attacker = Command::new("nsenter")
+        .args(["-t", &qemu, "-m", "--", "sh", "-c", &script])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nsenter");
+
+    cri.stop_container(StopContainerRequest {
+        container_id: doomed.clone(),
+        timeout: 2,
+    })
+    .await
+    .expect("StopContainer");
+    cri.remove_container(RemoveContainerRequest {
+        container_id: doomed.clone(),
+    })
+    .await
+    .expect("RemoveContainer");
+    // The keeper's volume is where it was, in the shim's view and the guest's.
+    assert_eq!(
+        mounts_of(&shim, &victim_root),
+        before,
+        "the keeper's volume moved"
+    );
+    let (code, out) = exec_sync(&mut cri, &keeper, &["cat", "/v/probe"]).await;
+    assert_eq!((code, out.as_str()), (0, "still-here"));
+    let attack_root = attack.0.to_string_lossy().into_owned();
+    assert!(
+        mounts_of(&shim, &attack_root).is_empty(),
+        "the removed container's volume is still mounted in the shim"
+    );
+
+    cri::remove_pod(&mut cri, &pod).await;
+    eventually("the pod's VM gone", Duration::from_secs(20), || {
+        let p = pod.clone();
+        async move { vms_of(&p) == 0 }
+    })
+    .await;
+    let _ = attacker.kill();
+    let _ = attacker.wait();
+    // The host: the sentinel is still mounted with its file, the volumes'
+    // files are all there, and nothing of the pod is left.
+    let host_mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        host_mounts.contains(&format!(" {} ", sentinel.0.display())),
+        "the sentinel tmpfs was unmounted"
+    );
+    assert_eq!(
+        std::fs::read_to_string(sentinel.0.join("probe")).unwrap(),
+        "sentinel"
+    );
+    assert_eq!(
+        std::fs::read_to_string(victim.0.join("probe")).unwrap(),
+        "still-here"
+    );
+    let _ = Command::new("umount").arg(&sentinel.0).status();
+    let left = test_utils::processes_mentioning(&c.pv_root().to_string_lossy());
+    assert!(left.is_empty(), "left running: {left:?}");
+}

@@ -31,6 +31,8 @@ pub struct AgentService {
 }
 
 const SHARES: &str = "/run/podvisor/shares";
+/// Where block devices are mounted, by serial.
+const DISKS: &str = "/run/podvisor/disks";
 
 impl AgentService {
     pub fn new(reaper: Reaper, ready_ms: u64) -> Self {
@@ -165,6 +167,52 @@ fn mount_share(shares: &Mutex<HashSet<String>>, tag: &str) -> Result<PathBuf, St
     Ok(path)
 }
 
+/// The block device whose virtio-blk serial is `serial`, as /dev/NAME.
+fn disk_by_serial(serial: &str) -> Result<PathBuf, Status> {
+    let entries = fs::read_dir("/sys/block").map_err(internal("listing block devices"))?;
+    for entry in entries.flatten() {
+        let found = fs::read_to_string(entry.path().join("serial")).unwrap_or_default();
+        if found.trim_end_matches(['\0', '\n']) == serial {
+            return Ok(Path::new("/dev").join(entry.file_name()));
+        }
+    }
+    Err(Status::invalid_argument(format!(
+        "no disk with serial {serial:?} in this VM"
+    )))
+}
+
+/// Mounts the ext4 disk `serial` once, under DISKS, and returns where.
+/// Read-only is for an image shared by every sandbox: never written, not
+/// even to replay a journal (it has none).
+fn mount_disk(
+    mounted: &Mutex<HashSet<String>>,
+    serial: &str,
+    readonly: bool,
+) -> Result<PathBuf, Status> {
+    valid_id(serial)?;
+    let key = format!("disk:{serial}");
+    let path = Path::new(DISKS).join(serial);
+    let mut mounted = mounted.lock().unwrap_or_else(|e| e.into_inner());
+    if mounted.contains(&key) {
+        return Ok(path);
+    }
+    let device = disk_by_serial(serial)?;
+    fs::create_dir_all(&path).map_err(internal("creating the disk mount point"))?;
+    let flags = if readonly {
+        MsFlags::MS_RDONLY
+    } else {
+        MsFlags::empty()
+    };
+    mount(Some(&device), &path, Some("ext4"), flags, None::<&str>).map_err(|e| {
+        Status::invalid_argument(format!(
+            "mounting disk {serial:?} ({}): {e}",
+            device.display()
+        ))
+    })?;
+    mounted.insert(key);
+    Ok(path)
+}
+
 /// The container's root inside its share; refuses paths that leave it.
 fn rootfs_source(share: &Path, subpath: &str) -> Result<PathBuf, Status> {
     let sub = Path::new(subpath);
@@ -185,25 +233,48 @@ fn rootfs_source(share: &Path, subpath: &str) -> Result<PathBuf, Status> {
     Ok(source)
 }
 
-fn mount_container(dir: &Path, source: &Path, overlay: bool) -> Result<(), Status> {
+/// Mounts the container's root at `dir`/rootfs: `source` itself, or with
+/// `overlay` a writable layer over it, in `disk_layer` (a directory of the
+/// container's own on a writable disk) or else on a tmpfs.
+fn mount_container(
+    dir: &Path,
+    source: &Path,
+    overlay: bool,
+    disk_layer: Option<&Path>,
+) -> Result<(), Status> {
     let rootfs = dir.join("rootfs");
     let pts = dir.join("pts");
     fs::create_dir_all(&rootfs).map_err(internal("creating the container directory"))?;
     fs::create_dir_all(&pts).map_err(internal("creating the container directory"))?;
-    if overlay {
-        // The host's copy stays as it is: writes land in guest memory.
-        let layer = dir.join("layer");
-        fs::create_dir_all(&layer).map_err(internal("creating the container directory"))?;
-        mount(
-            Some("layer"),
-            &layer,
-            Some("tmpfs"),
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-            Some("mode=0755"),
-        )
-        .map_err(errno("mounting the root's writable layer"))?;
+    // Where the writable layer's upper and work directories go: on the
+    // container's directory of a writable disk, or on a tmpfs in guest
+    // memory (the host's copy of the root stays as it is).
+    let layer = match disk_layer {
+        Some(layer) if layer.exists() => {
+            return Err(Status::already_exists(format!(
+                "{} already has a writable layer",
+                layer.display()
+            )))
+        }
+        Some(layer) => Some(layer.to_path_buf()),
+        None if overlay => {
+            let layer = dir.join("layer");
+            fs::create_dir_all(&layer).map_err(internal("creating the container directory"))?;
+            mount(
+                Some("layer"),
+                &layer,
+                Some("tmpfs"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                Some("mode=0755"),
+            )
+            .map_err(errno("mounting the root's writable layer"))?;
+            Some(layer)
+        }
+        None => None,
+    };
+    if let Some(layer) = layer {
         for sub in ["upper", "work"] {
-            fs::create_dir(layer.join(sub)).map_err(internal("creating the writable layer"))?;
+            fs::create_dir_all(layer.join(sub)).map_err(internal("creating the writable layer"))?;
         }
         let opts = format!(
             "lowerdir={},upperdir={},workdir={}",
@@ -287,14 +358,26 @@ fn build_container(
     reaper: &Reaper,
     shares: &Mutex<HashSet<String>>,
 ) -> Result<Container, Status> {
-    let share = mount_share(shares, &req.rootfs_tag)?;
+    let share = match (&req.block_root, req.rootfs_tag.as_str()) {
+        // No share: a bind mount's source is nowhere to be found.
+        (Some(_), "") => PathBuf::from("/nonexistent"),
+        _ => mount_share(shares, &req.rootfs_tag)?,
+    };
     let mounts = crate::mounts::plan(&req.mounts, &share).map_err(Status::invalid_argument)?;
     let sysctl = sysctl_paths(&req.sysctl)?;
-    mount_container(
-        dir,
-        &rootfs_source(&share, &req.rootfs_subpath)?,
-        req.rootfs_overlay,
-    )?;
+    match &req.block_root {
+        Some(b) => {
+            let image = mount_disk(shares, &b.image_serial, true)?;
+            let layer = mount_disk(shares, &b.layer_serial, false)?;
+            mount_container(dir, &image, true, Some(&layer.join(&req.container_id)))?;
+        }
+        None => mount_container(
+            dir,
+            &rootfs_source(&share, &req.rootfs_subpath)?,
+            req.rootfs_overlay,
+            None,
+        )?,
+    }
     cgroup::create(cg, req.resources.as_ref())
         .map_err(internal("creating the container cgroup"))?;
     let (host, child) = open_stdio(process, &dir.join("pts"))?;

@@ -262,7 +262,7 @@ fn main() -> ExitCode {
             Command::Sandbox(cmd) => commands::sandbox(cmd, root).await,
             Command::Template(cmd) => commands::template::run(cmd, root).await,
             Command::Check(args) => commands::check::run(args).await,
-            Command::Image(args) => commands::image::run(args).await,
+            Command::Image(args) => commands::image::run(args, root).await,
             Command::Pool(cmd) => commands::pool::run(cmd, root).await,
             Command::Create(args) => commands::create::create(args, &g).await,
             Command::Start(args) => commands::start::run(args, root).await,

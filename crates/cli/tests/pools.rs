@@ -259,6 +259,8 @@ fn a_pooled_vm_takes_its_callers_cgroup_and_cpu_limit() {
         c["process"]["args"] = serde_json::json!(["sleep", "60"]);
         c["linux"]["cgroupsPath"] = format!("/{leaf}").into();
         c["linux"]["resources"]["cpu"] = serde_json::json!({"quota": 50000, "period": 100000});
+        // A VM of 64 + 128 = 192 MiB, smaller than the 256 MiB template.
+        c["linux"]["resources"]["memory"] = serde_json::json!({"limit": 64u64 << 20});
     });
     // The container's stdio is what `create` was given (as with runc).
     let created = podvisor(&root)
@@ -281,6 +283,18 @@ fn a_pooled_vm_takes_its_callers_cgroup_and_cpu_limit() {
         .unwrap_or_else(|| panic!("no QEMU in {}", procs.display()));
     test_utils::in_cgroup(pid as u32, &leaf).unwrap();
     assert_eq!(test_utils::cpu_quota(&leaf), Some(50000), "half a CPU");
+    // The host holds the guest to the container's size, not the template's:
+    // 192 MiB plus the VMM's overhead (512 MiB under TCG, 160 under KVM).
+    let limit = test_utils::cgroup_file(&leaf, "memory.max", "memory", "memory.limit_in_bytes");
+    let limit: u64 = std::fs::read_to_string(&limit)
+        .unwrap_or_default()
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    assert!(
+        [(192 + 512) << 20, (192 + 160) << 20].contains(&limit),
+        "memory limit {limit}, not the container's 192 MiB VM"
+    );
     let o = output(podvisor(&root).args(["delete", "--force", "pcg"]));
     assert!(o.status.success(), "delete: {}", text(&o.stderr));
     let deadline = Instant::now() + Duration::from_secs(10);

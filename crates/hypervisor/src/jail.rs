@@ -33,6 +33,11 @@ pub struct Jail {
     /// `cgroupsPath`, a pod's sandbox cgroup); `None`: `podvisor/vm-<uid>`.
     /// It must be empty of processes.
     pub cgroup: Option<String>,
+    /// The guest RAM (MiB) the cgroup's memory limit is made for, when it is
+    /// less than the VM's: a clone of a larger template held to the size its
+    /// caller asked for. `None`: the VM's RAM.
+    #[serde(default)]
+    pub memory_mib: Option<u64>,
     /// The caller mounts into the shares after start and runs in a mount
     /// namespace of its own: each share becomes a shared mount point there,
     /// so those mounts reach the jail.
@@ -72,6 +77,8 @@ pub struct Paths {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub shares: Vec<PathBuf>,
+    /// Each disk's layers, bottom to top.
+    pub disks: Vec<Vec<PathBuf>>,
     pub memory: Option<PathBuf>,
     /// The memory file is a template's, mapped privately, and this QEMU can
     /// open it read-only (`readonly=on,rom=off`): it is bound read-only.
@@ -88,6 +95,7 @@ impl Paths {
             kernel: config.kernel.clone(),
             initrd: config.initrd.clone(),
             shares: config.shares.iter().map(|s| s.path.clone()).collect(),
+            disks: config.disks.iter().map(|d| d.layers.clone()).collect(),
             memory: match &config.memory {
                 crate::MemoryBackend::File { path, .. } => Some(path.clone()),
                 crate::MemoryBackend::Anonymous => None,
@@ -225,28 +233,40 @@ fn cpu_quota(config: &VmConfig, jail: &Jail) -> u64 {
     millis * CPU_PERIOD_US / 1000
 }
 
-/// Sets `jail`'s CPU limit on a VM's cgroup leaves `dirs`.
-pub(crate) fn set_cpu_limit(
+/// The memory limit (bytes) of a VM's cgroup: its guest RAM, or the
+/// smaller size its caller asked for, plus the VMM's overhead.
+fn memory_limit(config: &VmConfig, jail: &Jail) -> u64 {
+    let ram = jail
+        .memory_mib
+        .map_or(config.memory_mib, |m| m.min(config.memory_mib));
+    (ram + memory_overhead_mib(config.accel)) << 20
+}
+
+/// Sets `jail`'s CPU limit and the memory limit of a VM of `config`'s size
+/// on a VM's cgroup leaves `dirs`.
+pub(crate) fn set_limits(
     dirs: &[PathBuf],
     config: &VmConfig,
     jail: &Jail,
 ) -> Result<(), HypervisorError> {
     let quota = cpu_quota(config, jail);
+    let memory = memory_limit(config, jail);
     for dir in dirs {
-        let (file, value) = match dir.join("cpu.max").exists() {
-            true => ("cpu.max", format!("{quota} {CPU_PERIOD_US}")),
-            false if dir.join("cpu.cfs_quota_us").exists() => {
-                ("cpu.cfs_quota_us", quota.to_string())
-            }
-            false => continue,
-        };
-        fs::write(dir.join(file), value).map_err(|e| io_err("writing", &dir.join(file), e))?;
+        let limits = [
+            ("cpu.max", format!("{quota} {CPU_PERIOD_US}")),
+            ("cpu.cfs_quota_us", quota.to_string()),
+            ("memory.max", memory.to_string()),
+            ("memory.limit_in_bytes", memory.to_string()),
+        ];
+        for (file, value) in limits.iter().filter(|(f, _)| dir.join(f).exists()) {
+            fs::write(dir.join(file), value).map_err(|e| io_err("writing", &dir.join(file), e))?;
+        }
     }
     Ok(())
 }
 
 fn make_cgroup(uid: u32, config: &VmConfig, jail: &Jail) -> Result<Vec<PathBuf>, HypervisorError> {
-    let memory = (config.memory_mib + memory_overhead_mib(config.accel)) << 20;
+    let memory = memory_limit(config, jail);
     let quota = cpu_quota(config, jail);
     let write = |dir: &Path, file: &str, value: String| {
         fs::write(dir.join(file), value).map_err(|e| io_err("writing", &dir.join(file), e))
@@ -565,6 +585,24 @@ impl Plan {
                 | if s.readonly { MOUNT_ATTR_RDONLY } else { 0 };
             shares.push(bind(&s.path, &format!("/share/{i}"), attrs)?);
         }
+        // Disk images: only the top layer of a writable disk is writable.
+        let mut disks = Vec::new();
+        if !config.disks.is_empty() {
+            dirs.push(cstr(&inside("/disk")));
+        }
+        for (i, d) in config.disks.iter().enumerate() {
+            let top = d.layers.len().saturating_sub(1);
+            let mut layers = Vec::new();
+            for (j, layer) in d.layers.iter().enumerate() {
+                let ro = if j < top || d.readonly {
+                    MOUNT_ATTR_RDONLY
+                } else {
+                    0
+                };
+                layers.push(bind(layer, &format!("/disk/{i}-{j}"), file | ro)?);
+            }
+            disks.push(layers);
+        }
         let vm_dir = vm_dir(config);
         let vm = bind(&vm_dir, "/vm", file)?;
         let proc_dir = cstr(&inside("/proc"));
@@ -595,6 +633,7 @@ impl Plan {
             kernel,
             initrd,
             shares,
+            disks,
             memory,
             memory_readonly: memory_readonly(binary, config),
             vm_dir: vm,

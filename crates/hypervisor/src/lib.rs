@@ -55,6 +55,30 @@ pub struct Nic {
     pub fd: Option<i32>,
 }
 
+/// A virtio-blk disk the guest finds by `serial`: a chain of image files,
+/// the bottom one raw and each one above it a qcow2 overlay of the one
+/// below (its header's backing file name is not used: the chain is given
+/// here). Only the top one is ever written, and only unless `readonly`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Disk {
+    pub serial: String,
+    pub layers: Vec<PathBuf>,
+    pub readonly: bool,
+}
+
+impl Disk {
+    /// Whether the guest can tell this disk by its serial: virtio-blk keeps
+    /// 20 bytes of it, and QEMU's option syntax and the guest's sysfs want
+    /// plain characters.
+    pub fn valid_serial(serial: &str) -> bool {
+        !serial.is_empty()
+            && serial.len() <= 20
+            && serial
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    }
+}
+
 /// Where guest memory lives.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub enum MemoryBackend {
@@ -76,6 +100,8 @@ pub struct VmConfig {
     /// Extra kernel command-line words (the driver adds console and panic ones).
     pub kernel_args: Vec<String>,
     pub shares: Vec<Share>,
+    #[serde(default)]
+    pub disks: Vec<Disk>,
     pub nics: Vec<Nic>,
     /// Put each NIC behind a hub of its own, so that its tap can join after
     /// start (templates and their clones: the tap is the clone's, the device

@@ -2,15 +2,18 @@
 //! from archives, kept as verified, content-addressed blobs.
 
 pub mod auth;
+pub mod blockroot;
 pub mod config;
 pub mod import;
 pub mod pull;
 pub mod store;
+pub mod unpack;
 
 pub use config::ImagesConfig;
 pub use import::{import, ImportError};
 pub use pull::{pull, Progress, PullError, PullOptions, Pulled};
 pub use store::{ImageRecord, Reclaimed, Store, StoreError};
+pub use unpack::{apply_layer, unpack_image, Limits, UnpackError, Unpacked};
 
 use oci_client::manifest::{self, OciImageManifest};
 

@@ -379,6 +379,12 @@ impl Staging {
     pub fn store(&self) -> &Store {
         &self.store
     }
+
+    /// The writer's directory: anything may be built in it (it goes with
+    /// the writer); move results out with a rename.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
 }
 
 impl Drop for Staging {

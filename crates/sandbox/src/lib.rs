@@ -16,7 +16,7 @@ pub mod state;
 pub mod supervisor;
 pub mod template;
 
-pub use sandbox::{Sandbox, SandboxConfig, Timings};
+pub use sandbox::{BlockRoot, Sandbox, SandboxConfig, Timings, IMAGE_SERIAL, LAYER_SERIAL};
 
 use hypervisor::{Accel, HostVirt};
 

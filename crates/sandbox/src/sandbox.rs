@@ -1,7 +1,7 @@
 //! One sandbox: a VM booted with our kernel and agent, its state directory,
 //! and the agent client. `start` leaves nothing behind when it fails.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use agent_proto::Empty;
@@ -43,6 +43,98 @@ pub struct SandboxConfig {
     /// Clone this template instead of booting (its shape overrides memory,
     /// vcpus, assets and accelerator); boot cold if it is unusable.
     pub template: Option<Template>,
+    /// Give the guest a container root on block devices.
+    pub block_root: Option<BlockRoot>,
+}
+
+/// The virtio-blk serials the guest finds a block root's disks by.
+pub const IMAGE_SERIAL: &str = "podvisor-image";
+pub const LAYER_SERIAL: &str = "podvisor-layer";
+
+/// A container root on block devices: an image's filesystem, read-only
+/// (shared by every sandbox of that image), and a writable layer of the
+/// sandbox's own, a copy-on-write overlay of an empty filesystem. The guest
+/// agent lays the two together with overlayfs.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BlockRoot {
+    pub image: PathBuf,
+    pub empty: PathBuf,
+}
+
+impl BlockRoot {
+    /// The VM's disks: the writable one is `layers` over the empty
+    /// filesystem (the sandbox's own on top; a clone's over its template's).
+    pub(crate) fn disks(&self, layers: &[PathBuf]) -> Vec<hypervisor::Disk> {
+        let mut chain = vec![self.empty.clone()];
+        chain.extend_from_slice(layers);
+        vec![
+            hypervisor::Disk {
+                serial: IMAGE_SERIAL.into(),
+                layers: vec![self.image.clone()],
+                readonly: true,
+            },
+            hypervisor::Disk {
+                serial: LAYER_SERIAL.into(),
+                layers: chain,
+                readonly: false,
+            },
+        ]
+    }
+}
+
+/// A sandbox's (or template's) writable layer, in its directory.
+pub(crate) const LAYER_FILE: &str = "layer.qcow2";
+
+/// A qcow2 overlay at `path` of `base` (a raw image, or with `qcow2_base`
+/// a template's layer): it starts empty (a few hundred KiB) and grows by
+/// what the guest writes.
+pub(crate) fn make_overlay(base: &Path, qcow2_base: bool, path: &Path) -> Result<(), SandboxError> {
+    let size = std::fs::metadata(base)
+        .map_err(|e| SandboxError::Invalid(format!("{}: {e}", base.display())))?
+        .len();
+    // A qcow2 base's virtual size is its raw base's, which is what the
+    // guest's filesystem spans.
+    let size = match qcow2_base {
+        true => virtual_size(base)?,
+        false => size,
+    };
+    let format = if qcow2_base { "qcow2" } else { "raw" };
+    let out = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-u", "-F", format, "-b"])
+        .arg(base)
+        .arg(path)
+        .arg(size.to_string())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| {
+            SandboxError::Invalid(format!("qemu-img (install Debian's qemu-utils): {e}"))
+        })?;
+    if !out.status.success() {
+        return Err(SandboxError::Invalid(format!(
+            "qemu-img create {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// The virtual size of qcow2 image `path` (its header's, at byte 24).
+fn virtual_size(path: &Path) -> Result<u64, SandboxError> {
+    use std::io::Read;
+    let mut header = [0u8; 32];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut header))
+        .map_err(|e| SandboxError::Invalid(format!("{}: {e}", path.display())))?;
+    if &header[..4] != b"QFI\xfb" {
+        return Err(SandboxError::Invalid(format!(
+            "{} is not a qcow2 image",
+            path.display()
+        )));
+    }
+    let mut size = [0u8; 8];
+    size.copy_from_slice(&header[24..32]);
+    Ok(u64::from_be_bytes(size))
 }
 
 /// Where the time of `start` went.
@@ -76,6 +168,8 @@ pub struct Sandbox {
     /// The VM's share is in its supervisor's mount namespace, not ours (a
     /// VM a pool made): `attach` fills it.
     remote_share: bool,
+    /// The VM has a block root's disks (`IMAGE_SERIAL`, `LAYER_SERIAL`).
+    block_root: bool,
 }
 
 /// A VM a pool hands over: its supervisor's connection, and who it is.
@@ -127,6 +221,16 @@ impl SandboxConfig {
             )));
         }
         valid_hostname(&self.hostname)?;
+        if let Some(b) = &self.block_root {
+            for f in [&b.image, &b.empty] {
+                if !f.is_file() {
+                    return Err(SandboxError::Invalid(format!(
+                        "disk image {} does not exist",
+                        f.display()
+                    )));
+                }
+            }
+        }
         for share in &self.shares {
             if !share.path.is_dir() {
                 return Err(SandboxError::Invalid(format!(
@@ -171,6 +275,11 @@ pub(crate) fn vm_config(config: &SandboxConfig, dir: &StateDir) -> VmConfig {
             config.hostname
         )],
         shares: config.shares.clone(),
+        disks: config
+            .block_root
+            .as_ref()
+            .map(|b| b.disks(&[dir.file(LAYER_FILE)]))
+            .unwrap_or_default(),
         nics: config.nics.clone(),
         memory: MemoryBackend::Anonymous,
         accel: config.accel,
@@ -186,6 +295,7 @@ pub(crate) fn vm_config(config: &SandboxConfig, dir: &StateDir) -> VmConfig {
             uid_dir: crate::state::uids(),
             cpu_millis: config.cpu_millis,
             cgroup: config.cgroup.clone(),
+            memory_mib: Some(config.memory_mib),
             propagate: crate::share::in_private_namespace(),
         }),
     }
@@ -250,6 +360,16 @@ async fn launch(
         };
         vmc.incoming = true;
         vmc.nic_hubs = t.meta.nic_hubs;
+        // The template's device set: its disks, with a writable layer of
+        // this clone's own over the template's (which the saved guest
+        // state describes).
+        vmc.disks = Vec::new();
+        if let Some(b) = &t.meta.block_root {
+            make_overlay(&t.layer(), true, &dir.file(LAYER_FILE))?;
+            vmc.disks = b.disks(&[t.layer(), dir.file(LAYER_FILE)]);
+        }
+    } else if let Some(b) = &config.block_root {
+        make_overlay(&b.empty, false, &dir.file(LAYER_FILE))?;
     }
     let t0 = Instant::now();
     let vm = Supervisor::launch(&vmc, Some(dir.lock())).await?;
@@ -320,6 +440,12 @@ impl Sandbox {
     ) -> Result<Sandbox, SandboxError> {
         config.validate()?;
         QemuDriver::locate()?;
+        let mut config = config;
+        // A clone of an image's template that boots cold after all gets
+        // the image all the same.
+        if let Some(t) = &config.template {
+            config.block_root = config.block_root.take().or(t.meta.block_root.clone());
+        }
         let dir = StateDir::create(&config.root, &config.id)?;
         let mut fallback = None;
         let mut launched = None;
@@ -335,6 +461,7 @@ impl Sandbox {
                     for f in ["agent.sock", "qmp.sock", "console.sock"] {
                         let _ = std::fs::remove_file(dir.vm_file(f));
                     }
+                    let _ = std::fs::remove_file(dir.file(LAYER_FILE));
                 }
             }
         }
@@ -372,6 +499,7 @@ impl Sandbox {
             hangup: l.hangup,
             nics: config.nics.len(),
             remote_share: false,
+            block_root: config.block_root.is_some(),
         })
     }
 
@@ -395,6 +523,7 @@ impl Sandbox {
             hangup: vm.hangup,
             nics: vm.nics,
             remote_share: true,
+            block_root: false,
         })
     }
 
@@ -411,14 +540,22 @@ impl Sandbox {
     }
 
     /// Puts a pooled VM in the caller's cgroup (`cgroup`, else its own) with
-    /// the caller's CPU limit: what it would have had if the caller had
-    /// booted it.
+    /// the caller's CPU limit and the memory limit of a VM of `memory_mib`:
+    /// what it would have had if the caller had booted it. A template larger
+    /// than the caller's VM gives the guest more RAM than that; the host
+    /// holds it to the caller's size (past it, the VMM is OOM-killed, as a
+    /// container past its limit is).
     pub(crate) async fn limit(
         &self,
         cgroup: Option<String>,
         cpu_millis: Option<u64>,
+        memory_mib: u64,
     ) -> Result<(), SandboxError> {
-        let request = Request::Cgroup { cgroup, cpu_millis };
+        let request = Request::Cgroup {
+            cgroup,
+            cpu_millis,
+            memory_mib: Some(memory_mib),
+        };
         self.vm.ask(&request, &[], VMM_WAIT).await.map(drop)
     }
 
@@ -429,6 +566,12 @@ impl Sandbox {
             self.id = id.into();
         }
         Ok(())
+    }
+
+    /// Whether the VM has a block root's disks: its containers' roots are
+    /// on them (`agent_proto::BlockRoot`), not on a share.
+    pub fn has_block_root(&self) -> bool {
+        self.block_root
     }
 
     /// Whether the VM came from a pool: its share is not a directory of

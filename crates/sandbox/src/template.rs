@@ -44,6 +44,11 @@ pub struct TemplateMeta {
     /// can take their taps after start. Templates made before had not.
     #[serde(default)]
     pub nic_hubs: bool,
+    /// The VM has an image's disks; the template keeps its writable layer
+    /// as it was when saved (`layer.qcow2`), and each clone writes to an
+    /// overlay of its own over it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_root: Option<crate::BlockRoot>,
 }
 
 #[derive(Clone, Debug)]
@@ -83,6 +88,11 @@ impl Template {
 
     pub fn state(&self) -> PathBuf {
         self.dir.join(STATE)
+    }
+
+    /// The writable layer as the template's VM left it (with a block root).
+    pub fn layer(&self) -> PathBuf {
+        self.dir.join(crate::sandbox::LAYER_FILE)
     }
 
     pub fn accel(&self) -> Accel {
@@ -149,6 +159,11 @@ impl Template {
             shared: true,
         };
         vmc.nic_hubs = true;
+        if let Some(b) = &config.block_root {
+            let layer = dir.join(crate::sandbox::LAYER_FILE);
+            crate::sandbox::make_overlay(&b.empty, false, &layer)?;
+            vmc.disks = b.disks(&[layer]);
+        }
         let result = async {
             let vm = Supervisor::launch(&vmc, Some(state_dir.lock())).await?;
             state_dir.record_vmm_pid(vm.pid);
@@ -181,6 +196,7 @@ impl Template {
             accel: config.accel.to_string(),
             nics: config.nics.len(),
             nic_hubs: true,
+            block_root: config.block_root.clone(),
             created_unix: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -190,7 +206,11 @@ impl Template {
             serde_json::to_vec_pretty(&meta).map_err(|e| SandboxError::Invalid(e.to_string()))?;
         fs::write(dir.join(META), json).map_err(io_err("writing template.json".into()))?;
         // Read-only once saved: clones map the memory privately and never write it.
-        for f in [MEMORY, STATE, META] {
+        let layer = crate::sandbox::LAYER_FILE;
+        for f in [MEMORY, STATE, META, layer] {
+            if f == layer && meta.block_root.is_none() {
+                continue;
+            }
             fs::set_permissions(dir.join(f), fs::Permissions::from_mode(0o444))
                 .map_err(io_err(format!("sealing {f}")))?;
         }
@@ -320,6 +340,7 @@ mod tests {
             created_unix: 0,
             nics: 0,
             nic_hubs: true,
+            block_root: None,
         };
         fs::write(dir.join(META), serde_json::to_vec(&meta).unwrap()).unwrap();
         fs::write(dir.join(MEMORY), vec![0u8; 1024]).unwrap();

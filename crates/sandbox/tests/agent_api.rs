@@ -52,6 +52,7 @@ async fn start_sandbox(root: &StateRoot) -> Sandbox {
         hostname: "api".into(),
         boot_timeout: Duration::from_secs(120),
         template: None,
+        block_root: None,
     })
     .await
     .expect("sandbox starts")

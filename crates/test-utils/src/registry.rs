@@ -223,8 +223,19 @@ impl OciLayout {
 
     /// The tree at `rootfs` as a layer: `compression` is gzip, zstd or none.
     pub fn layer(&self, rootfs: &Path, compression: &str) -> Layer {
+        self.layer_with(
+            rootfs,
+            compression,
+            &["--numeric-owner", "--owner=0", "--group=0"],
+        )
+    }
+
+    /// `layer`, GNU tar called with `tar_args` (ownership, `--xattrs`,
+    /// `--sparse`, ...) before the tree.
+    pub fn layer_with(&self, rootfs: &Path, compression: &str, tar_args: &[&str]) -> Layer {
         let tar = Command::new("tar")
-            .args(["--numeric-owner", "--owner=0", "--group=0", "-C"])
+            .args(tar_args)
+            .arg("-C")
             .arg(rootfs)
             .args(["-cf", "-", "."])
             .output()

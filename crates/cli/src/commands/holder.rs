@@ -165,6 +165,7 @@ async fn run(args: &HolderArgs, root: &Path, spec: Spec, sync: &mut Sync) -> any
         },
         boot_timeout: default_boot_timeout(accel),
         template: None,
+        block_root: None,
     };
     tracing::info!(container = %args.id, %accel, memory = config.memory_mib, vcpus = config.vcpus, "starting the container's VM");
     // From the factory: a pool's ready clone, a clone, or a cold boot.
@@ -296,6 +297,7 @@ async fn create_in(
             sysctl: spec.sysctl(),
             pod_shared: false,
             rootfs_overlay: false,
+            block_root: None,
         })
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?;

@@ -2,8 +2,9 @@
 //! images of the store (`/var/lib/podvisor/images` unless configured).
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::io::IsTerminal as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use anyhow::Context as _;
 use clap::{Args, Subcommand};
 use image::{ImageRecord, ImagesConfig, Store};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use nix::fcntl::{Flock, FlockArg};
 use sandbox::pool;
 
 #[derive(Args)]
@@ -75,15 +77,131 @@ struct LsArgs {
     format: String,
 }
 
-pub async fn run(args: ImageArgs) -> anyhow::Result<u8> {
-    let config = ImagesConfig::load(&args.config)?;
-    let root = args
-        .image_root
-        .clone()
+/// The image store (`image_root`, else the config file's, else the
+/// default) and the config file's [images] table.
+pub fn open_store(
+    image_root: Option<&Path>,
+    config: &Path,
+) -> anyhow::Result<(Store, ImagesConfig)> {
+    let config = ImagesConfig::load(config)?;
+    let root = image_root
+        .map(Path::to_path_buf)
         .or(config.root.clone())
         .unwrap_or_else(|| PathBuf::from(image::store::DEFAULT_ROOT));
     let store = Store::open(&root)
         .with_context(|| format!("opening the image store {}", root.display()))?;
+    Ok((store, config))
+}
+
+/// The stored image `reference`, pulled first (quietly) if it is not stored.
+pub async fn find_or_pull(
+    store: &Store,
+    config: &ImagesConfig,
+    reference: &str,
+    tls_verify: bool,
+) -> anyhow::Result<ImageRecord> {
+    if let Ok(found) = find(store, reference) {
+        return Ok(found);
+    }
+    let options = pull_options(config, tls_verify, None, None);
+    let pulled = image::pull(store, reference, &options)
+        .await
+        .with_context(|| format!("pulling {reference}"))?;
+    Ok(pulled.image)
+}
+
+fn pull_options(
+    config: &ImagesConfig,
+    tls_verify: bool,
+    timeout: Option<u64>,
+    progress: Option<Arc<dyn image::Progress>>,
+) -> image::PullOptions {
+    let secs = timeout.or(config.timeout_secs).unwrap_or(30).max(1);
+    image::PullOptions {
+        tls_verify,
+        insecure_registries: config.insecure_registries.clone(),
+        connect_timeout: Duration::from_secs(secs.min(10)),
+        read_timeout: Duration::from_secs(secs),
+        progress,
+        ..image::PullOptions::default()
+    }
+}
+
+/// Where `sandbox run --image` and `template create --image` get images.
+pub struct ImageSource<'a> {
+    pub image_root: Option<&'a Path>,
+    pub config: &'a Path,
+    pub tls_verify: bool,
+}
+
+impl ImageSource<'_> {
+    /// Image `reference`'s block root (pulled and built on first use) with
+    /// an empty filesystem of `disk_mib` for writable layers, its config
+    /// blob, and a shared lock on it that keeps `image rm` from removing it.
+    pub async fn block_root(
+        &self,
+        reference: &str,
+        disk_mib: u64,
+    ) -> anyhow::Result<(sandbox::BlockRoot, Vec<u8>, Flock<File>)> {
+        let (store, config) = open_store(self.image_root, self.config)?;
+        let record = find_or_pull(&store, &config, reference, self.tls_verify).await?;
+        let config_blob = store.read_blob(&record.config)?;
+        let (image, empty) = tokio::task::spawn_blocking(move || {
+            let limits = image::unpack::Limits::default();
+            let image = image::blockroot::block_root(&store, &record, &limits)
+                .with_context(|| format!("making a block root of {}", record.name))?;
+            let empty = image::blockroot::empty_fs(&store, disk_mib)?;
+            Ok::<_, anyhow::Error>((image, empty))
+        })
+        .await??;
+        let lock = hold_root(&image)?;
+        Ok((sandbox::BlockRoot { image, empty }, config_blob, lock))
+    }
+}
+
+/// Where a block root's users hold a shared lock: `image rm` refuses an
+/// image while one is held (a running `sandbox run --image`).
+pub fn users_lock(root: &Path) -> PathBuf {
+    root.with_extension("users")
+}
+
+/// Holds (shared) the users lock of the block root `root` until dropped.
+fn hold_root(root: &Path) -> anyhow::Result<Flock<File>> {
+    let path = users_lock(root);
+    let file = File::create(&path).with_context(|| format!("{}", path.display()))?;
+    Flock::lock(file, FlockArg::LockShared)
+        .map_err(|(_, e)| anyhow::anyhow!("locking {}: {e}", path.display()))
+}
+
+/// Who uses `record`'s block root: a running sandbox, or a template of
+/// the state root `state_root`.
+fn used_by(
+    store: &Store,
+    record: &ImageRecord,
+    state_root: &Path,
+) -> anyhow::Result<Option<String>> {
+    let root = image::blockroot::root_path(store, record)?;
+    let path = users_lock(&root);
+    if let Ok(file) = File::open(&path) {
+        if let Err((_, nix::Error::EWOULDBLOCK)) =
+            Flock::lock(file, FlockArg::LockExclusiveNonblock)
+        {
+            return Ok(Some("a running sandbox".into()));
+        }
+    }
+    for t in sandbox::template::Template::list(state_root)
+        .into_iter()
+        .flatten()
+    {
+        if t.meta.block_root.as_ref().is_some_and(|b| b.image == root) {
+            return Ok(Some(format!("template {}", t.meta.name)));
+        }
+    }
+    Ok(None)
+}
+
+pub async fn run(args: ImageArgs, state_root: &Path) -> anyhow::Result<u8> {
+    let (store, config) = open_store(args.image_root.as_deref(), &args.config)?;
     match args.command {
         ImageCommand::Pull(p) => pull(&store, &config, p).await,
         ImageCommand::Ls(l) => list(&store, &l.format),
@@ -91,7 +209,11 @@ pub async fn run(args: ImageArgs) -> anyhow::Result<u8> {
         ImageCommand::Rm { references } => {
             for r in references {
                 let found = find(&store, &r)?;
+                if let Some(user) = used_by(&store, &found, state_root)? {
+                    anyhow::bail!("image {} is in use by {user}", found.name);
+                }
                 store.remove_image(&found.name).await?;
+                image::blockroot::collect(&store)?;
                 println!("{}", found.name);
             }
             Ok(0)
@@ -107,10 +229,11 @@ pub async fn run(args: ImageArgs) -> anyhow::Result<u8> {
         }
         ImageCommand::Prune => {
             let r = store.prune().await?;
+            let roots = image::blockroot::collect(&store)?;
             println!(
                 "removed {} blobs ({}) and {} leftovers of interrupted writes",
                 r.blobs,
-                human_size(r.bytes),
+                human_size(r.bytes + roots),
                 r.leftovers
             );
             Ok(0)
@@ -119,17 +242,9 @@ pub async fn run(args: ImageArgs) -> anyhow::Result<u8> {
 }
 
 async fn pull(store: &Store, config: &ImagesConfig, args: PullArgs) -> anyhow::Result<u8> {
-    let secs = args.timeout.or(config.timeout_secs).unwrap_or(30).max(1);
     let progress: Option<Arc<dyn image::Progress>> =
         (!args.quiet && std::io::stderr().is_terminal()).then(|| Arc::new(Bars::default()) as _);
-    let options = image::PullOptions {
-        tls_verify: args.tls_verify,
-        insecure_registries: config.insecure_registries.clone(),
-        connect_timeout: Duration::from_secs(secs.min(10)),
-        read_timeout: Duration::from_secs(secs),
-        progress,
-        ..image::PullOptions::default()
-    };
+    let options = pull_options(config, args.tls_verify, args.timeout, progress);
     let pulled = image::pull(store, &args.reference, &options)
         .await
         .with_context(|| format!("pulling {}", args.reference))?;

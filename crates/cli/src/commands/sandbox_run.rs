@@ -26,19 +26,37 @@ const ROOTFS_TAG: &str = "rootfs";
 #[derive(Args)]
 pub struct RunArgs {
     /// Root filesystem of the command (default: the busybox rootfs installed beside podvisor).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "image")]
     rootfs: Option<PathBuf>,
+    /// Run from this image (pulled first if it is not stored): its
+    /// filesystem on a read-only disk, under a writable disk of the
+    /// sandbox's own. Its Env, WorkingDir, User, Entrypoint and Cmd apply.
+    #[arg(long, conflicts_with = "template")]
+    image: Option<String>,
+    /// Size of the sandbox's writable disk, in MiB (with --image).
+    #[arg(long, default_value_t = 2048, value_name = "MIB", requires = "image")]
+    disk_size: u64,
+    /// The image store's directory (see `podvisor image --help`).
+    #[arg(long)]
+    image_root: Option<PathBuf>,
+    /// podvisor's config file (its [images] table).
+    #[arg(long, env = "PODVISOR_CONFIG", default_value = sandbox::pool::DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// Verify the registry's TLS certificate when --image is pulled.
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true",
+          action = clap::ArgAction::Set)]
+    tls_verify: bool,
     #[command(flatten)]
     vm: VmArgs,
     /// Environment variable KEY=VALUE for the command (repeatable).
     #[arg(short, long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
-    /// Working directory of the command.
-    #[arg(short = 'w', long, default_value = "/")]
-    cwd: String,
-    /// UID[:GID] to run the command as.
-    #[arg(short, long, default_value = "0:0")]
-    user: String,
+    /// Working directory of the command (default: the image's, else /).
+    #[arg(short = 'w', long)]
+    cwd: Option<String>,
+    /// UID[:GID] to run the command as (default: the image's, else 0:0).
+    #[arg(short, long)]
+    user: Option<String>,
     /// Give the command a terminal.
     #[arg(short, long)]
     tty: bool,
@@ -55,9 +73,50 @@ pub struct RunArgs {
     /// Print where the time went (JSON, on stderr) when done.
     #[arg(long)]
     timings: bool,
-    /// The command and its arguments.
-    #[arg(trailing_var_arg = true, required = true, value_name = "CMD")]
+    /// The command and its arguments (default with --image: its Entrypoint
+    /// and Cmd).
+    #[arg(
+        trailing_var_arg = true,
+        required_unless_present = "image",
+        value_name = "CMD"
+    )]
     command: Vec<String>,
+}
+
+/// What an image's config says about how to run it.
+#[derive(Default)]
+struct ImageProcess {
+    env: Vec<String>,
+    cwd: Option<String>,
+    user: Option<String>,
+    command: Vec<String>,
+}
+
+impl ImageProcess {
+    /// From an OCI image config blob (`config` of it); a field that is not
+    /// there or not of its type is left out.
+    fn parse(blob: &[u8]) -> ImageProcess {
+        let v: serde_json::Value = serde_json::from_slice(blob).unwrap_or_default();
+        let c = &v["config"];
+        let strings = |k: &str| -> Vec<String> {
+            c[k].as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let text = |k: &str| c[k].as_str().filter(|s| !s.is_empty()).map(String::from);
+        let mut command = strings("Entrypoint");
+        command.extend(strings("Cmd"));
+        ImageProcess {
+            env: strings("Env"),
+            cwd: text("WorkingDir"),
+            user: text("User"),
+            command,
+        }
+    }
 }
 
 fn parse_user(s: &str) -> anyhow::Result<User> {
@@ -91,13 +150,19 @@ fn default_rootfs() -> Option<PathBuf> {
         .find(|p| p.join("bin").is_dir())
 }
 
-fn environment(args: &RunArgs, user: &User) -> anyhow::Result<Vec<String>> {
+fn environment(args: &RunArgs, user: &User, image: &[String]) -> anyhow::Result<Vec<String>> {
     let home = if user.uid == 0 { "/root" } else { "/" };
     let mut env = vec![
         "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
         format!("HOME={home}"),
         format!("HOSTNAME={}", args.hostname),
     ];
+    for kv in image {
+        if let Some((key, _)) = kv.split_once('=') {
+            env.retain(|e| !e.starts_with(&format!("{key}=")));
+            env.push(kv.clone());
+        }
+    }
     if args.tty {
         env.push("TERM=xterm".into());
     }
@@ -110,36 +175,57 @@ fn environment(args: &RunArgs, user: &User) -> anyhow::Result<Vec<String>> {
     Ok(env)
 }
 
-pub async fn run(args: RunArgs, root: &Path) -> anyhow::Result<u8> {
-    let user = parse_user(&args.user)?;
-    let env = environment(&args, &user)?;
-    let rootfs = match &args.rootfs {
-        Some(p) => p.clone(),
-        None => default_rootfs().context(
-            "no --rootfs given and no default rootfs installed beside podvisor (run `make build`)",
-        )?,
+pub async fn run(mut args: RunArgs, root: &Path) -> anyhow::Result<u8> {
+    let t0 = Instant::now();
+    let (block_root, image, _image_lock) = match args.image.clone() {
+        Some(reference) => {
+            let source = super::image::ImageSource {
+                image_root: args.image_root.as_deref(),
+                config: &args.config,
+                tls_verify: args.tls_verify,
+            };
+            let (b, config, lock) = source.block_root(&reference, args.disk_size).await?;
+            (Some(b), ImageProcess::parse(&config), Some(lock))
+        }
+        None => (None, ImageProcess::default(), None),
     };
-    if !rootfs.is_dir() {
+    if args.command.is_empty() {
+        if image.command.is_empty() {
+            anyhow::bail!("no command given and the image names none (Entrypoint, Cmd)");
+        }
+        args.command = image.command.clone();
+    }
+    let user_spec = args.user.clone().or(image.user.clone());
+    let user = parse_user(user_spec.as_deref().unwrap_or("0:0"))?;
+    args.cwd = args.cwd.take().or(image.cwd.clone());
+    let env = environment(&args, &user, &image.env)?;
+    let rootfs = match (&args.rootfs, &block_root) {
+        (_, Some(_)) => None,
+        (Some(p), None) => Some(p.clone()),
+        (None, None) => Some(default_rootfs().context(
+            "no --rootfs given and no default rootfs installed beside podvisor (run `make build`)",
+        )?),
+    };
+    if let Some(rootfs) = rootfs.as_ref().filter(|r| !r.is_dir()) {
         anyhow::bail!(
             "rootfs {} does not exist or is not a directory",
             rootfs.display()
         );
     }
-    let t0 = Instant::now();
     // A ready clone from the template's pool, when a pool serves it; else a
     // clone of the template, else a cold boot.
-    let pooled = match &args.template {
-        Some(name) => take_pooled(root, name, &rootfs, &args.hostname)
+    let pooled = match (&args.template, &rootfs) {
+        (Some(name), Some(rootfs)) => take_pooled(root, name, rootfs, &args.hostname)
             .await
             .unwrap_or_else(|e| {
                 eprintln!("podvisor: warning: pool of {name}: {e}; cloning instead");
                 None
             }),
-        None => None,
+        _ => None,
     };
     let mut sb = match pooled {
         Some(sb) => sb,
-        None => start(&args, root, rootfs).await?,
+        None => start(&args, root, rootfs, block_root).await?,
     };
     let accel = sb.accel;
     let id = sb.id.clone();
@@ -186,7 +272,12 @@ async fn take_pooled(
 }
 
 /// Clones the template (or boots cold) for `run`.
-async fn start(args: &RunArgs, root: &Path, rootfs: PathBuf) -> anyhow::Result<Sandbox> {
+async fn start(
+    args: &RunArgs,
+    root: &Path,
+    rootfs: Option<PathBuf>,
+    block_root: Option<sandbox::BlockRoot>,
+) -> anyhow::Result<Sandbox> {
     let template = match &args.template {
         Some(name) => match Template::open(root, name) {
             Ok(t) => Some(t),
@@ -224,14 +315,18 @@ async fn start(args: &RunArgs, root: &Path, rootfs: PathBuf) -> anyhow::Result<S
         assets,
         accel,
         nics: Vec::new(),
-        shares: vec![Share {
-            tag: ROOTFS_TAG.into(),
-            path: rootfs,
-            readonly: true,
-        }],
+        shares: rootfs
+            .into_iter()
+            .map(|path| Share {
+                tag: ROOTFS_TAG.into(),
+                path,
+                readonly: true,
+            })
+            .collect(),
         hostname: args.hostname.clone(),
         boot_timeout,
         template,
+        block_root,
     };
     let sb = Sandbox::start(config).await?;
     if let Some(why) = &sb.fallback {
@@ -331,7 +426,7 @@ async fn run_in(
     let process = agent_proto::Process {
         args: args.command.clone(),
         env,
-        cwd: args.cwd.clone(),
+        cwd: args.cwd.clone().unwrap_or_else(|| "/".into()),
         user: Some(user),
         terminal: args.tty,
         console_size: args.tty.then_some(ConsoleSize {
@@ -343,10 +438,17 @@ async fn run_in(
         capabilities: None,
     };
     let t_create = Instant::now();
+    let block_root = sb.has_block_root().then(|| agent_proto::BlockRoot {
+        image_serial: sandbox::IMAGE_SERIAL.into(),
+        layer_serial: sandbox::LAYER_SERIAL.into(),
+    });
     let created = client
         .create_container(CreateContainerRequest {
             container_id: CONTAINER_ID.into(),
-            rootfs_tag: ROOTFS_TAG.into(),
+            rootfs_tag: match block_root {
+                Some(_) => String::new(),
+                None => ROOTFS_TAG.into(),
+            },
             // A pooled VM's share is its daemon's, with our root attached.
             rootfs_subpath: match sb.is_pooled() {
                 true => sandbox::pool::ROOTFS_SUBPATH.into(),
@@ -356,6 +458,7 @@ async fn run_in(
             // The root is shared read-only; the run writes to a layer of its
             // own in guest memory, so no run changes the next one's root.
             rootfs_overlay: true,
+            block_root,
             hostname: args.hostname.clone(),
             process: Some(process),
             resources: None,

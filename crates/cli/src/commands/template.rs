@@ -33,6 +33,24 @@ pub struct CreateArgs {
     /// many; each clone gets its own tap devices and MACs.
     #[arg(long, default_value_t = 0)]
     nics: usize,
+    /// Give the template an image's disks (pulled first if it is not
+    /// stored): its clones' containers run from the image, each on a
+    /// writable layer of its own (`sandbox run --template NAME`).
+    #[arg(long)]
+    image: Option<String>,
+    /// Size of the writable disk, in MiB (with --image).
+    #[arg(long, default_value_t = 2048, value_name = "MIB", requires = "image")]
+    disk_size: u64,
+    /// The image store's directory (see `podvisor image --help`).
+    #[arg(long)]
+    image_root: Option<std::path::PathBuf>,
+    /// podvisor's config file (its [images] table).
+    #[arg(long, env = "PODVISOR_CONFIG", default_value = sandbox::pool::DEFAULT_CONFIG)]
+    config: std::path::PathBuf,
+    /// Verify the registry's TLS certificate when --image is pulled.
+    #[arg(long, default_value_t = true, num_args = 0..=1, default_missing_value = "true",
+          action = clap::ArgAction::Set)]
+    tls_verify: bool,
     #[command(flatten)]
     vm: VmArgs,
 }
@@ -82,6 +100,17 @@ async fn create(args: CreateArgs, root: &Path) -> anyhow::Result<u8> {
     }
     // Taps of our own, gone when we exit: only the device model is saved.
     let (nics, _taps) = sandbox::network::scratch_nics(args.nics)?;
+    let block_root = match &args.image {
+        Some(reference) => {
+            let source = super::image::ImageSource {
+                image_root: args.image_root.as_deref(),
+                config: &args.config,
+                tls_verify: args.tls_verify,
+            };
+            Some(source.block_root(reference, args.disk_size).await?.0)
+        }
+        None => None,
+    };
     let config = SandboxConfig {
         cpu_millis: None,
         cgroup: None,
@@ -96,6 +125,7 @@ async fn create(args: CreateArgs, root: &Path) -> anyhow::Result<u8> {
         hostname: "podvisor".into(),
         boot_timeout: default_boot_timeout(accel),
         template: None,
+        block_root,
     };
     let t = Template::create(config, &args.name).await?;
     println!(

@@ -138,6 +138,37 @@ pub fn args(config: &VmConfig, paths: &Paths, root: bool) -> Vec<String> {
             &format!("virtio-9p-device,fsdev=fs{i},mount_tag={}", share.tag),
         ]);
     }
+    for (i, disk) in config.disks.iter().enumerate() {
+        let files = paths.disks.get(i).unwrap_or(&disk.layers);
+        let top = files.len().saturating_sub(1);
+        for (j, file) in files.iter().enumerate() {
+            let ro = if j < top || disk.readonly {
+                "on"
+            } else {
+                "off"
+            };
+            push(&[
+                "-blockdev",
+                &format!(
+                    "driver=file,node-name=d{i}f{j},filename={},read-only={ro}",
+                    escape(file)
+                ),
+            ]);
+            let format = match j {
+                0 => format!("driver=raw,file=d{i}f0"),
+                _ => format!("driver=qcow2,file=d{i}f{j},backing=d{i}l{}", j - 1),
+            };
+            let discard = if ro == "off" { ",discard=unmap" } else { "" };
+            push(&[
+                "-blockdev",
+                &format!("{format},node-name=d{i}l{j},read-only={ro}{discard}"),
+            ]);
+        }
+        push(&[
+            "-device",
+            &format!("virtio-blk-device,drive=d{i}l{top},serial={}", disk.serial),
+        ]);
+    }
     for (i, nic) in config.nics.iter().enumerate() {
         let tap = match (nic.fd, nic.tap.is_empty()) {
             (Some(fd), _) => Some(format!("fd={fd}")),
@@ -203,6 +234,7 @@ mod tests {
                 path: PathBuf::from("/data/a,b"),
                 readonly: false,
             }],
+            disks: vec![],
             nics: vec![],
             memory: MemoryBackend::Anonymous,
             accel: Accel::Tcg,

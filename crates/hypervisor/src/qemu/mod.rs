@@ -143,6 +143,14 @@ impl Hypervisor for QemuDriver {
                 "kernel argument {bad:?} is not one plain token"
             )));
         }
+        if let Some(d) = config.disks.iter().find(|d| {
+            !crate::Disk::valid_serial(&d.serial) || d.layers.is_empty() || d.layers.len() > 8
+        }) {
+            return Err(HypervisorError::Config(format!(
+                "disk {:?}: a serial of up to 20 letters, digits, - or _, and 1 to 8 layers",
+                d.serial
+            )));
+        }
         let (mut child, plan) = self.spawn(config)?;
         let console_socket = jail::vm_dir(config).join(cmdline::CONSOLE_SOCKET);
         let mut console = false;
@@ -216,13 +224,15 @@ impl QemuVm {
 
     /// Moves the jailed VMM into cgroup `cgroup` (relative to each
     /// hierarchy's root; `None`: its own `podvisor/vm-<uid>`) with CPU limit
-    /// `cpu_millis`. `config` is the one it was launched with. An unjailed
-    /// VMM has no cgroup of its own: nothing to do.
+    /// `cpu_millis` and the memory limit of a VM of `memory_mib` (at most
+    /// the RAM it has). `config` is the one it was launched with. An
+    /// unjailed VMM has no cgroup of its own: nothing to do.
     pub fn move_cgroup(
         &mut self,
         config: &VmConfig,
         cgroup: Option<String>,
         cpu_millis: Option<u64>,
+        memory_mib: Option<u64>,
     ) -> Result<(), HypervisorError> {
         let (Some(plan), Some(jail)) = (&self.plan, &config.jail) else {
             return Ok(());
@@ -230,13 +240,14 @@ impl QemuVm {
         let jail = Jail {
             cgroup,
             cpu_millis,
+            memory_mib: memory_mib.or(jail.memory_mib),
             ..jail.clone()
         };
         let old = std::mem::take(&mut self.cgroups);
         let moved = match jail.cgroup.is_some() {
             true => jail::move_cgroup(self.child.id(), plan.uid, config, &jail, &old),
-            // Its own leaf stays: only its CPU limit changes.
-            false => jail::set_cpu_limit(&old, config, &jail).map(|()| old.clone()),
+            // Its own leaf stays: only its limits change.
+            false => jail::set_limits(&old, config, &jail).map(|()| old.clone()),
         };
         match moved {
             Ok(new) => {

@@ -43,6 +43,7 @@ async fn launch_member(root: &Path, template: &Template, n: u64) -> Result<Membe
         hostname: "podvisor".into(),
         boot_timeout: Duration::from_secs(60),
         template: Some(template.clone()),
+        block_root: None,
     };
     // The VM's supervisor removes the share (and the VM's state directory)
     // once the VM is gone, whoever holds the VM then.

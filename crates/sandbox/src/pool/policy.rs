@@ -137,7 +137,10 @@ pub async fn provide(mut config: SandboxConfig) -> Result<Sandbox, SandboxError>
         match taken {
             Ok(Some(mut sb)) => {
                 let owned = match sb.adopt(&config.root, &config.id) {
-                    Ok(()) => sb.limit(config.cgroup.clone(), config.cpu_millis).await,
+                    Ok(()) => {
+                        sb.limit(config.cgroup.clone(), config.cpu_millis, mem)
+                            .await
+                    }
                     Err(e) => Err(e),
                 };
                 if let Err(e) = owned {

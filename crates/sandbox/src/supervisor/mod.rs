@@ -106,11 +106,14 @@ pub enum Request {
         name: String,
     },
     /// Move the VMM into cgroup `cgroup` (relative to each hierarchy's root;
-    /// `None`: it keeps its own) with CPU limit `cpu_millis` (a pool's VM
-    /// taken by a caller with limits of its own).
+    /// `None`: it keeps its own) with CPU limit `cpu_millis` and the memory
+    /// limit of a VM of `memory_mib` (at most its own RAM): a pool's VM
+    /// taken by a caller with limits of its own.
     Cgroup {
         cgroup: Option<String>,
         cpu_millis: Option<u64>,
+        #[serde(default)]
+        memory_mib: Option<u64>,
     },
     /// Ask the VMM to quit; kill it after `grace_ms`.
     Stop {

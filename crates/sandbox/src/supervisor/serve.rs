@@ -239,8 +239,12 @@ impl Served<'_> {
                 Some(share) => detach(share, &name),
                 None => Err(format!("the VM has no share {tag:?}")),
             },
-            Request::Cgroup { cgroup, cpu_millis } => vm
-                .move_cgroup(config, cgroup, cpu_millis)
+            Request::Cgroup {
+                cgroup,
+                cpu_millis,
+                memory_mib,
+            } => vm
+                .move_cgroup(config, cgroup, cpu_millis, memory_mib)
                 .map_err(|e| chain(&e)),
             Request::Stop { grace_ms } => {
                 vm.stop(Duration::from_millis(grace_ms.min(60_000))).await;

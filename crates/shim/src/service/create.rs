@@ -64,6 +64,7 @@ async fn boot_vm(key: &str, pod_id: &str, kind: &Kind, spec: &Spec) -> anyhow::R
         hostname,
         boot_timeout: sandbox::default_boot_timeout(accel),
         template: None,
+        block_root: None,
     };
     tracing::info!(pod = %pod_id, %accel, memory = memory_mib, vcpus, "starting the pod's VM");
     // From the factory: a pool's ready clone, a clone, or a cold boot.
@@ -236,6 +237,7 @@ impl Service {
             sysctl: spec.sysctl(),
             pod_shared: matches!(c.kind, Kind::Member(_)),
             rootfs_overlay: false,
+            block_root: None,
         };
         bounded("creating the container", client.create_container(request))
             .await
