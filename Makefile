@@ -63,6 +63,7 @@ bench: build
 	bench/oci.py
 	bench/pod.py
 	bench/jail.py
+	bench/image.py
 
 # Every benchmark once, small (one run each): CI runs it so that a change that
 # breaks a benchmark cannot land. Its numbers are no measurement.
@@ -72,6 +73,7 @@ bench-quick: build
 	bench/oci.py --quick
 	bench/pod.py --quick
 	bench/jail.py --quick
+	bench/image.py --quick
 
 install: build
 	install -D -m 0755 $(OUT)/podvisor /usr/local/bin/podvisor

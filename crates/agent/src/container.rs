@@ -17,6 +17,10 @@ pub struct Process {
     pub io: HostEnds,
     /// Until StartContainer: the forked process, held before exec.
     pub held: Mutex<Option<Spawned>>,
+    /// Its pid, in the agent's pid namespace (for /proc; signals go by pidfd).
+    pub pid: i32,
+    /// When a container's first process exec'd (StartContainer).
+    pub started: std::sync::OnceLock<std::time::Instant>,
 }
 
 impl Process {

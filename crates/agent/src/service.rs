@@ -132,6 +132,46 @@ fn open_stdio(
     }
 }
 
+/// How long after its exec a container's first process may take to set a
+/// handler for a signal that came before it had one.
+const SIGNAL_HOLD: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Whether process `pid` has a handler for `signal` (or ignores it): its
+/// `SigCgt` or `SigIgn` in /proc has the signal's bit.
+fn handles(pid: i32, signal: i32) -> bool {
+    let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return true;
+    };
+    let bit = 1u64 << (signal - 1);
+    status.lines().any(|l| {
+        let mask = l
+            .strip_prefix("SigCgt:")
+            .or_else(|| l.strip_prefix("SigIgn:"));
+        mask.and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+            .is_some_and(|m| m & bit != 0)
+    })
+}
+
+/// A container's first process is PID 1 of its pid namespace, which drops
+/// a signal it has no handler for. Right after its exec it may not have set
+/// one yet (a shell's `trap`), and a VM starts it later than runc would:
+/// the signal is held until the handler exists, for at most SIGNAL_HOLD
+/// after the exec, then sent all the same (and dropped, as on runc).
+async fn deliver_when_handled(p: Arc<Process>, signal: i32) {
+    let deadline = p
+        .started
+        .get()
+        .copied()
+        .unwrap_or_else(std::time::Instant::now)
+        + SIGNAL_HOLD;
+    while std::time::Instant::now() < deadline && p.exited().is_none() && !handles(p.pid, signal) {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    if p.exited().is_none() {
+        let _ = spawn::pidfd_signal(&p.pidfd, signal);
+    }
+}
+
 /// Runs blocking work (fork, pipe reads) off the async workers.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, Status> {
     tokio::task::spawn_blocking(f)
@@ -322,7 +362,9 @@ fn tracked(mut spawned: Spawned, io: stdio::HostEnds, held: bool) -> Result<Proc
         pidfd,
         exit: spawned.exit.clone(),
         io,
+        pid: spawned.pid.as_raw(),
         held: Mutex::new(held.then_some(spawned)),
+        started: std::sync::OnceLock::new(),
     })
 }
 
@@ -484,6 +526,7 @@ impl Agent for AgentService {
         blocking(move || held.release())
             .await?
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let _ = c.init.started.set(std::time::Instant::now());
         Ok(Response::new(Empty {}))
     }
 
@@ -675,7 +718,16 @@ impl Agent for AgentService {
         if p.exited().is_some() {
             return Err(Status::failed_precondition("process already exited"));
         }
-        spawn::pidfd_signal(&p.pidfd, sig.map_or(0, |s| s as i32)).map_err(errno("kill"))?;
+        let number = sig.map_or(0, |s| s as i32);
+        let hold = req.exec_id.is_empty()
+            && sig.is_some_and(|s| s != Signal::SIGKILL && s != Signal::SIGSTOP)
+            && p.started.get().is_some_and(|t| t.elapsed() < SIGNAL_HOLD)
+            && !handles(p.pid, number);
+        if hold {
+            tokio::spawn(deliver_when_handled(p, number));
+        } else {
+            spawn::pidfd_signal(&p.pidfd, number).map_err(errno("kill"))?;
+        }
         Ok(Response::new(Empty {}))
     }
 

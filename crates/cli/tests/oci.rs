@@ -727,3 +727,33 @@ fn run_keep_leaves_a_stopped_container_for_delete() {
     assert_eq!(out.status.code(), Some(3), "{out:?}");
     assert!(root.containers().is_empty());
 }
+
+/// containerd's StopContainer sends SIGTERM within a millisecond of start. The
+/// container's init has no handler for it yet (here: not for 300 ms, while
+/// its first command runs), and as PID 1 of its namespace it would drop it;
+/// the agent holds it until the handler exists.
+#[test]
+fn a_term_right_after_start_waits_for_the_trap_and_is_not_lost() {
+    become_subreaper();
+    let root = StateRoot::new("oci-term");
+    let bundle = Bundle::new("term", |c| {
+        c["process"]["args"] = serde_json::json!([
+            "sh",
+            "-c",
+            "sleep 0.3; trap 'echo trapped; exit 3' TERM; while :; do sleep 0.05; done"
+        ]);
+    });
+    let (pid, mut create_child) = create(&root, &bundle.path, "term");
+    ok(&pv(&root, &["start", "term"]));
+    ok(&pv(&root, &["kill", "term", "TERM"]));
+    assert_eq!(
+        wait_exit(pid, Duration::from_secs(10)),
+        3,
+        "the SIGTERM sent right after start reached the trap"
+    );
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut create_child.stdout.take().unwrap(), &mut out).unwrap();
+    assert_eq!(out, "trapped\n");
+    assert_eq!(state(&root, "term")["status"], "stopped");
+    ok(&pv(&root, &["delete", "term"]));
+}

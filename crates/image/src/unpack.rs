@@ -1959,7 +1959,10 @@ mod tests {
             ),
             Err(UnpackError::Root { .. })
         ));
-        assert!(tree.join("deep/a/b/c").is_file(), "a tree it did not make is kept");
+        assert!(
+            tree.join("deep/a/b/c").is_file(),
+            "a tree it did not make is kept"
+        );
         let tree2 = dir.path().join("tree2");
         let r = unpack_image(
             &store,

@@ -51,6 +51,10 @@ enum ImageCommand {
     },
     /// Remove blobs no image uses and what interrupted pulls left.
     Prune,
+    /// Make a stored image's block root (its layers as one read-only ext4
+    /// filesystem, as `sandbox run --image` uses it) if it is not made yet;
+    /// prints its path.
+    Root { reference: String },
 }
 
 #[derive(Args)]
@@ -225,6 +229,17 @@ pub async fn run(args: ImageArgs, state_root: &Path) -> anyhow::Result<u8> {
             for i in images {
                 println!("{} {}", i.name, i.digest);
             }
+            Ok(0)
+        }
+        ImageCommand::Root { reference } => {
+            let found = find(&store, &reference)?;
+            let limits = image::unpack::Limits::default();
+            let root = tokio::task::spawn_blocking(move || {
+                image::blockroot::block_root(&store, &found, &limits)
+                    .with_context(|| format!("making a block root of {}", found.name))
+            })
+            .await??;
+            println!("{}", root.display());
             Ok(0)
         }
         ImageCommand::Prune => {
