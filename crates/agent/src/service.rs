@@ -114,6 +114,8 @@ fn process_spec(
         rlimits,
         no_new_privs: process.no_new_privileges,
         caps,
+        seccomp: crate::spawn::Seccomp::parse(&process.seccomp, process.seccomp_flags)
+            .map_err(Status::invalid_argument)?,
         stdio: child.raw(),
         tty: process.terminal,
         hold,

@@ -80,11 +80,70 @@ pub struct ProcessSpec {
     pub no_new_privs: bool,
     /// Capability sets to keep; None keeps the agent's (all of them).
     pub caps: Option<crate::caps::CapSets>,
+    pub seccomp: Seccomp,
     /// stdin, stdout, stderr as the child must see them.
     pub stdio: [RawFd; 3],
     pub tty: bool,
     /// Stop before exec until `Spawned::release` (OCI create/start).
     pub hold: bool,
+}
+
+/// seccomp filters the host compiled (`agent_proto::Process::seccomp`).
+#[derive(Default)]
+pub struct Seccomp {
+    programs: Vec<Vec<libc::sock_filter>>,
+    flags: u32,
+}
+
+impl Seccomp {
+    /// Reads each program's 8-byte instructions; refuses a ragged or empty
+    /// program, or one longer than the kernel takes (BPF_MAXINSNS).
+    pub fn parse(programs: &[Vec<u8>], flags: u32) -> Result<Seccomp, String> {
+        let mut out = Vec::new();
+        for p in programs {
+            if p.is_empty() || p.len() % 8 != 0 || p.len() / 8 > 4096 {
+                return Err(format!("a seccomp program of {} bytes", p.len()));
+            }
+            out.push(
+                p.chunks_exact(8)
+                    .map(|i| libc::sock_filter {
+                        code: u16::from_le_bytes([i[0], i[1]]),
+                        jt: i[2],
+                        jf: i[3],
+                        k: u32::from_le_bytes([i[4], i[5], i[6], i[7]]),
+                    })
+                    .collect(),
+            );
+        }
+        Ok(Seccomp {
+            programs: out,
+            flags,
+        })
+    }
+
+    /// Installs the filters (in the child: system calls only).
+    fn install(&self) -> nix::Result<()> {
+        for p in &self.programs {
+            let prog = libc::sock_fprog {
+                len: p.len() as u16,
+                filter: p.as_ptr() as *mut libc::sock_filter,
+            };
+            // SAFETY: seccomp(SECCOMP_SET_MODE_FILTER) reads `prog`, which
+            // points at `p`; both live across the call.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_seccomp,
+                    libc::SECCOMP_SET_MODE_FILTER,
+                    self.flags,
+                    &prog as *const libc::sock_fprog,
+                )
+            };
+            if rc < 0 {
+                return Err(Errno::last());
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A step of the child's setup, reported back with the errno that failed it.
@@ -107,6 +166,7 @@ pub enum Stage {
     Exec,
     Sysctl,
     Capabilities,
+    Seccomp,
 }
 
 impl Stage {
@@ -129,6 +189,7 @@ impl Stage {
             Exec,
             Sysctl,
             Capabilities,
+            Seccomp,
         ]
         .get(v as usize)
         .copied()
@@ -153,6 +214,7 @@ impl Stage {
             Stage::Exec => "exec",
             Stage::Sysctl => "writing sysctls",
             Stage::Capabilities => "setting capabilities",
+            Stage::Seccomp => "installing the seccomp filter",
         }
     }
 }
@@ -623,6 +685,11 @@ fn child_setup(ctx: &ChildCtx) -> Result<Never, (Stage, Errno)> {
     if unistd::chdir(p.cwd.as_c_str()).is_err() {
         mkdir_all(&p.cwd).map_err(at(Stage::Cwd))?;
     }
+    // Without no_new_privs installing a filter takes CAP_SYS_ADMIN: before
+    // the capabilities go (as runc does; the profile must allow what follows).
+    if !spec.no_new_privs {
+        spec.seccomp.install().map_err(at(Stage::Seccomp))?;
+    }
     if let Some(caps) = &spec.caps {
         caps.drop_bounding().map_err(at(Stage::Capabilities))?;
         caps.keep_across_setuid().map_err(at(Stage::Capabilities))?;
@@ -652,6 +719,10 @@ fn child_setup(ctx: &ChildCtx) -> Result<Never, (Stage, Errno)> {
             // The host removed the container instead of starting it.
             _ => exit_now(0),
         }
+    }
+    // With it, as late as can be: only execve follows.
+    if spec.no_new_privs {
+        spec.seccomp.install().map_err(at(Stage::Seccomp))?;
     }
     // SAFETY: `program`, `argv_ptrs` and `envp_ptrs` are NUL-terminated C
     // strings and NULL-terminated arrays owned by `Prepared`.

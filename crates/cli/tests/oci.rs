@@ -757,3 +757,114 @@ fn a_term_right_after_start_waits_for_the_trap_and_is_not_lost() {
     assert_eq!(state(&root, "term")["status"], "stopped");
     ok(&pv(&root, &["delete", "term"]));
 }
+
+/// Every x86_64 system call name, from the kernel's headers (linux-libc-dev).
+fn syscall_names() -> Vec<String> {
+    let header = "/usr/include/x86_64-linux-gnu/asm/unistd_64.h";
+    let text = std::fs::read_to_string(header)
+        .unwrap_or_else(|e| panic!("{header}: {e} (install Debian's linux-libc-dev)"));
+    text.lines()
+        .filter_map(|l| l.strip_prefix("#define __NR_"))
+        .filter_map(|l| l.split_whitespace().next().map(String::from))
+        .collect()
+}
+
+/// `linux.seccomp` is enforced in the guest, for the container and its
+/// execs: a deny-list (default allow) and an allow-list (default deny) that
+/// leave out sethostname; what a VM cannot do is refused at create.
+#[test]
+fn seccomp_profiles_are_enforced_in_the_guest_and_notify_is_refused() {
+    become_subreaper();
+    let root = StateRoot::new("oci-seccomp");
+    let script =
+        "grep Seccomp: /proc/self/status; hostname blocked 2>&1; hostname; echo still-running";
+    let deny_list = serde_json::json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [{"names": ["sethostname"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38}],
+    });
+    let names: Vec<String> = syscall_names()
+        .into_iter()
+        .filter(|n| n != "sethostname")
+        .collect();
+    assert!(names.len() > 300, "{} syscall names", names.len());
+    let allow_list = serde_json::json!({
+        "defaultAction": "SCMP_ACT_ERRNO",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [
+            {"names": names, "action": "SCMP_ACT_ALLOW"},
+            {"names": ["personality"], "action": "SCMP_ACT_ALLOW",
+             "args": [{"index": 0, "value": 0, "op": "SCMP_CMP_EQ"}]},
+        ],
+    });
+    for (name, profile, error, nnp) in [
+        ("deny", deny_list, "Function not implemented", false),
+        ("allow", allow_list, "Operation not permitted", true),
+    ] {
+        let bundle = Bundle::new(&format!("sc-{name}"), |c| {
+            c["process"]["args"] = serde_json::json!(["sh", "-c", script]);
+            c["process"]["noNewPrivileges"] = nnp.into();
+            c["hostname"] = "box".into();
+            c["linux"]["seccomp"] = profile.clone();
+        });
+        let out = pv(
+            &root,
+            &["run", "--bundle", bundle.path.to_str().unwrap(), name],
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert_eq!(out.status.code(), Some(0), "{name}: {out:?}");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0].split_whitespace().collect::<Vec<_>>(),
+            ["Seccomp:", "2"],
+            "{name}: {text}"
+        );
+        assert!(
+            lines[1].contains(error),
+            "{name}: sethostname fails with the profile's errno: {text}"
+        );
+        assert_eq!(lines[2..], ["box", "still-running"], "{name}: {text}");
+    }
+
+    // An exec runs under its container's filter.
+    let bundle = Bundle::new("sc-exec", |c| {
+        c["process"]["args"] = serde_json::json!(["sleep", "600"]);
+        c["linux"]["seccomp"] = serde_json::json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "syscalls": [{"names": ["sethostname"], "action": "SCMP_ACT_ERRNO"}],
+        });
+    });
+    let (pid, _child) = create(&root, &bundle.path, "sc-exec");
+    ok(&pv(&root, &["start", "sc-exec"]));
+    let out = ok(&pv(
+        &root,
+        &[
+            "exec",
+            "sc-exec",
+            "sh",
+            "-c",
+            "grep Seccomp: /proc/self/status; hostname x 2>&1; true",
+        ],
+    ));
+    assert!(
+        out.contains("Seccomp:\t2") && out.contains("Operation not permitted"),
+        "{out}"
+    );
+    ok(&pv(&root, &["kill", "sc-exec", "KILL"]));
+    wait_exit(pid, Duration::from_secs(30));
+    ok(&pv(&root, &["delete", "sc-exec"]));
+
+    let bundle = Bundle::new("sc-notify", |c| {
+        c["linux"]["seccomp"] = serde_json::json!({"defaultAction": "SCMP_ACT_NOTIFY"});
+    });
+    let out = pv(
+        &root,
+        &["run", "--bundle", bundle.path.to_str().unwrap(), "notify"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("SCMP_ACT_NOTIFY is not supported"), "{err}");
+    assert!(
+        root.containers().is_empty(),
+        "nothing left of a refused create"
+    );
+}

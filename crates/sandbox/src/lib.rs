@@ -11,6 +11,7 @@ pub mod oci;
 pub mod pool;
 pub mod proxy;
 mod sandbox;
+pub mod seccomp;
 pub mod share;
 pub mod state;
 pub mod supervisor;

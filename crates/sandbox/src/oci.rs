@@ -131,6 +131,7 @@ pub struct Linux {
     pub namespaces: Vec<Namespace>,
     pub resources: Option<Resources>,
     pub sysctl: BTreeMap<String, String>,
+    pub seccomp: Option<crate::seccomp::Seccomp>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -247,6 +248,33 @@ impl Spec {
             }
         }
         self.vm_cgroup()?;
+        self.seccomp()?;
+        Ok(())
+    }
+
+    /// `linux.seccomp` compiled for the agent (no programs without one).
+    pub fn seccomp(&self) -> Result<crate::seccomp::Compiled, SpecError> {
+        match self.linux.as_ref().and_then(|l| l.seccomp.as_ref()) {
+            Some(profile) => crate::seccomp::compile(profile)
+                .map_err(|e| SpecError::Invalid(format!("config.json: linux.seccomp: {e}"))),
+            None => Ok(Default::default()),
+        }
+    }
+
+    /// The container's first process for the agent, its seccomp filter
+    /// included.
+    pub fn agent_process(&self) -> Result<agent_proto::Process, SpecError> {
+        let mut p = self.process().to_agent();
+        self.apply_seccomp(&mut p)?;
+        Ok(p)
+    }
+
+    /// Puts the container's seccomp filter on `process` (its first one or an
+    /// exec: both run under it, as on runc).
+    pub fn apply_seccomp(&self, process: &mut agent_proto::Process) -> Result<(), SpecError> {
+        let c = self.seccomp()?;
+        process.seccomp = c.programs;
+        process.seccomp_flags = c.flags;
         Ok(())
     }
 
@@ -590,6 +618,9 @@ impl Process {
                     permitted: c.permitted.clone(),
                     ambient: c.ambient.clone(),
                 }),
+            // The container's, put on by `Spec::apply_seccomp`.
+            seccomp: Vec::new(),
+            seccomp_flags: 0,
         }
     }
 }

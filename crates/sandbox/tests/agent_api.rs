@@ -26,6 +26,8 @@ fn process(args: &[&str], terminal: bool) -> Process {
         rlimits: Vec::new(),
         no_new_privileges: false,
         capabilities: None,
+        seccomp: Vec::new(),
+        seccomp_flags: 0,
     }
 }
 

@@ -792,6 +792,10 @@ impl Task for Service {
         let mut p = Process::new(&req.stdin, &req.stdout, &req.stderr, req.terminal);
         let mut process = spec.to_agent();
         process.terminal = req.terminal;
+        // An exec runs under its container's seccomp filter, as on runc.
+        Spec::load(&c.bundle)
+            .and_then(|s| s.apply_seccomp(&mut process))
+            .map_err(|e| err(Code::INVALID_ARGUMENT, format!("container spec: {e}")))?;
         p.spec = Some(process);
         c.execs.insert(req.exec_id.clone(), p);
         drop(pod);

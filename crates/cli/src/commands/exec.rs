@@ -227,6 +227,8 @@ async fn exec_in(
     let c = oci::open(root, id)?;
     let mut agent = oci::agent(&c.dir)?;
     let mut p = process.to_agent();
+    // An exec runs under its container's seccomp filter, as on runc.
+    Spec::load(&c.record.bundle)?.apply_seccomp(&mut p)?;
     if p.terminal && p.console_size.is_none() {
         if let Some((rows, cols)) = console::stdin_size() {
             p.console_size = Some(agent_proto::ConsoleSize {

@@ -275,7 +275,7 @@ async fn create_in(
                 .map_err(|s| anyhow::anyhow!("configuring the guest network: {}", s.message()))?;
         }
     }
-    let mut process = spec.process().to_agent();
+    let mut process = spec.agent_process()?;
     if process.terminal && process.console_size.is_none() {
         if let Some((rows, cols)) = console::stdin_size() {
             process.console_size = Some(agent_proto::ConsoleSize {

@@ -436,6 +436,8 @@ async fn run_in(
         rlimits: Vec::new(),
         no_new_privileges: false,
         capabilities: None,
+        seccomp: Vec::new(),
+        seccomp_flags: 0,
     };
     let t_create = Instant::now();
     let block_root = sb.has_block_root().then(|| agent_proto::BlockRoot {

@@ -231,7 +231,7 @@ impl Service {
             rootfs_subpath: format!("{}/rootfs", c.id),
             rootfs_readonly: spec.root.as_ref().is_some_and(|r| r.readonly),
             hostname: spec.hostname.clone(),
-            process: Some(spec.process().to_agent()),
+            process: Some(spec.agent_process()?),
             resources: Some(spec.agent_resources()),
             mounts,
             sysctl: spec.sysctl(),
