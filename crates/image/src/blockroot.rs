@@ -22,9 +22,9 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use nix::fcntl::{Flock, FlockArg};
+use nix::fcntl::FlockArg;
 
-use crate::store::{digest_hex, ImageRecord, Store, StoreError};
+use crate::store::{digest_hex, sync_dir, try_lock, ImageRecord, Lock, Store, StoreError};
 use crate::unpack::{self, Limits, UnpackError};
 
 #[derive(Debug, thiserror::Error)]
@@ -159,7 +159,8 @@ pub fn collect(store: &Store) -> Result<u64, BlockRootError> {
         if !name.ends_with(".ext4") || kept.contains(&name) {
             continue;
         }
-        let Some(_held) = try_lock(&entry.path().with_extension("lock"))? else {
+        let lock = entry.path().with_extension("lock");
+        let Some(_held) = try_lock(&lock, FlockArg::LockExclusiveNonblock)? else {
             continue;
         };
         let blocks = entry.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
@@ -229,36 +230,12 @@ fn mkfs(
     Ok(())
 }
 
-fn lock(path: &Path) -> Result<Flock<File>, BlockRootError> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
-    }
-    let file = File::create(path).map_err(io_err(path))?;
-    Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| {
+/// The build lock of `path`, waited for.
+fn lock(path: &Path) -> Result<Lock, BlockRootError> {
+    try_lock(path, FlockArg::LockExclusive)?.ok_or_else(|| {
         BlockRootError::Store(StoreError::Lock {
             path: path.to_path_buf(),
-            source: e,
+            source: nix::Error::EWOULDBLOCK,
         })
     })
-}
-
-fn try_lock(path: &Path) -> Result<Option<Flock<File>>, BlockRootError> {
-    let file = match File::create(path) {
-        Ok(f) => f,
-        Err(e) => return Err(io_err(path)(e)),
-    };
-    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-        Ok(l) => Ok(Some(l)),
-        Err((_, nix::Error::EWOULDBLOCK)) => Ok(None),
-        Err((_, e)) => Err(BlockRootError::Store(StoreError::Lock {
-            path: path.to_path_buf(),
-            source: e,
-        })),
-    }
-}
-
-fn sync_dir(dir: &Path) -> Result<(), BlockRootError> {
-    File::open(dir)
-        .and_then(|f| f.sync_all())
-        .map_err(io_err(dir))
 }

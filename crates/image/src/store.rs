@@ -128,7 +128,7 @@ pub struct Lock(#[allow(dead_code)] Flock<File>);
 impl Store {
     /// Opens (creating if needed) the store at `root`.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
-        for d in ["blobs/sha256", "tmp", "locks"] {
+        for d in ["blobs/sha256", "tmp", "locks", "roots"] {
             let p = root.join(d);
             std::fs::create_dir_all(&p).map_err(io_err(&p))?;
         }
@@ -477,7 +477,7 @@ pub fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_err(dir))
@@ -492,7 +492,9 @@ fn open_lock_file(path: &Path) -> Result<File, StoreError> {
         .map_err(io_err(path))
 }
 
-fn try_lock(path: &Path, arg: FlockArg) -> Result<Option<Lock>, StoreError> {
+/// A lock on `path` (made if missing); `None` if another holds it and `arg`
+/// does not wait.
+pub(crate) fn try_lock(path: &Path, arg: FlockArg) -> Result<Option<Lock>, StoreError> {
     let file = match OpenOptions::new().write(true).open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => open_lock_file(path)?,

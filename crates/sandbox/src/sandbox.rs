@@ -89,14 +89,13 @@ pub(crate) const LAYER_FILE: &str = "layer.qcow2";
 /// a template's layer): it starts empty (a few hundred KiB) and grows by
 /// what the guest writes.
 pub(crate) fn make_overlay(base: &Path, qcow2_base: bool, path: &Path) -> Result<(), SandboxError> {
-    let size = std::fs::metadata(base)
-        .map_err(|e| SandboxError::Invalid(format!("{}: {e}", base.display())))?
-        .len();
     // A qcow2 base's virtual size is its raw base's, which is what the
     // guest's filesystem spans.
     let size = match qcow2_base {
         true => virtual_size(base)?,
-        false => size,
+        false => std::fs::metadata(base)
+            .map_err(|e| SandboxError::Invalid(format!("{}: {e}", base.display())))?
+            .len(),
     };
     let format = if qcow2_base { "qcow2" } else { "raw" };
     let out = std::process::Command::new("qemu-img")
