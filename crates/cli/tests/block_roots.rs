@@ -227,6 +227,22 @@ fn an_image_runs_from_a_read_only_disk_under_a_writable_layer_of_its_own() {
         "the image's disk is never written"
     );
     assert_eq!(env.roots(), roots, "built once");
+
+    // Container root writing the image's disk itself, through a device node
+    // it makes: the disk is read-only in QEMU (and in its jail).
+    let attack = ok(&env.run(
+        "busybox:1",
+        "for d in /sys/block/vd*; do [ \"$(cat $d/serial)\" = podvisor-image ] && dev=$d; done; \
+         mknod /tmp/disk b $(tr : ' ' < $dev/dev) || echo no-node; \
+         dd if=/dev/zero of=/tmp/disk bs=4096 count=16 conv=fsync 2>/dev/null \
+         && echo wrote-the-image || echo refused",
+    ));
+    assert_eq!(attack, "refused\n");
+    assert_eq!(
+        sha256(&std::fs::read(&root_file).unwrap()),
+        before,
+        "the image's disk is never written, not even raw"
+    );
     assert!(
         env.staging().is_empty(),
         "no staging left: {:?}",
