@@ -17,7 +17,7 @@ deps:
 build: deps host kernel initrd rootfs
 
 host:
-	$(CARGO) build --release --bin podvisor --bin containerd-shim-podvisor-v2
+	$(CARGO) build --release --bin podvisor --bin containerd-shim-podvisor-v2 --bin podvisord
 
 # The agent is PID 1 of an initramfs with nothing else in it: fully static.
 agent:

@@ -623,7 +623,7 @@ impl Agent for AgentService {
     async fn exec_process(
         &self,
         req: Request<ExecProcessRequest>,
-    ) -> Result<Response<Empty>, Status> {
+    ) -> Result<Response<ExecProcessResponse>, Status> {
         let req = req.into_inner();
         valid_id(&req.exec_id)?;
         let c = self.container(&req.container_id)?;
@@ -660,11 +660,12 @@ impl Agent for AgentService {
             tracked(spawned, host, false)
         })
         .await??;
+        let pid = proc_.pid as u32;
         c.execs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(req.exec_id, Arc::new(proc_));
-        Ok(Response::new(Empty {}))
+        Ok(Response::new(ExecProcessResponse { pid }))
     }
 
     async fn remove_process(

@@ -98,7 +98,7 @@ impl Agent for AgentProxy {
     async fn exec_process(
         &self,
         req: Request<ExecProcessRequest>,
-    ) -> Result<Response<Empty>, Status> {
+    ) -> Result<Response<ExecProcessResponse>, Status> {
         self.client.clone().exec_process(req.into_inner()).await
     }
 

@@ -1,0 +1,604 @@
+//! E2B's sandbox REST API (the control plane), as its OpenAPI spec and SDKs
+//! shape it: field names, status codes, `{"code", "message"}` errors. And
+//! the router of everything podvisord serves on its one port.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::auth::TenantAuth;
+use crate::error::ApiError;
+use crate::sandboxes::{self, CreateAsk, Live};
+use crate::AppState;
+
+/// The envd version we answer with: the protocol level of E2B's envd whose
+/// features we serve (the SDKs switch behaviour on it).
+pub const ENVD_VERSION: &str = "0.6.1";
+
+/// The largest JSON body the REST API takes.
+const MAX_JSON: usize = 1 << 20;
+
+/// `Json`, with rejections (malformed JSON, wrong content type) as API errors.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(e) => Err(json_rejection(e)),
+        }
+    }
+}
+
+/// A JSON body that may be absent (empty): its type's default then.
+pub fn optional_json<T: Default + serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))
+}
+
+fn json_rejection(e: JsonRejection) -> ApiError {
+    let status = match e.status() {
+        StatusCode::UNPROCESSABLE_ENTITY => StatusCode::BAD_REQUEST,
+        s => s,
+    };
+    ApiError::new(status, e.body_text())
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let e2b = Router::new()
+        .route("/sandboxes", post(create_v1).get(list_v1))
+        .route("/v2/sandboxes", post(create_v2).get(list_v2))
+        .route("/sandboxes/{id}", get(get_sandbox).delete(kill))
+        .route("/sandboxes/{id}/timeout", post(set_timeout))
+        .route("/sandboxes/{id}/refreshes", post(refresh))
+        .route("/sandboxes/{id}/connect", post(connect))
+        .route("/v2/sandboxes/{id}/connect", post(connect))
+        .route("/sandboxes/{id}/metrics", get(metrics))
+        .route("/sandboxes/{id}/logs", get(logs))
+        .route("/v2/sandboxes/{id}/logs", get(logs_v2));
+    let own = Router::new()
+        .route("/health", get(|| async { StatusCode::OK }))
+        .route("/metrics", get(prometheus))
+        .route("/openapi.json", get(openapi));
+    let api = e2b
+        .merge(own)
+        .merge(crate::admin::router())
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON))
+        .fallback(not_found)
+        .with_state(Arc::clone(&state));
+    let envd = crate::envd::router(Arc::clone(&state));
+    Router::new()
+        .fallback_service(tower::service_fn(move |req: Request| {
+            let (api, envd) = (api.clone(), envd.clone());
+            async move {
+                use tower::ServiceExt;
+                match crate::envd::target(&req) {
+                    Some(_) => envd.oneshot(req).await,
+                    None => api.oneshot(req).await,
+                }
+            }
+        }))
+        .layer(middleware::from_fn_with_state(state, observe))
+}
+
+/// Logs each request (JSON, with its id) and counts it by route and status.
+async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let t0 = std::time::Instant::now();
+    let request_id = crate::auth::random_hex(8);
+    let method = req.method().clone();
+    let route = route_of(&req);
+    let span = tracing::info_span!("request", id = %request_id, tenant = tracing::field::Empty);
+    let mut resp = {
+        use tracing::Instrument;
+        next.run(req).instrument(span.clone()).await
+    };
+    let status = resp.status().as_u16();
+    state.metrics.request(&route, status);
+    if let Ok(v) = HeaderValue::from_str(&request_id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    span.in_scope(|| {
+        tracing::info!(%method, route = %route, status, ms = t0.elapsed().as_millis() as u64, "request")
+    });
+    resp
+}
+
+/// A route's name for metrics: sandbox ids and the like left out.
+fn route_of(req: &Request) -> String {
+    if let Some(t) = crate::envd::target(req) {
+        let _ = t;
+        return format!("envd {}", req.uri().path());
+    }
+    let parts: Vec<&str> = req.uri().path().split('/').collect();
+    let mut out = Vec::new();
+    for (i, p) in parts.iter().enumerate() {
+        let prev = if i > 0 { parts[i - 1] } else { "" };
+        if matches!(prev, "sandboxes" | "tenants" | "keys") && !p.is_empty() {
+            out.push(":id");
+        } else {
+            out.push(p);
+        }
+    }
+    format!("{} {}", req.method(), out.join("/"))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such route")
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NewSandbox {
+    #[serde(rename = "templateID")]
+    template_id: String,
+    timeout: Option<i64>,
+    metadata: Option<Value>,
+    env_vars: Option<Value>,
+    // Accepted as E2B does; see docs/podvisord.md for what they do here.
+    #[serde(default)]
+    auto_pause: Option<bool>,
+    #[serde(default)]
+    secure: Option<bool>,
+    #[serde(default)]
+    allow_internet_access: Option<bool>,
+    #[serde(flatten)]
+    _rest: HashMap<String, Value>,
+}
+
+fn string_map(v: Option<Value>, what: &str) -> Result<serde_json::Map<String, Value>, ApiError> {
+    match v {
+        None | Some(Value::Null) => Ok(Default::default()),
+        Some(Value::Object(m)) => {
+            if m.values().any(|x| !x.is_string()) {
+                return Err(ApiError::bad_request(format!(
+                    "{what} values must be strings"
+                )));
+            }
+            if m.len() > 256
+                || m.iter()
+                    .any(|(k, v)| k.len() + v.as_str().map_or(0, str::len) > 16384)
+            {
+                return Err(ApiError::bad_request(format!("{what} is too large")));
+            }
+            Ok(m)
+        }
+        Some(_) => Err(ApiError::bad_request(format!("{what} must be an object"))),
+    }
+}
+
+fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// The `Sandbox` of a create or connect answer.
+fn created_json(state: &AppState, live: &Live) -> Value {
+    json!({
+        "templateID": live.template.name,
+        "sandboxID": live.id,
+        "clientID": "podvisord",
+        "envdVersion": ENVD_VERSION,
+        "envdAccessToken": live.envd_token,
+        "domain": state.config.domain,
+    })
+}
+
+/// `ListedSandbox` / `SandboxDetail` of a live sandbox.
+fn detail_json(state: &AppState, live: &Live, detail: bool) -> Value {
+    let mut v = json!({
+        "templateID": live.template.name,
+        "sandboxID": live.id,
+        "clientID": "podvisord",
+        "startedAt": rfc3339(live.started_ms),
+        "endAt": rfc3339(live.end_ms()),
+        "cpuCount": live.vcpus,
+        "memoryMB": live.memory_mib,
+        "diskSizeMB": 0,
+        "metadata": live.metadata,
+        "state": "running",
+        "envdVersion": ENVD_VERSION,
+    });
+    if detail {
+        v["envdAccessToken"] = json!(live.envd_token);
+        v["domain"] = json!(state.config.domain);
+    }
+    v
+}
+
+async fn create(
+    state: Arc<AppState>,
+    tenant: crate::db::Tenant,
+    req: NewSandbox,
+) -> Result<Response, ApiError> {
+    let _ = (req.auto_pause, req.secure, req.allow_internet_access);
+    let metadata = string_map(req.metadata, "metadata")?;
+    let env = string_map(req.env_vars, "envVars")?
+        .into_iter()
+        .map(|(k, v)| (k, v.as_str().unwrap_or_default().to_string()))
+        .collect::<HashMap<_, _>>();
+    if env
+        .keys()
+        .any(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
+    {
+        return Err(ApiError::bad_request(
+            "envVars names must be non-empty, without '=' or NUL",
+        ));
+    }
+    let ask = CreateAsk {
+        template: req.template_id,
+        timeout_s: req.timeout.unwrap_or(state.config.default_timeout_s),
+        metadata,
+        env,
+    };
+    let live = sandboxes::create(&state, &tenant, ask).await?;
+    Ok((StatusCode::CREATED, Json(created_json(&state, &live))).into_response())
+}
+
+async fn create_v1(
+    TenantAuth(tenant): TenantAuth,
+    State(state): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<NewSandbox>,
+) -> Result<Response, ApiError> {
+    create(state, tenant, req).await
+}
+
+async fn create_v2(
+    TenantAuth(tenant): TenantAuth,
+    State(state): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<NewSandbox>,
+) -> Result<Response, ApiError> {
+    create(state, tenant, req).await
+}
+
+/// The `metadata` filter as the SDKs send it: `k=v&k2=v2`, each key and
+/// value percent-encoded once more.
+fn metadata_filter(q: Option<&str>) -> Result<Vec<(String, String)>, ApiError> {
+    let Some(q) = q.filter(|q| !q.is_empty()) else {
+        return Ok(Vec::new());
+    };
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(q)
+        .map_err(|e| ApiError::bad_request(format!("metadata filter: {e}")))?;
+    let unquote = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8()
+            .map(|c| c.into_owned())
+            .map_err(|_| ApiError::bad_request("metadata filter: not UTF-8"))
+    };
+    pairs
+        .iter()
+        .map(|(k, v)| Ok((unquote(k)?, unquote(v)?)))
+        .collect()
+}
+
+fn matches(live: &Live, filter: &[(String, String)]) -> bool {
+    filter
+        .iter()
+        .all(|(k, v)| live.metadata.get(k).and_then(Value::as_str) == Some(v.as_str()))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ListQuery {
+    metadata: Option<String>,
+    state: Option<String>,
+    template: Option<String>,
+    order: Option<String>,
+    limit: Option<usize>,
+    next_token: Option<String>,
+    #[serde(flatten)]
+    _rest: HashMap<String, String>,
+}
+
+fn tenant_live(state: &AppState, tenant: &str) -> Vec<Arc<Live>> {
+    let mut all: Vec<_> = state
+        .registry
+        .all()
+        .into_iter()
+        .filter(|l| l.tenant == tenant)
+        .collect();
+    all.sort_by(|a, b| (a.started_ms, &a.id).cmp(&(b.started_ms, &b.id)));
+    all
+}
+
+async fn list_v1(
+    TenantAuth(tenant): TenantAuth,
+    State(state): State<Arc<AppState>>,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let filter = metadata_filter(q.metadata.as_deref())?;
+    let out: Vec<Value> = tenant_live(&state, &tenant.id)
+        .iter()
+        .filter(|l| matches(l, &filter))
+        .map(|l| detail_json(&state, l, false))
+        .collect();
+    Ok(Json(out).into_response())
+}
+
+const MAX_LIMIT: usize = 1000;
+
+async fn list_v2(
+    TenantAuth(tenant): TenantAuth,
+    State(state): State<Arc<AppState>>,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let filter = metadata_filter(q.metadata.as_deref())?;
+    if let Some(states) = &q.state {
+        for s in states.split(',') {
+            if s != "running" && s != "paused" {
+                return Err(ApiError::bad_request(format!(
+                    "state {s:?}: expected running or paused"
+                )));
+            }
+        }
+        // Every live sandbox here is running; asking only for paused ones
+        // gets none.
+        if !states.split(',').any(|s| s == "running") {
+            return Ok((StatusCode::OK, Json(Vec::<Value>::new())).into_response());
+        }
+    }
+    let limit = q.limit.unwrap_or(100);
+    if limit == 0 || limit > MAX_LIMIT {
+        return Err(ApiError::bad_request(format!(
+            "limit must be 1 to {MAX_LIMIT}"
+        )));
+    }
+    let mut all: Vec<_> = tenant_live(&state, &tenant.id)
+        .into_iter()
+        .filter(|l| matches(l, &filter))
+        .filter(|l| q.template.as_ref().is_none_or(|t| &l.template.name == t))
+        .collect();
+    match q.order.as_deref() {
+        None | Some("desc") => all.reverse(),
+        Some("asc") => {}
+        Some(o) => {
+            return Err(ApiError::bad_request(format!(
+                "order {o:?}: expected asc or desc"
+            )))
+        }
+    }
+    // The token is the id of the first sandbox of the next page.
+    let start = match &q.next_token {
+        Some(t) => all
+            .iter()
+            .position(|l| &l.id == t)
+            .ok_or_else(|| ApiError::bad_request("nextToken is not valid (any more)"))?,
+        None => 0,
+    };
+    let page: Vec<Value> = all
+        .iter()
+        .skip(start)
+        .take(limit)
+        .map(|l| detail_json(&state, l, false))
+        .collect();
+    let mut resp = Json(page).into_response();
+    if let Some(next) = all.get(start + limit) {
+        if let Ok(v) = HeaderValue::from_str(&next.id) {
+            resp.headers_mut().insert("x-next-token", v);
+        }
+    }
+    Ok(resp)
+}
+
+async fn get_sandbox(
+    TenantAuth(tenant): TenantAuth,
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let live = state.registry.of_tenant(&tenant.id, &id)?;
+    Ok(Json(detail_json(&state, &live, true)).into_response())
+}
+
+async fn kill(
+    TenantAuth(tenant): TenantAuth,
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    state.registry.of_tenant(&tenant.id, &id)?;
+    if !sandboxes::kill(&state, &id, "killed").await {
+        return Err(ApiError::sandbox_not_found(&id));
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize)]
+struct TimeoutRequest {
+    timeout: i64,
+}
+
+fn check_timeout(tenant: &crate::db::Tenant, t: i64) -> Result<(), ApiError> {
+    if t <= 0 {
+        return Err(ApiError::bad_request(
+            "timeout must be a positive number of seconds",
+        ));
+    }
+    if t > tenant.quotas.max_lifetime_s {
+        return Err(ApiError::bad_request(format!(
+            "timeout {t} s is over this account's maximum sandbox lifetime ({} s)",
+            tenant.quotas.max_lifetime_s
+        )));
+    }
+    Ok(())
+}
+
+async fn set_timeout(
+    TenantAuth(tenant): TenantAuth,
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<TimeoutRequest>,
+) -> Result<StatusCode, ApiError> {
+    let live = state.registry.of_tenant(&tenant.id, &id)?;
+    check_timeout(&tenant, req.timeout)?;
+    sandboxes::set_timeout(&state, &live, req.timeout)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Moves the deadline to `t` seconds from now if that is later.
+fn extend(
+    state: &AppState,
+    tenant: &crate::db::Tenant,
+    live: &Live,
+    t: i64,
+) -> Result<(), ApiError> {
+    check_timeout(tenant, t)?;
+    if crate::db::now_ms() + t * 1000 > live.end_ms() {
+        sandboxes::set_timeout(state, live, t)?;
+    }
+    Ok(())
+}
+
+#[derive(Deserialize, Default)]
+struct RefreshRequest {
+    duration: Option<i64>,
+}
+
+/// Extends the deadline to `duration` seconds from now (never shortens it).
+async fn refresh(
+    TenantAuth(tenant): TenantAuth,
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<StatusCode, ApiError> {
+    let live = state.registry.of_tenant(&tenant.id, &id)?;
+    let d = optional_json::<RefreshRequest>(&body)?
+        .duration
+        .unwrap_or(60);
+    extend(&state, &tenant, &live, d)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, Default)]
+struct ConnectRequest {
+    timeout: Option<i64>,
+}
+
+/// Connects to a running sandbox: its deadline extended to `timeout` from
+/// now when that is later.
+async fn connect(
+    TenantAuth(tenant): TenantAuth,
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let live = state.registry.of_tenant(&tenant.id, &id)?;
+    if let Some(t) = optional_json::<ConnectRequest>(&body)?.timeout {
+        extend(&state, &tenant, &live, t)?;
+    }
+    Ok((StatusCode::OK, Json(created_json(&state, &live))).into_response())
+}
+
+/// One sample now: the container's CPU and memory from the guest's cgroup.
+async fn metrics(
+    TenantAuth(tenant): TenantAuth,
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let live = state.registry.of_tenant(&tenant.id, &id)?;
+    let mut agent = live.agent.clone();
+    let stats = agent
+        .stats_container(agent_proto::ContainerRequest {
+            container_id: sandboxes::CONTAINER.into(),
+        })
+        .await
+        .map_err(|s| {
+            state.metrics.agent_error();
+            ApiError::internal(format!("sandbox agent: {}", s.message()))
+        })?
+        .into_inner();
+    let now = crate::db::now_ms();
+    let sample = json!({
+        "timestamp": rfc3339(now),
+        "timestampUnix": now / 1000,
+        "cpuCount": live.vcpus,
+        "cpuUsedPct": 0.0,
+        "memUsed": stats.memory_usage,
+        "memTotal": live.memory_mib * 1024 * 1024,
+        "diskUsed": 0,
+        "diskTotal": 0,
+    });
+    Ok(Json(vec![sample]).into_response())
+}
+
+/// The sandbox's own log lines: none are kept (its commands' output goes to
+/// their callers), so an empty list in E2B's shape.
+async fn logs(
+    TenantAuth(tenant): TenantAuth,
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    state.registry.of_tenant(&tenant.id, &id)?;
+    Ok(Json(json!({"logs": [], "logEntries": []})).into_response())
+}
+
+async fn logs_v2(
+    TenantAuth(tenant): TenantAuth,
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    state.registry.of_tenant(&tenant.id, &id)?;
+    Ok(Json(json!({"logs": []})).into_response())
+}
+
+async fn prometheus(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let _ = headers;
+    let counts = state.db.counts().unwrap_or_default();
+    let pools: Vec<(String, i64)> = state
+        .templates
+        .values()
+        .filter_map(|t| {
+            sandbox::pool::status(&state.vm_root, &t.vm_template())
+                .map(|p| (t.name.clone(), p.ready as i64))
+        })
+        .collect();
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(&counts, &pools),
+    )
+        .into_response()
+}
+
+async fn openapi() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        include_str!("openapi.json"),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_filters_decode_as_the_sdks_encode() {
+        // Python: urlencode({quote(k): quote(v)}) of {"a b": "c&d", "x": "y"}
+        let f = metadata_filter(Some("a%2520b=c%2526d&x=y")).unwrap();
+        assert_eq!(
+            f,
+            vec![
+                ("a b".to_string(), "c&d".to_string()),
+                ("x".into(), "y".into())
+            ]
+        );
+        assert!(metadata_filter(Some("")).unwrap().is_empty());
+    }
+}

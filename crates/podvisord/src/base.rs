@@ -1,0 +1,153 @@
+//! Templates at start: each config template's root filesystem (the `base`
+//! one built here, Debian 12 with bash, coreutils and python3, cached
+//! outside the state directory) and its podvisor template, the VM snapshot
+//! that sandboxes are cloned from, made when missing.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::Context;
+use hypervisor::Accel;
+use sandbox::assets::GuestAssets;
+use sandbox::template::Template;
+use sandbox::SandboxConfig;
+
+use crate::config::Config;
+use crate::sandboxes::{parse_passwd, TemplateSpec};
+
+/// Debian's suite, and what the base root holds beyond minbase.
+const SUITE: &str = "bookworm";
+const PACKAGES: &str = "bash,coreutils,python3,procps,ca-certificates";
+const MIRROR: &str = "http://deb.debian.org/debian";
+
+/// The base root in `cache`, built when missing: `debootstrap` (minutes,
+/// once), then the user `user` (uid 1000) that E2B's SDKs run commands as.
+pub fn base_rootfs(cache: &Path) -> anyhow::Result<PathBuf> {
+    let tree = cache.join(format!("base-debian12-{}", short_hash(PACKAGES)));
+    if tree.join(".complete").exists() {
+        return Ok(tree);
+    }
+    std::fs::create_dir_all(cache).with_context(|| format!("creating {}", cache.display()))?;
+    let _ = std::fs::remove_dir_all(&tree);
+    let staging = cache.join(format!(".base.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    eprintln!(
+        "podvisord: building the base template's root (debootstrap {SUITE}, once) in {}",
+        tree.display()
+    );
+    let ok = Command::new("debootstrap")
+        .args(["--variant=minbase", &format!("--include={PACKAGES}"), SUITE])
+        .arg(&staging)
+        .arg(MIRROR)
+        .status()
+        .context("running debootstrap (apt-get install debootstrap)")?
+        .success();
+    if !ok {
+        let _ = std::fs::remove_dir_all(&staging);
+        anyhow::bail!("debootstrap of the base root failed (see above)");
+    }
+    let ok = Command::new("chroot")
+        .arg(&staging)
+        .args([
+            "useradd",
+            "--create-home",
+            "--uid",
+            "1000",
+            "--shell",
+            "/bin/bash",
+            "user",
+        ])
+        .status()
+        .context("running useradd in the base root")?
+        .success();
+    if !ok {
+        let _ = std::fs::remove_dir_all(&staging);
+        anyhow::bail!("adding the user `user` to the base root failed");
+    }
+    // What a sandbox's commands may not need from a build host.
+    let _ = std::fs::remove_dir_all(staging.join("var/cache/apt/archives"));
+    std::fs::create_dir_all(staging.join("var/cache/apt/archives/partial"))?;
+    std::fs::rename(&staging, &tree)?;
+    std::fs::write(tree.join(".complete"), b"")?;
+    Ok(tree)
+}
+
+fn short_hash(s: &str) -> String {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(s.as_bytes());
+    d[..4].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Every template of the config, ready: roots found (or built), VM
+/// templates made where missing.
+pub async fn prepare(
+    config: &Config,
+    vm_root: &Path,
+    assets: &GuestAssets,
+    accel: Accel,
+) -> anyhow::Result<HashMap<String, TemplateSpec>> {
+    let mut out = HashMap::new();
+    for t in &config.templates {
+        let rootfs = match &t.rootfs {
+            Some(p) => p.clone(),
+            None => {
+                let cache = config.base_cache.clone();
+                tokio::task::spawn_blocking(move || base_rootfs(&cache)).await??
+            }
+        };
+        if !rootfs.join("bin").exists() {
+            anyhow::bail!(
+                "template {}: rootfs {} holds no /bin",
+                t.name,
+                rootfs.display()
+            );
+        }
+        let users =
+            parse_passwd(&std::fs::read_to_string(rootfs.join("etc/passwd")).unwrap_or_default());
+        let spec = TemplateSpec {
+            name: t.name.clone(),
+            rootfs,
+            vcpus: t.vcpus,
+            memory_mib: t.memory_mib,
+            users,
+        };
+        let name = spec.vm_template();
+        let usable = Template::open(vm_root, &name)
+            .map(|tpl| {
+                let (mem, vcpus, _, a) = tpl.shape();
+                mem == t.memory_mib && vcpus == t.vcpus && a == accel
+            })
+            .unwrap_or(false);
+        if !usable {
+            let _ = Template::remove(vm_root, &name);
+            let t0 = std::time::Instant::now();
+            let vm = SandboxConfig {
+                cpu_millis: None,
+                cgroup: None,
+                id: format!("podvisord-template-{}", t.name),
+                root: vm_root.to_path_buf(),
+                memory_mib: t.memory_mib,
+                vcpus: t.vcpus,
+                assets: assets.clone(),
+                accel,
+                nics: Vec::new(),
+                shares: Vec::new(),
+                hostname: "sandbox".into(),
+                boot_timeout: sandbox::default_boot_timeout(accel),
+                template: None,
+                block_root: None,
+            };
+            Template::create(vm, &name)
+                .await
+                .with_context(|| format!("making the VM template of {}", t.name))?;
+            eprintln!(
+                "podvisord: template {} made in {} ms ({accel})",
+                t.name,
+                t0.elapsed().as_millis()
+            );
+        }
+        out.insert(t.name.clone(), spec);
+    }
+    Ok(out)
+}

@@ -1,0 +1,190 @@
+//! E2B's in-sandbox protocol (envd), served by podvisord on the sandbox's
+//! behalf and carried to its agent. A request is for a sandbox when its
+//! `Host` is `{port}-{sandboxID}.{domain}` or it carries the
+//! `E2b-Sandbox-Id` and `E2b-Sandbox-Port` headers (E2B's SDKs send both
+//! ways); it must carry the sandbox's access token (`X-Access-Token`).
+
+pub mod connect;
+pub mod process;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::sandboxes::Live;
+use crate::AppState;
+use connect::{Code, RpcError};
+
+/// The generated envd messages.
+pub mod pb {
+    #[allow(clippy::all, missing_docs)]
+    pub mod process {
+        include!(concat!(env!("OUT_DIR"), "/process.rs"));
+        include!(concat!(env!("OUT_DIR"), "/process.serde.rs"));
+    }
+    #[allow(clippy::all, missing_docs, dead_code)]
+    pub mod filesystem {
+        include!(concat!(env!("OUT_DIR"), "/filesystem.rs"));
+        include!(concat!(env!("OUT_DIR"), "/filesystem.serde.rs"));
+    }
+}
+
+/// The port E2B's SDKs reach envd on.
+pub const ENVD_PORT: u16 = 49983;
+
+/// Which sandbox and port a request is for, if any.
+pub fn target(req: &Request) -> Option<(String, u16)> {
+    let h = req.headers();
+    let header = |n: &str| h.get(n).and_then(|v| v.to_str().ok());
+    if let Some(id) = header("e2b-sandbox-id") {
+        let port = header("e2b-sandbox-port")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(ENVD_PORT);
+        return Some((id.to_string(), port));
+    }
+    let host = header("host")
+        .map(str::to_string)
+        .or_else(|| req.uri().host().map(str::to_string))?;
+    let first = host.split('.').next()?;
+    // A dotless host ("localhost:3000") is podvisord's own.
+    if !host.contains('.') {
+        return None;
+    }
+    let (port, id) = first.split_once('-')?;
+    let port: u16 = port.parse().ok()?;
+    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return None;
+    }
+    Some((id.to_string(), port))
+}
+
+impl RpcError {
+    pub fn into_response_unary(self) -> Response {
+        self.into_response()
+    }
+}
+
+/// The live sandbox a request is for, its token checked.
+fn sandbox_of(
+    state: &AppState,
+    req_target: Option<(String, u16)>,
+    headers: &HeaderMap,
+) -> Result<Arc<Live>, RpcError> {
+    let Some((id, port)) = req_target else {
+        return Err(RpcError::not_found("no sandbox named"));
+    };
+    // The same answer for a sandbox that does not exist and one whose
+    // token is wrong: ids are not secrets, but nothing is told.
+    let live = state
+        .registry
+        .get(&id)
+        .ok_or_else(|| RpcError::not_found(format!("sandbox {id:?} not found")))?;
+    let token = headers
+        .get("x-access-token")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !crate::auth::same(token.as_bytes(), live.envd_token.as_bytes()) {
+        return Err(RpcError::new(
+            Code::Unauthenticated,
+            "missing or wrong X-Access-Token for this sandbox",
+        ));
+    }
+    if port != ENVD_PORT {
+        return Err(RpcError::new(
+            Code::Unimplemented,
+            format!("port {port}: only envd ({ENVD_PORT}) is served for sandboxes so far"),
+        ));
+    }
+    Ok(live)
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/process.Process/{method}", post(process_call))
+        .route("/filesystem.Filesystem/{method}", post(filesystem_call))
+        .route("/health", get(health))
+        .fallback(|| async { RpcError::not_found("no such envd route") })
+        .with_state(state)
+}
+
+async fn health(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    match sandbox_of(&state, target(&req), req.headers()) {
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn unary<T: connect::Msg>(
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(connect::Codec, T), RpcError> {
+    let bytes = axum::body::to_bytes(body, connect::MAX_MESSAGE)
+        .await
+        .map_err(|_| RpcError::new(Code::ResourceExhausted, "message too large"))?;
+    connect::decode_unary(headers, &bytes)
+}
+
+async fn process_call(
+    State(state): State<Arc<AppState>>,
+    Path(method): Path<String>,
+    req: Request,
+) -> Response {
+    let t = target(&req);
+    let (parts, body) = req.into_parts();
+    let headers = parts.headers;
+    let live = match sandbox_of(&state, t, &headers) {
+        Ok(l) => l,
+        Err(e) => return e.into_response(),
+    };
+    let r = match method.as_str() {
+        "Start" => return process::start(live, headers, body).await,
+        "Connect" => return process::connect_to(live, headers, body).await,
+        "StreamInput" => return process::stream_input(live, headers, body).await,
+        "List" => match unary(&headers, body).await {
+            Ok((c, m)) => process::list(live, c, m).await,
+            Err(e) => Err(e),
+        },
+        "SendInput" => match unary(&headers, body).await {
+            Ok((c, m)) => process::send_input(live, c, m).await,
+            Err(e) => Err(e),
+        },
+        "SendSignal" => match unary(&headers, body).await {
+            Ok((c, m)) => process::send_signal(live, c, m).await,
+            Err(e) => Err(e),
+        },
+        "CloseStdin" => match unary(&headers, body).await {
+            Ok((c, m)) => process::close_stdin(live, c, m).await,
+            Err(e) => Err(e),
+        },
+        "Update" => match unary(&headers, body).await {
+            Ok((c, m)) => process::update(live, c, m).await,
+            Err(e) => Err(e),
+        },
+        other => Err(RpcError::new(
+            Code::Unimplemented,
+            format!("process.Process/{other} does not exist"),
+        )),
+    };
+    r.unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn filesystem_call(
+    State(state): State<Arc<AppState>>,
+    Path(method): Path<String>,
+    req: Request,
+) -> Response {
+    let t = target(&req);
+    if let Err(e) = sandbox_of(&state, t, req.headers()) {
+        return e.into_response();
+    }
+    RpcError::new(
+        Code::Unimplemented,
+        format!("filesystem.Filesystem/{method} is not served yet"),
+    )
+    .into_response()
+}
