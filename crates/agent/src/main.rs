@@ -5,6 +5,7 @@ mod caps;
 mod cgroup;
 mod channel;
 mod container;
+mod files;
 mod init;
 mod mounts;
 mod network;

@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use agent_proto::agent_server::Agent;
 use agent_proto::*;
+
+use crate::files;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -48,6 +50,16 @@ impl AgentService {
         self.table
             .get(id)
             .ok_or_else(|| Status::not_found(format!("container {id:?} does not exist")))
+    }
+
+    /// A handle on container `id`'s mount namespace, for a file call.
+    fn mount_ns(&self, id: &str) -> Result<std::os::fd::OwnedFd, Status> {
+        let c = self.container(id)?;
+        let mnt = c.ns.mnt().ok_or_else(|| {
+            Status::failed_precondition(format!("container {id:?} has no mount namespace"))
+        })?;
+        mnt.try_clone_to_owned()
+            .map_err(|e| Status::internal(format!("container {id:?}: {e}")))
     }
 
     fn process(&self, id: &str, exec_id: &str) -> Result<Arc<Process>, Status> {
@@ -897,5 +909,125 @@ impl Agent for AgentService {
             let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT);
         });
         Ok(Response::new(Empty {}))
+    }
+
+    async fn stat_path(&self, req: Request<PathRequest>) -> Result<Response<FileInfo>, Status> {
+        let r = req.into_inner();
+        files::valid_path(&r.path)?;
+        let mnt = self.mount_ns(&r.container_id)?;
+        let info = files::join(files::run_in(mnt, r.user, move || files::stat(r.path))).await?;
+        Ok(Response::new(info))
+    }
+
+    async fn list_dir(
+        &self,
+        req: Request<ListDirRequest>,
+    ) -> Result<Response<FileInfoList>, Status> {
+        let r = req.into_inner();
+        files::valid_path(&r.path)?;
+        let mnt = self.mount_ns(&r.container_id)?;
+        let depth = r.depth;
+        let entries = files::join(files::run_in(mnt, r.user, move || {
+            files::list(r.path, depth)
+        }))
+        .await?;
+        Ok(Response::new(FileInfoList { entries }))
+    }
+
+    async fn make_dir(&self, req: Request<PathRequest>) -> Result<Response<FileInfo>, Status> {
+        let r = req.into_inner();
+        files::valid_path(&r.path)?;
+        let mnt = self.mount_ns(&r.container_id)?;
+        let info = files::join(files::run_in(mnt, r.user, move || files::make_dir(r.path))).await?;
+        Ok(Response::new(info))
+    }
+
+    async fn move_path(&self, req: Request<MoveRequest>) -> Result<Response<FileInfo>, Status> {
+        let r = req.into_inner();
+        files::valid_path(&r.source)?;
+        files::valid_path(&r.destination)?;
+        let mnt = self.mount_ns(&r.container_id)?;
+        let (from, to) = (r.source, r.destination);
+        let info = files::join(files::run_in(mnt, r.user, move || files::rename(from, to))).await?;
+        Ok(Response::new(info))
+    }
+
+    async fn remove_path(&self, req: Request<PathRequest>) -> Result<Response<Empty>, Status> {
+        let r = req.into_inner();
+        files::valid_path(&r.path)?;
+        let mnt = self.mount_ns(&r.container_id)?;
+        files::join(files::run_in(mnt, r.user, move || files::remove(r.path))).await?;
+        Ok(Response::new(Empty {}))
+    }
+
+    type ReadFileStream = ReceiverStream<Result<FileChunk, Status>>;
+
+    async fn read_file(
+        &self,
+        req: Request<PathRequest>,
+    ) -> Result<Response<Self::ReadFileStream>, Status> {
+        let r = req.into_inner();
+        files::valid_path(&r.path)?;
+        let mnt = self.mount_ns(&r.container_id)?;
+        let (tx, rx) = mpsc::channel(4);
+        let errors = tx.clone();
+        let h = files::run_in(mnt, r.user, move || files::read(r.path, tx));
+        tokio::spawn(async move {
+            if let Err(e) = files::join(h).await {
+                let _ = errors.send(Err(e)).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn write_file(
+        &self,
+        req: Request<Streaming<FileChunk>>,
+    ) -> Result<Response<FileInfo>, Status> {
+        let mut stream = req.into_inner();
+        let first = stream
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("no chunk names the file"))??;
+        files::valid_path(&first.path)?;
+        let mnt = self.mount_ns(&first.container_id)?;
+        let (tx, rx) = mpsc::channel::<Result<Vec<u8>, ()>>(4);
+        let h = files::run_in(mnt, first.user, move || files::write(first.path, rx));
+        if !first.data.is_empty() {
+            let _ = tx.send(Ok(first.data)).await;
+        }
+        while let Some(chunk) = stream.next().await {
+            let sent = match chunk {
+                Ok(c) => tx.send(Ok(c.data)).await,
+                // The host's stream broke off: the file must not stay.
+                Err(_) => tx.send(Err(())).await,
+            };
+            if sent.is_err() {
+                break; // the writer failed: its error tells why
+            }
+        }
+        drop(tx);
+        Ok(Response::new(files::join(h).await?))
+    }
+
+    type WatchDirStream = ReceiverStream<Result<WatchEvent, Status>>;
+
+    async fn watch_dir(
+        &self,
+        req: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchDirStream>, Status> {
+        let r = req.into_inner();
+        files::valid_path(&r.path)?;
+        let mnt = self.mount_ns(&r.container_id)?;
+        let (tx, rx) = mpsc::channel(64);
+        let errors = tx.clone();
+        let recursive = r.recursive;
+        let h = files::run_in(mnt, r.user, move || files::watch(r.path, recursive, tx));
+        tokio::spawn(async move {
+            if let Err(e) = files::join(h).await {
+                let _ = errors.send(Err(e)).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

@@ -64,6 +64,12 @@ impl Namespaces {
         }
         Ok(Namespaces { fds })
     }
+
+    /// The container's mount namespace.
+    pub fn mnt(&self) -> Option<std::os::fd::BorrowedFd<'_>> {
+        use std::os::fd::AsFd;
+        self.fds.get(4).map(|f| f.as_fd())
+    }
 }
 
 /// Everything a container process needs, as the service hands it over.

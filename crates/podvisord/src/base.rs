@@ -73,6 +73,29 @@ pub fn base_rootfs(cache: &Path) -> anyhow::Result<PathBuf> {
     Ok(tree)
 }
 
+/// What a VM template was made from: the guest assets (size and mtime)
+/// and the VM's shape.
+fn assets_stamp(assets: &GuestAssets, memory: u64, vcpus: u32, accel: Accel) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let file = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| {
+                format!(
+                    "{}:{}:{}",
+                    p.display(),
+                    m.len(),
+                    m.mtime_nsec() + m.mtime() * 1_000_000_000
+                )
+            })
+            .unwrap_or_default()
+    };
+    format!(
+        "{}\n{}\nmemory={memory} vcpus={vcpus} accel={accel}\n",
+        file(&assets.kernel),
+        file(&assets.initrd)
+    )
+}
+
 fn short_hash(s: &str) -> String {
     use sha2::Digest;
     let d = sha2::Sha256::digest(s.as_bytes());
@@ -113,12 +136,12 @@ pub async fn prepare(
             users,
         };
         let name = spec.vm_template();
-        let usable = Template::open(vm_root, &name)
-            .map(|tpl| {
-                let (mem, vcpus, _, a) = tpl.shape();
-                mem == t.memory_mib && vcpus == t.vcpus && a == accel
-            })
-            .unwrap_or(false);
+        // A template saved with other guest assets (a rebuilt agent) or
+        // another shape is made again.
+        let stamp_file = vm_root.join(format!("{name}.assets"));
+        let stamp = assets_stamp(assets, t.memory_mib, t.vcpus, accel);
+        let usable = Template::open(vm_root, &name).is_ok()
+            && std::fs::read_to_string(&stamp_file).ok().as_deref() == Some(stamp.as_str());
         if !usable {
             let _ = Template::remove(vm_root, &name);
             let t0 = std::time::Instant::now();
@@ -141,6 +164,7 @@ pub async fn prepare(
             Template::create(vm, &name)
                 .await
                 .with_context(|| format!("making the VM template of {}", t.name))?;
+            std::fs::write(&stamp_file, &stamp)?;
             eprintln!(
                 "podvisord: template {} made in {} ms ({accel})",
                 t.name,

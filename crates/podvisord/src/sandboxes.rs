@@ -87,6 +87,7 @@ pub struct Live {
     /// Milliseconds since the epoch at which it is killed.
     pub end_ms: Mutex<i64>,
     pub processes: Processes,
+    pub watchers: crate::envd::filesystem::Watchers,
     /// Taken by whoever ends it.
     vm: tokio::sync::Mutex<Option<Sandbox>>,
 }
@@ -248,6 +249,7 @@ pub async fn create(
         memory_mib: row.memory_mib as u64,
         end_ms: Mutex::new(end_ms),
         processes: Processes::default(),
+        watchers: Default::default(),
         vm: tokio::sync::Mutex::new(Some(vm)),
     });
     state.registry.insert(Arc::clone(&live));
@@ -374,6 +376,7 @@ pub async fn kill(state: &AppState, id: &str, reason: &str) -> bool {
         return false;
     };
     live.processes.end_all();
+    live.watchers.clear();
     if let Some(vm) = live.vm.lock().await.take() {
         vm.destroy().await;
     }

@@ -168,4 +168,53 @@ impl Agent for AgentProxy {
     ) -> Result<Response<Self::ReadOutputStream>, Status> {
         self.client.clone().read_output(req.into_inner()).await
     }
+
+    async fn stat_path(&self, req: Request<PathRequest>) -> Result<Response<FileInfo>, Status> {
+        self.client.clone().stat_path(req.into_inner()).await
+    }
+
+    async fn list_dir(
+        &self,
+        req: Request<ListDirRequest>,
+    ) -> Result<Response<FileInfoList>, Status> {
+        self.client.clone().list_dir(req.into_inner()).await
+    }
+
+    async fn make_dir(&self, req: Request<PathRequest>) -> Result<Response<FileInfo>, Status> {
+        self.client.clone().make_dir(req.into_inner()).await
+    }
+
+    async fn move_path(&self, req: Request<MoveRequest>) -> Result<Response<FileInfo>, Status> {
+        self.client.clone().move_path(req.into_inner()).await
+    }
+
+    async fn remove_path(&self, req: Request<PathRequest>) -> Result<Response<Empty>, Status> {
+        self.client.clone().remove_path(req.into_inner()).await
+    }
+
+    type ReadFileStream = Streaming<FileChunk>;
+
+    async fn read_file(
+        &self,
+        req: Request<PathRequest>,
+    ) -> Result<Response<Self::ReadFileStream>, Status> {
+        self.client.clone().read_file(req.into_inner()).await
+    }
+
+    async fn write_file(
+        &self,
+        req: Request<Streaming<FileChunk>>,
+    ) -> Result<Response<FileInfo>, Status> {
+        let chunks = req.into_inner().map_while(|c| c.ok());
+        self.client.clone().write_file(chunks).await
+    }
+
+    type WatchDirStream = Streaming<WatchEvent>;
+
+    async fn watch_dir(
+        &self,
+        req: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchDirStream>, Status> {
+        self.client.clone().watch_dir(req.into_inner()).await
+    }
 }

@@ -5,6 +5,8 @@
 //! ways); it must carry the sandbox's access token (`X-Access-Token`).
 
 pub mod connect;
+pub mod files;
+pub mod filesystem;
 pub mod process;
 
 use std::sync::Arc;
@@ -27,7 +29,7 @@ pub mod pb {
         include!(concat!(env!("OUT_DIR"), "/process.rs"));
         include!(concat!(env!("OUT_DIR"), "/process.serde.rs"));
     }
-    #[allow(clippy::all, missing_docs, dead_code)]
+    #[allow(clippy::all, missing_docs)]
     pub mod filesystem {
         include!(concat!(env!("OUT_DIR"), "/filesystem.rs"));
         include!(concat!(env!("OUT_DIR"), "/filesystem.serde.rs"));
@@ -107,6 +109,12 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/process.Process/{method}", post(process_call))
         .route("/filesystem.Filesystem/{method}", post(filesystem_call))
+        .route(
+            "/files",
+            get(files_call)
+                .post(files_call)
+                .layer(axum::extract::DefaultBodyLimit::disable()),
+        )
         .route("/health", get(health))
         .fallback(|| async { RpcError::not_found("no such envd route") })
         .with_state(state)
@@ -173,18 +181,58 @@ async fn process_call(
     r.unwrap_or_else(IntoResponse::into_response)
 }
 
+async fn files_call(State(state): State<Arc<AppState>>, req: Request) -> Response {
+    let live = match sandbox_of(&state, target(&req), req.headers()) {
+        Ok(l) => l,
+        Err(e) => return e.into_response(),
+    };
+    if req.method() == axum::http::Method::GET {
+        files::download(live, req).await
+    } else {
+        files::upload(live, req).await
+    }
+}
+
 async fn filesystem_call(
     State(state): State<Arc<AppState>>,
     Path(method): Path<String>,
     req: Request,
 ) -> Response {
     let t = target(&req);
-    if let Err(e) = sandbox_of(&state, t, req.headers()) {
-        return e.into_response();
+    let (parts, body) = req.into_parts();
+    let headers = parts.headers;
+    let live = match sandbox_of(&state, t, &headers) {
+        Ok(l) => l,
+        Err(e) => return e.into_response(),
+    };
+    macro_rules! call {
+        ($f:path) => {
+            match unary(&headers, body).await {
+                Ok((c, m)) => $f(live, &headers, c, m).await,
+                Err(e) => Err(e),
+            }
+        };
     }
-    RpcError::new(
-        Code::Unimplemented,
-        format!("filesystem.Filesystem/{method} is not served yet"),
-    )
-    .into_response()
+    let r = match method.as_str() {
+        "WatchDir" => return filesystem::watch_dir(live, headers, body).await,
+        "Stat" => call!(filesystem::stat),
+        "ListDir" => call!(filesystem::list_dir),
+        "MakeDir" => call!(filesystem::make_dir),
+        "Move" => call!(filesystem::move_path),
+        "Remove" => call!(filesystem::remove),
+        "CreateWatcher" => call!(filesystem::create_watcher),
+        "GetWatcherEvents" => match unary(&headers, body).await {
+            Ok((c, m)) => filesystem::get_watcher_events(live, c, m).await,
+            Err(e) => Err(e),
+        },
+        "RemoveWatcher" => match unary(&headers, body).await {
+            Ok((c, m)) => filesystem::remove_watcher(live, c, m).await,
+            Err(e) => Err(e),
+        },
+        other => Err(RpcError::new(
+            Code::Unimplemented,
+            format!("filesystem.Filesystem/{other} does not exist"),
+        )),
+    };
+    r.unwrap_or_else(IntoResponse::into_response)
 }

@@ -204,8 +204,12 @@ impl Processes {
 /// Who a process runs as: the `Authorization: Basic base64(user:)` the
 /// SDKs send, else envd's default user `user` (root where the template
 /// has none).
-pub fn user_of(live: &Live, headers: &HeaderMap) -> Result<(String, u32, u32, String), RpcError> {
-    let asked = headers
+pub fn user_of(
+    live: &Live,
+    headers: &HeaderMap,
+    username: Option<&str>,
+) -> Result<(String, u32, u32, String), RpcError> {
+    let from_header = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Basic "))
@@ -223,6 +227,10 @@ pub fn user_of(live: &Live, headers: &HeaderMap) -> Result<(String, u32, u32, St
         })
         .transpose()?
         .filter(|u| !u.is_empty());
+    let asked = username
+        .filter(|u| !u.is_empty())
+        .map(str::to_string)
+        .or(from_header);
     let name = match asked {
         Some(u) => u,
         None if live.template.user("user").is_some() => "user".into(),
@@ -469,7 +477,7 @@ async fn spawn(
         return Err(RpcError::invalid("cmd is empty"));
     }
     valid_env(&config.envs)?;
-    let (user, uid, gid, home) = user_of(live, headers)?;
+    let (user, uid, gid, home) = user_of(live, headers, None)?;
     let pty = req.pty.as_ref().map(|p| p.size.unwrap_or_default());
     let mut args = vec![config.cmd.clone()];
     args.extend(config.args.iter().cloned());
