@@ -12,6 +12,7 @@ all: build
 
 deps:
 	@scripts/install-deps.sh
+	@scripts/e2b-venv.sh
 
 # Host binaries, guest kernel and initramfs, and a busybox rootfs, all in $(OUT).
 build: deps host kernel initrd rootfs

@@ -9,12 +9,13 @@ set -euo pipefail
 # e2fsprogs (mkfs.ext4 -d) makes block roots of images, qemu-utils (qemu-img)
 # their writable qcow2 layers; libcap2-bin (setcap) and python3 (tarfile)
 # make the test layers a file capability and hostile entries; debootstrap
-# the Debian image of bench/image.py.
+# the Debian image of bench/image.py and podvisord's base template;
+# python3-venv the venv of E2B's SDK that podvisord's tests drive.
 pkgs=(linux-source-6.1 build-essential bc flex bison libelf-dev cpio xz-utils
       protobuf-compiler busybox-static tmux iproute2
       podman conmon docker.io containerd runc containernetworking-plugins
       docker-registry skopeo openssl apache2-utils zstd
-      e2fsprogs libcap2-bin python3 debootstrap)
+      e2fsprogs libcap2-bin python3 python3-venv debootstrap)
 sudo=""; [ "$(id -u)" = 0 ] || sudo=sudo
 # QEMU from bookworm-backports (10.0): 7.2 in bookworm cannot map a template's
 # memory file read-only (memory-backend-file readonly=on,rom=off needs 8.2), so

@@ -9,11 +9,9 @@ import time
 from e2b import Sandbox, CommandExitException
 
 
-def check(cond, what):
-    if not cond:
-        print(f"FAIL: {what}", file=sys.stderr)
-        sys.exit(1)
-    print(f"ok: {what}")
+from common import check, tenant
+
+tenant(os.path.basename(__file__))
 
 
 t0 = time.monotonic()

@@ -29,6 +29,19 @@ pub fn base_rootfs(cache: &Path) -> anyhow::Result<PathBuf> {
         return Ok(tree);
     }
     std::fs::create_dir_all(cache).with_context(|| format!("creating {}", cache.display()))?;
+    // One builder at a time; the others wait and use its tree.
+    let lock = std::fs::File::create(cache.join(".base.lock"))?;
+    // SAFETY: flock(2) on a file we own, released when it is closed.
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
+        anyhow::bail!(
+            "locking {}: {}",
+            cache.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    if tree.join(".complete").exists() {
+        return Ok(tree);
+    }
     let _ = std::fs::remove_dir_all(&tree);
     let staging = cache.join(format!(".base.{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&staging);

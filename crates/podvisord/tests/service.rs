@@ -1,0 +1,163 @@
+//! podvisord driven by clients nobody here wrote: E2B's Python SDK from
+//! PyPI (pinned, in the venv `scripts/e2b-venv.sh` makes), unchanged,
+//! pointed at a podvisord on loopback through its documented settings
+//! (E2B_API_KEY, E2B_API_URL, E2B_SANDBOX_URL). Each test runs one script
+//! of tests/podvisord/ against a podvisord of its own, real VMs behind it,
+//! and checks that nothing of it is left once it stops.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const E2B_VERSION: &str = "2.63.0";
+
+fn scripts() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/podvisord")
+}
+
+fn venv_python() -> PathBuf {
+    let cache = std::env::var_os("PODVISOR_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(".cache/podvisor")
+        });
+    let py = cache.join(format!("venv-e2b-{E2B_VERSION}/bin/python"));
+    assert!(
+        py.exists(),
+        "{} is missing: E2B's SDK is not installed (run scripts/e2b-venv.sh, or `make deps`)",
+        py.display()
+    );
+    py
+}
+
+struct Service {
+    dir: PathBuf,
+    url: String,
+    token: String,
+    child: Child,
+}
+
+impl Service {
+    fn start(name: &str) -> Service {
+        test_utils::build_dir();
+        // Short: VM sockets live under it.
+        let dir = PathBuf::from(format!("/tmp/pvd-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = test_utils::registry::free_port();
+        let log = std::fs::File::create(dir.join("podvisord.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_podvisord"))
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--admin-token-file")
+            .arg(dir.join("admin.token"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("running podvisord");
+        let mut s = Service {
+            url: format!("http://127.0.0.1:{port}"),
+            token: String::new(),
+            dir,
+            child,
+        };
+        // The first start on a machine builds the base root (debootstrap).
+        let deadline = Instant::now() + Duration::from_secs(900);
+        loop {
+            if let Ok(Some(status)) = s.child.try_wait() {
+                panic!("podvisord exited ({status}):\n{}", s.log());
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "podvisord did not listen:\n{}",
+                s.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        s.token = std::fs::read_to_string(s.dir.join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_string();
+        s
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("podvisord.log")).unwrap_or_default()
+    }
+
+    /// Runs `script` with E2B's SDK; panics with its output when it fails.
+    fn run(&self, script: &str, env: &[(&str, &str)]) {
+        let out = Command::new(venv_python())
+            .arg(scripts().join(script))
+            .current_dir(scripts())
+            .env("PODVISORD_URL", &self.url)
+            .env("PODVISORD_ADMIN_TOKEN", &self.token)
+            .env_remove("E2B_API_KEY")
+            .env_remove("E2B_DOMAIN")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .output()
+            .expect("running python");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        print!("{text}");
+        assert!(
+            out.status.success() && text.contains("PASS"),
+            "{script} failed:\n{text}\n--- podvisord's log (tail):\n{}",
+            tail(&self.log(), 40)
+        );
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        // SIGTERM: podvisord ends every sandbox, then exits.
+        // SAFETY: a plain kill(2) of our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(Duration::from_millis(500));
+        let left = test_utils::processes_mentioning(&self.dir.display().to_string());
+        if !std::thread::panicking() {
+            assert!(left.is_empty(), "processes left behind: {left:?}");
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn sdk_creates_runs_lists_and_kills() {
+    let s = Service::start("basic");
+    s.run("sdk_basic.py", &[]);
+}
+
+#[test]
+fn sdk_files_pty_and_a_100_mib_round_trip() {
+    let s = Service::start("files");
+    s.run("sdk_files.py", &[("BIG_MIB", "100")]);
+}
+
+#[test]
+fn tenants_are_isolated_limited_and_bad_input_is_refused() {
+    let s = Service::start("tenants");
+    s.run("service_tenants.py", &[]);
+}
