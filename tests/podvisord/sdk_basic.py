@@ -9,15 +9,29 @@ import time
 from e2b import Sandbox, CommandExitException
 
 
-from common import check, tenant
+from common import admin, check, tenant, URL
 
 tenant(os.path.basename(__file__))
+
+if os.environ.get("EXPECT_POOL"):
+    # The template's pool fills in the background: wait for a ready clone.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        pools = {t["name"]: t["pool"] for t in admin("GET", "/admin/templates").json()}
+        if (pools.get("base") or {}).get("ready", 0) >= 1:
+            break
+        time.sleep(0.5)
+    check((pools.get("base") or {}).get("ready", 0) >= 1, f"the base pool has a ready clone ({pools})")
 
 
 t0 = time.monotonic()
 sbx = Sandbox.create(metadata={"suite": "sdk_basic", "run": os.environ.get("RUN_ID", "")},
                      envs={"SANDBOX_WIDE": "yes"})
 print(f"created {sbx.sandbox_id} in {time.monotonic() - t0:.2f}s")
+if os.environ.get("EXPECT_POOL"):
+    import httpx
+    m = httpx.get(URL + "/metrics").text
+    check('podvisord_sandbox_create_seconds_count{path="pool"} 1' in m, "the create was a pool hand-out")
 
 r = sbx.commands.run("echo hello; echo oops >&2")
 check(r.stdout == "hello\n", f"stdout {r.stdout!r}")

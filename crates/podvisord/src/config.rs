@@ -10,6 +10,7 @@
 //! name = "base"                    # built (Debian 12) when it has no rootfs
 //! vcpus = 1
 //! memory_mib = 512
+//! pool = 2                         # ready clones kept
 //! [[templates]]
 //! name = "busybox"
 //! rootfs = "/srv/roots/busybox"
@@ -33,6 +34,9 @@ pub struct TemplateConfig {
     pub vcpus: u32,
     #[serde(default = "default_memory")]
     pub memory_mib: u64,
+    /// Ready clones kept for it (a create then takes one: milliseconds).
+    #[serde(default)]
+    pub pool: usize,
 }
 
 fn default_vcpus() -> u32 {
@@ -80,6 +84,7 @@ fn default_templates() -> Vec<TemplateConfig> {
         rootfs: None,
         vcpus: default_vcpus(),
         memory_mib: default_memory(),
+        pool: 0,
     }]
 }
 

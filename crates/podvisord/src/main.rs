@@ -12,6 +12,7 @@ mod db;
 mod envd;
 mod error;
 mod metrics;
+mod pools;
 mod sandboxes;
 
 use std::collections::HashMap;
@@ -145,6 +146,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         );
     }
     tokio::spawn(sandboxes::reap(Arc::clone(&state)));
+    let pools = pools::start(&state)?;
     let app = api::router(Arc::clone(&state));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -166,6 +168,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             for live in state.registry.all() {
                 sandboxes::kill(&state, &live.id, "podvisord stopped").await;
             }
+            pools.stop();
+            // Streams still open end with the process.
+            std::process::exit(0);
         }
     };
     axum::serve(listener, app)

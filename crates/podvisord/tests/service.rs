@@ -39,13 +39,15 @@ struct Service {
 }
 
 impl Service {
-    fn start(name: &str) -> Service {
+    /// A podvisord with `config` (TOML) as its config file.
+    fn start(name: &str, config: &str) -> Service {
         test_utils::build_dir();
         // Short: VM sockets live under it.
         let dir = PathBuf::from(format!("/tmp/pvd-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let port = test_utils::registry::free_port();
+        std::fs::write(dir.join("config.toml"), config).unwrap();
         let log = std::fs::File::create(dir.join("podvisord.log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_podvisord"))
             .arg("--listen")
@@ -54,6 +56,8 @@ impl Service {
             .arg(dir.join("state"))
             .arg("--admin-token-file")
             .arg(dir.join("admin.token"))
+            .arg("--config")
+            .arg(dir.join("config.toml"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -146,18 +150,18 @@ impl Drop for Service {
 
 #[test]
 fn sdk_creates_runs_lists_and_kills() {
-    let s = Service::start("basic");
-    s.run("sdk_basic.py", &[]);
+    let s = Service::start("basic", "[[templates]]\nname = \"base\"\npool = 1\n");
+    s.run("sdk_basic.py", &[("EXPECT_POOL", "1")]);
 }
 
 #[test]
 fn sdk_files_pty_and_a_100_mib_round_trip() {
-    let s = Service::start("files");
+    let s = Service::start("files", "");
     s.run("sdk_files.py", &[("BIG_MIB", "100")]);
 }
 
 #[test]
 fn tenants_are_isolated_limited_and_bad_input_is_refused() {
-    let s = Service::start("tenants");
+    let s = Service::start("tenants", "");
     s.run("service_tenants.py", &[]);
 }
