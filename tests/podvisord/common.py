@@ -33,3 +33,8 @@ def tenant(name, quotas=None, use=True):
         os.environ["E2B_API_URL"] = URL
         os.environ["E2B_SANDBOX_URL"] = URL
     return t
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--new-tenant"]:
+    r = admin("POST", "/admin/tenants", json={"name": "schemathesis"})
+    print(r.json()["apiKey"])
