@@ -65,6 +65,7 @@ bench: build
 	bench/pod.py
 	bench/jail.py
 	bench/image.py
+	bench/podvisord.py
 
 # Every benchmark once, small (one run each): CI runs it so that a change that
 # breaks a benchmark cannot land. Its numbers are no measurement.
@@ -75,6 +76,7 @@ bench-quick: build
 	bench/pod.py --quick
 	bench/jail.py --quick
 	bench/image.py --quick
+	bench/podvisord.py --quick
 
 install: build
 	install -D -m 0755 $(OUT)/podvisor /usr/local/bin/podvisor
