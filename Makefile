@@ -6,7 +6,7 @@ AGENT_TARGET := x86_64-unknown-linux-gnu
 AGENT_BIN := target/$(AGENT_TARGET)/release/podvisor-agent
 export PODVISOR_CACHE ?= $(HOME)/.cache/podvisor
 
-.PHONY: all deps build host agent kernel initrd rootfs demo test lint fuzz bench bench-quick clean install
+.PHONY: all deps build host agent kernel initrd rootfs demo podvisord test lint fuzz bench bench-quick clean install
 
 all: build
 
@@ -41,6 +41,13 @@ demo: build
 	$(OUT)/podvisor check
 	@echo '--- podvisor sandbox run -- sh -c "..." (a busybox container in its own micro-VM)'
 	$(OUT)/podvisor sandbox run --timings -- sh -c 'echo "hello from $$(hostname), guest kernel $$(uname -r), host kernel '"$$(uname -r)"'"; id; ls /'
+
+# podvisord on 127.0.0.1:3000, state in /var/lib/podvisord (docs/podvisord.md); the
+# first start builds the base template's Debian root (about a minute, cached).
+podvisord: build
+	@mkdir -p /var/lib/podvisord
+	$(OUT)/podvisord --listen 127.0.0.1:3000 --state-dir /var/lib/podvisord \
+	  --admin-token-file /var/lib/podvisord/admin.token
 
 # cargo-nextest (on the machine image; installed if missing): every test in its own
 # process, two at a time (VM tests under TCG are CPU-bound), each killed if it hangs.

@@ -46,7 +46,11 @@ impl Service {
         let dir = PathBuf::from(format!("/tmp/pvd-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let port = test_utils::registry::free_port();
+        Service::start_in(dir, test_utils::registry::free_port(), config)
+    }
+
+    /// Starts podvisord in `dir` (kept: a restart finds its state).
+    fn start_in(dir: PathBuf, port: u16, config: &str) -> Service {
         std::fs::write(dir.join("config.toml"), config).unwrap();
         let log = std::fs::File::create(dir.join("podvisord.log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_podvisord"))
@@ -98,7 +102,11 @@ impl Service {
 
     /// Runs `script` with E2B's SDK; panics with its output when it fails.
     fn run(&self, script: &str, env: &[(&str, &str)]) {
-        self.run_args(&[scripts().join(script).display().to_string()], env, script)
+        let args = [
+            scripts().join(script).display().to_string(),
+            "before".into(),
+        ];
+        self.run_args(&args, env, script)
     }
 
     fn run_args(&self, args: &[String], env: &[(&str, &str)], script: &str) {
@@ -205,4 +213,39 @@ fn the_openapi_document_holds_under_schemathesis() {
     );
     println!("{text}");
     assert!(out.status.success(), "schemathesis found failures:\n{text}");
+}
+
+/// kill -9 of podvisord: its VMs end with it (nothing orphaned), and the
+/// podvisord started again on the same state marks their sandboxes ended
+/// and serves new ones.
+#[test]
+fn a_killed_podvisord_leaves_no_vm_and_its_restart_agrees_with_the_host() {
+    let mut s = Service::start("restart", "");
+    let state = s.dir.join("client.json");
+    let env = [("RESTART_STATE", state.to_str().unwrap())];
+    s.run("service_restart.py", &env);
+    // The script ran "before" (argv defaults below); kill -9 now.
+    // SAFETY: kill(2) of our own child.
+    unsafe { libc::kill(s.child.id() as i32, libc::SIGKILL) };
+    let _ = s.child.wait();
+    let dir = s.dir.display().to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !test_utils::processes_mentioning(&dir).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let left = test_utils::processes_mentioning(&dir);
+    assert!(
+        left.is_empty(),
+        "VM processes outlived podvisord's kill -9: {left:?}"
+    );
+    let port: u16 = s.url.rsplit(':').next().unwrap().parse().unwrap();
+    let config = std::fs::read_to_string(s.dir.join("config.toml")).unwrap();
+    let again = Service::start_in(s.dir.clone(), port, &config);
+    // The first one is dead: its Drop must not remove the directory.
+    std::mem::forget(s);
+    let args = [
+        scripts().join("service_restart.py").display().to_string(),
+        "after".to_string(),
+    ];
+    again.run_args(&args, &env, "service_restart.py");
 }
