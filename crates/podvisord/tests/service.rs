@@ -249,3 +249,12 @@ fn a_killed_podvisord_leaves_no_vm_and_its_restart_agrees_with_the_host() {
     ];
     again.run_args(&args, &env, "service_restart.py");
 }
+
+/// A command flooding stdout: unread, podvisord's memory stays flat (the
+/// history is capped); read, every byte arrives.
+#[test]
+fn a_flood_of_output_neither_grows_the_host_nor_loses_bytes() {
+    let s = Service::start("flood", "");
+    let pid = s.child.id().to_string();
+    s.run("service_flood.py", &[("PODVISORD_PID", &pid)]);
+}
