@@ -258,3 +258,12 @@ fn a_flood_of_output_neither_grows_the_host_nor_loses_bytes() {
     let pid = s.child.id().to_string();
     s.run("service_flood.py", &[("PODVISORD_PID", &pid)]);
 }
+
+/// 10 clients, 200 sandboxes in all: every one answered, none left, the
+/// database consistent afterwards.
+#[test]
+fn ten_clients_and_two_hundred_sandboxes() {
+    let s = Service::start("load", "");
+    let db = s.dir.join("state/podvisord.db");
+    s.run("service_load.py", &[("PODVISORD_DB", db.to_str().unwrap())]);
+}
