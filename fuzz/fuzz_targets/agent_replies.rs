@@ -10,7 +10,8 @@ mod common;
 use std::sync::OnceLock;
 
 use agent_proto::{
-    ContainerStats, Empty, ListProcessesResponse, OutputChunk, VersionResponse, WaitProcessResponse,
+    ContainerStats, Empty, ExecProcessResponse, FileChunk, FileInfo, FileInfoList,
+    ListProcessesResponse, OutputChunk, VersionResponse, WaitProcessResponse, WatchEvent,
 };
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
@@ -36,6 +37,11 @@ fuzz_target!(|data: &[u8]| {
     roundtrip::<ContainerStats>(data);
     roundtrip::<ListProcessesResponse>(data);
     roundtrip::<OutputChunk>(data);
+    roundtrip::<ExecProcessResponse>(data);
+    roundtrip::<FileInfo>(data);
+    roundtrip::<FileInfoList>(data);
+    roundtrip::<FileChunk>(data);
+    roundtrip::<WatchEvent>(data);
     if let Some(w) = roundtrip::<WaitProcessResponse>(data) {
         let exit = ExitRecord {
             code: w.exit_code,

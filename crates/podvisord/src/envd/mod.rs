@@ -4,7 +4,8 @@
 //! `E2b-Sandbox-Id` and `E2b-Sandbox-Port` headers (E2B's SDKs send both
 //! ways); it must carry the sandbox's access token (`X-Access-Token`).
 
-pub mod connect;
+pub use podvisord::{connect, pb};
+
 pub mod files;
 pub mod filesystem;
 pub mod process;
@@ -21,20 +22,6 @@ use axum::Router;
 use crate::sandboxes::Live;
 use crate::AppState;
 use connect::{Code, RpcError};
-
-/// The generated envd messages.
-pub mod pb {
-    #[allow(clippy::all, missing_docs)]
-    pub mod process {
-        include!(concat!(env!("OUT_DIR"), "/process.rs"));
-        include!(concat!(env!("OUT_DIR"), "/process.serde.rs"));
-    }
-    #[allow(clippy::all, missing_docs)]
-    pub mod filesystem {
-        include!(concat!(env!("OUT_DIR"), "/filesystem.rs"));
-        include!(concat!(env!("OUT_DIR"), "/filesystem.serde.rs"));
-    }
-}
 
 /// The port E2B's SDKs reach envd on.
 pub const ENVD_PORT: u16 = 49983;
@@ -63,12 +50,6 @@ pub fn target(req: &Request) -> Option<(String, u16)> {
         return None;
     }
     Some((id.to_string(), port))
-}
-
-impl RpcError {
-    pub fn into_response_unary(self) -> Response {
-        self.into_response()
-    }
 }
 
 /// The live sandbox a request is for, its token checked.

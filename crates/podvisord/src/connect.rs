@@ -152,6 +152,12 @@ impl From<sandbox::agent::AgentError> for RpcError {
     }
 }
 
+impl RpcError {
+    pub fn into_response_unary(self) -> Response {
+        self.into_response()
+    }
+}
+
 /// A unary error answer: the code's status and `{"code", "message"}`.
 impl IntoResponse for RpcError {
     fn into_response(self) -> Response {
@@ -310,6 +316,24 @@ impl Envelopes {
             }
         }
     }
+}
+
+/// Every message of an enveloped body, in order (the fuzz targets' way in:
+/// the same parser the streaming calls use).
+pub fn parse_all<T: Msg>(codec: Codec, body: &[u8]) -> Result<Vec<T>, RpcError> {
+    futures::executor::block_on(async {
+        let mut env = Envelopes::new(Body::from(body.to_vec()));
+        let mut out = Vec::new();
+        while let Some(m) = env.next(codec).await? {
+            out.push(m);
+        }
+        Ok(out)
+    })
+}
+
+/// One unary message, as `decode_unary` reads it once the codec is known.
+pub fn parse_one<T: Msg>(codec: Codec, body: &[u8]) -> Result<T, RpcError> {
+    decode(codec, body)
 }
 
 fn envelope(flags: u8, data: &[u8]) -> Bytes {
