@@ -11,7 +11,8 @@ use std::sync::OnceLock;
 
 use agent_proto::{
     ContainerStats, Empty, ExecProcessResponse, FileChunk, FileInfo, FileInfoList,
-    ListProcessesResponse, OutputChunk, VersionResponse, WaitProcessResponse, WatchEvent,
+    ListProcessesResponse, OutputChunk, PortChunk, VersionResponse, WaitProcessResponse,
+    WatchEvent,
 };
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
@@ -42,6 +43,7 @@ fuzz_target!(|data: &[u8]| {
     roundtrip::<FileInfoList>(data);
     roundtrip::<FileChunk>(data);
     roundtrip::<WatchEvent>(data);
+    roundtrip::<PortChunk>(data);
     if let Some(w) = roundtrip::<WaitProcessResponse>(data) {
         let exit = ExitRecord {
             code: w.exit_code,

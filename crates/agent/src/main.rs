@@ -9,6 +9,7 @@ mod files;
 mod init;
 mod mounts;
 mod network;
+mod ports;
 mod reaper;
 mod service;
 mod spawn;

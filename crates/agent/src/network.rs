@@ -211,6 +211,12 @@ fn add_route(sock: &OwnedFd, r: &Route) -> Result<(), NetworkError> {
     }
 }
 
+/// Brings the loopback device up (a VM with no NIC is never configured,
+/// yet its containers' servers listen on it).
+pub fn loopback_up() -> Result<(), NetworkError> {
+    set_up(&socket()?, "lo")
+}
+
 pub fn configure(req: &NetworkRequest) -> Result<(), NetworkError> {
     let sock = socket()?;
     set_up(&sock, "lo")?;

@@ -1030,4 +1030,21 @@ impl Agent for AgentService {
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
+
+    type ConnectPortStream = ReceiverStream<Result<PortChunk, Status>>;
+
+    async fn connect_port(
+        &self,
+        req: Request<Streaming<PortChunk>>,
+    ) -> Result<Response<Self::ConnectPortStream>, Status> {
+        let mut inbound = req.into_inner();
+        let first = inbound
+            .next()
+            .await
+            .ok_or_else(|| Status::invalid_argument("no chunk names the port"))??;
+        let sock = crate::ports::connect(first.port).await?;
+        let (tx, rx) = mpsc::channel(8);
+        crate::ports::relay(sock, inbound, first.data, tx);
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
 }

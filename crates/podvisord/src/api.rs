@@ -81,12 +81,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(not_found)
         .with_state(Arc::clone(&state));
     let envd = crate::envd::router(Arc::clone(&state));
+    let ports = Arc::clone(&state);
     Router::new()
         .fallback_service(tower::service_fn(move |req: Request| {
-            let (api, envd) = (api.clone(), envd.clone());
+            let (api, envd, state) = (api.clone(), envd.clone(), Arc::clone(&ports));
             async move {
                 use tower::ServiceExt;
                 match crate::envd::target(&req) {
+                    Some((id, port)) if port != crate::envd::ENVD_PORT => {
+                        Ok(crate::ports::proxy(state, id, port, req).await)
+                    }
                     Some(_) => envd.oneshot(req).await,
                     None => api.oneshot(req).await,
                 }
@@ -119,9 +123,11 @@ async fn observe(State(state): State<Arc<AppState>>, req: Request, next: Next) -
 
 /// A route's name for metrics: sandbox ids and the like left out.
 fn route_of(req: &Request) -> String {
-    if let Some(t) = crate::envd::target(req) {
-        let _ = t;
-        return format!("envd {}", req.uri().path());
+    match crate::envd::target(req) {
+        // A sandbox's own server's paths are its own: one label for all.
+        Some((_, port)) if port != crate::envd::ENVD_PORT => return "sandbox port".into(),
+        Some(_) => return format!("envd {}", req.uri().path()),
+        None => {}
     }
     let parts: Vec<&str> = req.uri().path().split('/').collect();
     let mut out = Vec::new();
@@ -155,6 +161,18 @@ struct NewSandbox {
     secure: Option<bool>,
     #[serde(default)]
     allow_internet_access: Option<bool>,
+    #[serde(default)]
+    network: Option<NetworkAsk>,
+    #[serde(flatten)]
+    _rest: HashMap<String, Value>,
+}
+
+/// The part of E2B's `network` object podvisord acts on so far; egress
+/// rules (`allowOut`, `denyOut`) come with tenant networks.
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct NetworkAsk {
+    allow_public_traffic: Option<bool>,
     #[serde(flatten)]
     _rest: HashMap<String, Value>,
 }
@@ -195,6 +213,7 @@ fn created_json(state: &AppState, live: &Live) -> Value {
         "envdVersion": ENVD_VERSION,
         "envdAccessToken": live.envd_token,
         "domain": state.config.domain,
+        "trafficAccessToken": live.traffic_token,
     })
 }
 
@@ -244,6 +263,10 @@ async fn create(
         timeout_s: req.timeout.unwrap_or(state.config.default_timeout_s),
         metadata,
         env,
+        public: req
+            .network
+            .and_then(|n| n.allow_public_traffic)
+            .unwrap_or(true),
     };
     let live = sandboxes::create(&state, &tenant, ask).await?;
     Ok((StatusCode::CREATED, Json(created_json(&state, &live))).into_response())

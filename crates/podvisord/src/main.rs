@@ -13,6 +13,7 @@ mod envd;
 mod error;
 mod metrics;
 mod pools;
+mod ports;
 mod sandboxes;
 
 use std::collections::HashMap;

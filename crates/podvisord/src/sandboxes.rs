@@ -77,6 +77,10 @@ pub struct Live {
     pub tenant: String,
     pub template: TemplateSpec,
     pub envd_token: String,
+    /// Asked of every request to the sandbox's own ports
+    /// (`e2b-traffic-access-token`) when it was made with
+    /// `network.allowPublicTraffic: false`; none asked otherwise.
+    pub traffic_token: Option<String>,
     pub agent: AgentClient,
     /// The sandbox's environment (from `envVars`), under each command's own.
     pub env: HashMap<String, String>,
@@ -150,6 +154,8 @@ pub struct CreateAsk {
     pub timeout_s: i64,
     pub metadata: serde_json::Map<String, serde_json::Value>,
     pub env: HashMap<String, String>,
+    /// `network.allowPublicTraffic` (true when not given, as E2B's default).
+    pub public: bool,
 }
 
 /// A sandbox id as E2B's look: lower-case letters and digits.
@@ -241,6 +247,7 @@ pub async fn create(
         tenant: tenant.id.clone(),
         template,
         envd_token: token,
+        traffic_token: (!ask.public).then(|| crate::auth::random_hex(16)),
         agent,
         env: ask.env,
         metadata: ask.metadata,

@@ -166,6 +166,14 @@ fn sdk_creates_runs_lists_and_kills() {
     s.run("sdk_basic.py", &[("EXPECT_POOL", "1")]);
 }
 
+/// `get_host` ports: HTTP, upgrades, routing headers, traffic tokens, and
+/// a guest server that answers garbage, nothing, or without end.
+#[test]
+fn sdk_reaches_the_sandboxs_own_ports_and_survives_their_servers() {
+    let s = Service::start("ports", "");
+    s.run("sdk_ports.py", &[]);
+}
+
 #[test]
 fn sdk_files_pty_and_a_100_mib_round_trip() {
     let s = Service::start("files", "");

@@ -217,4 +217,14 @@ impl Agent for AgentProxy {
     ) -> Result<Response<Self::WatchDirStream>, Status> {
         self.client.clone().watch_dir(req.into_inner()).await
     }
+
+    type ConnectPortStream = Streaming<PortChunk>;
+
+    async fn connect_port(
+        &self,
+        req: Request<Streaming<PortChunk>>,
+    ) -> Result<Response<Self::ConnectPortStream>, Status> {
+        let chunks = req.into_inner().map_while(|c| c.ok());
+        self.client.clone().connect_port(chunks).await
+    }
 }

@@ -77,11 +77,9 @@ fn sandbox_of(
             "missing or wrong X-Access-Token for this sandbox",
         ));
     }
+    // Other ports are the sandbox's own (`crate::ports`), never envd.
     if port != ENVD_PORT {
-        return Err(RpcError::new(
-            Code::Unimplemented,
-            format!("port {port}: only envd ({ENVD_PORT}) is served for sandboxes so far"),
-        ));
+        return Err(RpcError::not_found(format!("port {port} is not envd's")));
     }
     Ok(live)
 }
