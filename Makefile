@@ -13,6 +13,7 @@ all: build
 deps:
 	@scripts/install-deps.sh
 	@scripts/e2b-venv.sh
+	@scripts/e2b-node.sh >/dev/null
 
 # Host binaries, guest kernel and initramfs, and a busybox rootfs, all in $(OUT).
 build: deps host kernel initrd rootfs

@@ -1,5 +1,6 @@
 //! podvisord driven by clients nobody here wrote: E2B's Python SDK from
-//! PyPI (pinned, in the venv `scripts/e2b-venv.sh` makes), unchanged,
+//! PyPI (pinned, in the venv `scripts/e2b-venv.sh` makes) and its
+//! JavaScript SDK from npm (pinned by a lock file, `scripts/e2b-node.sh`), unchanged,
 //! pointed at a podvisord on loopback through its documented settings
 //! (E2B_API_KEY, E2B_API_URL, E2B_SANDBOX_URL). Each test runs one script
 //! of tests/podvisord/ against a podvisord of its own, real VMs behind it,
@@ -29,6 +30,23 @@ fn venv_python() -> PathBuf {
         py.display()
     );
     py
+}
+
+/// Where E2B's JS SDK is installed: `scripts/e2b-node.sh` installs it
+/// once (npm ci of tests/podvisord/js) and prints the directory.
+fn node_modules() -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/e2b-node.sh");
+    let out = Command::new(&script)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running scripts/e2b-node.sh");
+    assert!(
+        out.status.success(),
+        "E2B's JS SDK is not installed and could not be: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    PathBuf::from(dir).join("node_modules")
 }
 
 struct Service {
@@ -110,8 +128,20 @@ impl Service {
     }
 
     fn run_args(&self, args: &[String], env: &[(&str, &str)], script: &str) {
-        let out = Command::new(venv_python())
-            .args(args)
+        self.run_with(Command::new(venv_python()).args(args), env, script)
+    }
+
+    /// Runs `js/{script}` with node and E2B's JS SDK.
+    fn run_js(&self, script: &str) {
+        let modules = node_modules();
+        let mut cmd = Command::new("node");
+        cmd.arg(scripts().join("js").join(script))
+            .env("E2B_NODE_MODULES", &modules);
+        self.run_with(&mut cmd, &[], script)
+    }
+
+    fn run_with(&self, cmd: &mut Command, env: &[(&str, &str)], script: &str) {
+        let out = cmd
             .current_dir(scripts())
             .env("PODVISORD_URL", &self.url)
             .env("PODVISORD_ADMIN_TOKEN", &self.token)
@@ -172,6 +202,14 @@ fn sdk_creates_runs_lists_and_kills() {
 fn sdk_reaches_the_sandboxs_own_ports_and_survives_their_servers() {
     let s = Service::start("ports", "");
     s.run("sdk_ports.py", &[]);
+}
+
+/// E2B's JS SDK, a smaller set (create, commands, files, getHost, list,
+/// setTimeout, connect, kill).
+#[test]
+fn the_js_sdk_creates_runs_and_kills() {
+    let s = Service::start("js", "");
+    s.run_js("sdk.mjs");
 }
 
 #[test]
