@@ -40,3 +40,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+# Node.js for E2B's JS SDK (podvisord's tests): this machine has NodeSource's 20;
+# where node is missing, Debian's is installed (scripts/e2b-node.sh then says
+# whether its version is new enough for the SDK).
+if ! command -v npm >/dev/null; then
+  echo "installing: nodejs npm" >&2
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq nodejs npm >/dev/null
+fi

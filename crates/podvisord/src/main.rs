@@ -15,6 +15,7 @@ mod metrics;
 mod pools;
 mod ports;
 mod sandboxes;
+mod tls;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -31,7 +32,8 @@ use crate::sandboxes::{Registry, TemplateSpec};
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
 struct Args {
-    /// Address to listen on (HTTP/1.1 and cleartext HTTP/2).
+    /// Address to listen on (HTTP/1.1 and HTTP/2; cleartext unless
+    /// --tls-cert and --tls-key are given).
     #[arg(long, default_value = "127.0.0.1:3000")]
     listen: std::net::SocketAddr,
     /// Where the database and the sandboxes' VM state are kept.
@@ -44,6 +46,12 @@ struct Args {
     /// TOML config: domain, templates, default quotas (see docs/podvisord.md).
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Serve TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM: PKCS#8, PKCS#1 or SEC1) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 pub struct AppState {
@@ -118,6 +126,11 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         Some(p) => config::Config::load(p)?,
         None => config::Config::default(),
     };
+    // A bad certificate is found before anything is built.
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some(tls::config(c, k)?),
+        _ => None,
+    };
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("creating {}", args.state_dir.display()))?;
     let token = admin_token(&args.admin_token_file)?;
@@ -153,8 +166,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    eprintln!("podvisord: listening on http://{addr}");
-    tracing::info!(%addr, "listening");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    eprintln!("podvisord: listening on {scheme}://{addr}");
+    tracing::info!(%addr, scheme, "listening");
     let shutdown = {
         let state = Arc::clone(&state);
         async move {
@@ -174,8 +188,17 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             std::process::exit(0);
         }
     };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    match tls {
+        Some(tls) => {
+            axum::serve(tls::Listener::new(listener, tls)?, app)
+                .with_graceful_shutdown(shutdown)
+                .await?
+        }
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await?
+        }
+    }
     Ok(())
 }

@@ -69,9 +69,14 @@ impl Service {
 
     /// Starts podvisord in `dir` (kept: a restart finds its state).
     fn start_in(dir: PathBuf, port: u16, config: &str) -> Service {
+        Service::start_with(dir, port, config, &[])
+    }
+
+    fn start_with(dir: PathBuf, port: u16, config: &str, extra: &[&str]) -> Service {
         std::fs::write(dir.join("config.toml"), config).unwrap();
         let log = std::fs::File::create(dir.join("podvisord.log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_podvisord"))
+            .args(extra)
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--state-dir")
@@ -85,8 +90,13 @@ impl Service {
             .stderr(log)
             .spawn()
             .expect("running podvisord");
+        let scheme = if extra.contains(&"--tls-cert") {
+            "https"
+        } else {
+            "http"
+        };
         let mut s = Service {
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("{scheme}://127.0.0.1:{port}"),
             token: String::new(),
             dir,
             child,
@@ -202,6 +212,116 @@ fn sdk_creates_runs_lists_and_kills() {
 fn sdk_reaches_the_sandboxs_own_ports_and_survives_their_servers() {
     let s = Service::start("ports", "");
     s.run("sdk_ports.py", &[]);
+}
+
+fn openssl(args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl is missing (apt install openssl)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A test CA and a server certificate it signed for 127.0.0.1 and
+/// *.localhost (webpki refuses a self-signed CA as the server's own), made
+/// with openssl in `dir`: (ca, cert, key).
+fn certificate(dir: &Path) -> (String, String, String) {
+    let p = |n: &str| dir.join(n).display().to_string();
+    let (ca, ca_key, cert, key, csr, ext) = (
+        p("ca.pem"),
+        p("ca.key"),
+        p("cert.pem"),
+        p("key.pem"),
+        p("req.csr"),
+        p("ext.cnf"),
+    );
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let mut args = vec!["req", "-x509"];
+    args.extend(ec);
+    args.extend(["-days", "2", "-subj", "/CN=podvisord test CA"]);
+    args.extend(["-keyout", &ca_key, "-out", &ca]);
+    openssl(&args);
+    let mut args = vec!["req"];
+    args.extend(ec);
+    args.extend(["-subj", "/CN=127.0.0.1", "-keyout", &key, "-out", &csr]);
+    openssl(&args);
+    std::fs::write(
+        &ext,
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n\
+         subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:*.localhost\n",
+    )
+    .unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        &ca,
+        "-CAkey",
+        &ca_key,
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        &ext,
+        "-out",
+        &cert,
+    ]);
+    (ca, cert, key)
+}
+
+/// TLS: E2B's SDK over https with the test's certificate trusted; a key
+/// that is not one stops podvisord at start with a clear error.
+#[test]
+fn tls_serves_the_sdk_and_a_bad_key_is_refused_at_start() {
+    test_utils::build_dir();
+    let dir = PathBuf::from(format!("/tmp/pvd-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, cert, key) = certificate(&dir);
+    let bad = dir.join("bad.pem");
+    std::fs::write(
+        &bad,
+        "-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_podvisord"))
+        .args(["--listen", "127.0.0.1:0", "--state-dir"])
+        .arg(dir.join("bad-state"))
+        .arg("--admin-token-file")
+        .arg(dir.join("bad.token"))
+        .arg("--tls-cert")
+        .arg(&cert)
+        .arg("--tls-key")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a bad key was accepted: {err}");
+    assert!(err.contains("key"), "the error names the key: {err}");
+    assert!(
+        !dir.join("bad-state").exists(),
+        "a refused start left its state dir"
+    );
+
+    let s = Service::start_with(
+        dir,
+        test_utils::registry::free_port(),
+        "",
+        &["--tls-cert", &cert, "--tls-key", &key],
+    );
+    s.run("sdk_tls.py", &[("SSL_CERT_FILE", &ca)]);
 }
 
 /// E2B's JS SDK, a smaller set (create, commands, files, getHost, list,
