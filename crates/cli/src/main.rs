@@ -82,6 +82,8 @@ enum Command {
     Check(commands::check::CheckArgs),
     /// Images: pull from registries, import archives, list, remove, prune.
     Image(commands::image::ImageArgs),
+    /// podvisord's administration: tenants, keys, quotas, templates (its admin API).
+    Service(commands::service::ServiceArgs),
     /// Pools of ready clones (the factory policy in /etc/podvisor/config.toml).
     #[command(subcommand)]
     Pool(commands::pool::PoolCommand),
@@ -264,6 +266,7 @@ fn main() -> ExitCode {
             Command::Check(args) => commands::check::run(args).await,
             Command::Image(args) => commands::image::run(args, root).await,
             Command::Pool(cmd) => commands::pool::run(cmd, root).await,
+            Command::Service(args) => commands::service::run(args).await,
             Command::Create(args) => commands::create::create(args, &g).await,
             Command::Start(args) => commands::start::run(args, root).await,
             Command::Run(args) => commands::create::run(args, &g).await,

@@ -1,5 +1,6 @@
 //! The operator's API under `/admin/`, authenticated by `X-Admin-Token`:
-//! tenants, their API keys (shown once, stored hashed) and quotas.
+//! tenants, their API keys (shown once, stored hashed) and quotas, and
+//! templates beyond the config file's.
 
 use std::sync::Arc;
 
@@ -24,7 +25,14 @@ pub fn router() -> Router<Arc<AppState>> {
         .route("/admin/tenants/{id}/keys", post(create_key).get(list_keys))
         .route("/admin/tenants/{id}/keys/{key}", delete(revoke_key))
         .route("/admin/tenants/{id}/quotas", put(set_quotas))
-        .route("/admin/templates", get(list_templates))
+        .route(
+            "/admin/templates",
+            get(list_templates).post(create_template),
+        )
+        .route(
+            "/admin/templates/{name}",
+            get(get_template).delete(delete_template),
+        )
 }
 
 #[derive(Deserialize)]
@@ -228,24 +236,195 @@ async fn set_quotas(
     Ok(Json(q))
 }
 
+fn template_json(state: &AppState, t: &sandboxes::TemplateSpec) -> serde_json::Value {
+    let pool = sandbox::pool::status(&state.vm_root, &t.vm_template());
+    json!({
+        "name": t.name,
+        "rootfs": t.rootfs,
+        "vcpus": t.vcpus,
+        "memoryMB": t.memory_mib,
+        "poolSize": t.pool,
+        "source": if t.from_api { "api" } else { "config" },
+        "pool": pool.map(|p| json!({"ready": p.ready, "size": p.size, "handedOut": p.handed_out})),
+    })
+}
+
 async fn list_templates(
     _: AdminAuth,
     State(state): State<Arc<AppState>>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let mut out: Vec<_> = state
-        .templates
-        .values()
-        .map(|t| {
-            let pool = sandbox::pool::status(&state.vm_root, &t.vm_template());
-            json!({
-                "name": t.name,
-                "rootfs": t.rootfs,
-                "vcpus": t.vcpus,
-                "memoryMB": t.memory_mib,
-                "pool": pool.map(|p| json!({"ready": p.ready, "size": p.size, "handedOut": p.handed_out})),
-            })
-        })
+    let out: Vec<_> = state
+        .template_list()
+        .iter()
+        .map(|t| template_json(&state, t))
         .collect();
-    out.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
     Ok(Json(out))
+}
+
+fn template_or_404(state: &AppState, name: &str) -> Result<sandboxes::TemplateSpec, ApiError> {
+    state
+        .template(name)
+        .ok_or_else(|| ApiError::not_found(format!("template {name:?} not found")))
+}
+
+async fn get_template(
+    _: AdminAuth,
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let t = template_or_404(&state, &name)?;
+    Ok(Json(template_json(&state, &t)))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct NewTemplate {
+    name: String,
+    /// A directory on the host holding the root filesystem; absent: the
+    /// base root (Debian 12) podvisord builds.
+    rootfs: Option<std::path::PathBuf>,
+    #[serde(default = "one")]
+    vcpus: u32,
+    #[serde(rename = "memoryMB", default = "default_memory")]
+    memory_mib: u64,
+    #[serde(default)]
+    pool: usize,
+}
+
+fn one() -> u32 {
+    1
+}
+fn default_memory() -> u64 {
+    512
+}
+
+/// Makes a template: its VM snapshot booted and saved (seconds), stored so
+/// that a restart keeps it, its pool started.
+async fn create_template(
+    _: AdminAuth,
+    State(state): State<Arc<AppState>>,
+    ApiJson(req): ApiJson<NewTemplate>,
+) -> Result<impl IntoResponse, ApiError> {
+    if !crate::config::sandbox_template_name_ok(&req.name) {
+        return Err(ApiError::bad_request(
+            "a template's name is 1 to 64 letters, digits, '-' and '_'",
+        ));
+    }
+    if !(1..=16).contains(&req.vcpus) {
+        return Err(ApiError::bad_request("vcpus must be 1 to 16"));
+    }
+    if !(128..=65536).contains(&req.memory_mib) {
+        return Err(ApiError::bad_request("memoryMB must be 128 to 65536"));
+    }
+    if req.pool > 16 {
+        return Err(ApiError::bad_request("pool must be at most 16"));
+    }
+    if let Some(r) = &req.rootfs {
+        if !r.is_absolute() || !r.join("bin").exists() {
+            return Err(ApiError::bad_request(format!(
+                "rootfs {} must be an absolute path to a root filesystem (it holds no /bin)",
+                r.display()
+            )));
+        }
+    }
+    if state.template(&req.name).is_some() {
+        return Err(ApiError::conflict(format!(
+            "a template named {:?} exists",
+            req.name
+        )));
+    }
+    let t = crate::config::TemplateConfig {
+        name: req.name,
+        rootfs: req.rootfs,
+        vcpus: req.vcpus,
+        memory_mib: req.memory_mib,
+        pool: req.pool,
+    };
+    // The row claims the name: of two creates at once, one makes it.
+    if !state.db.add_template(&t)? {
+        return Err(ApiError::conflict(format!(
+            "a template named {:?} exists",
+            t.name
+        )));
+    }
+    let made = crate::base::prepare_one(
+        &t,
+        true,
+        &state.config.base_cache,
+        &state.vm_root,
+        &state.assets,
+        state.accel,
+    )
+    .await;
+    let spec = match made {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = state.db.remove_template(&t.name);
+            return Err(ApiError::internal(format!(
+                "making template {:?}: {e:#}",
+                t.name
+            )));
+        }
+    };
+    state
+        .templates
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(t.name.clone(), spec.clone());
+    if t.pool > 0 {
+        restart_pools(&state).await?;
+    }
+    state.db.event(None, None, "template created", &t.name);
+    tracing::info!(template = %t.name, "template created");
+    Ok((StatusCode::CREATED, Json(template_json(&state, &spec))))
+}
+
+/// The pool daemon restarted (it stops its clones first: off the runtime).
+async fn restart_pools(state: &Arc<AppState>) -> Result<(), ApiError> {
+    let st = Arc::clone(state);
+    tokio::task::spawn_blocking(move || crate::pools::restart(&st))
+        .await
+        .map_err(|e| ApiError::internal(format!("pools: {e}")))?
+        .map_err(|e| ApiError::internal(format!("pools: {e:#}")))
+}
+
+/// Removes a template made through the API; one of the config file's, or
+/// one that live sandboxes run from, is refused (409).
+async fn delete_template(
+    _: AdminAuth,
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let t = template_or_404(&state, &name)?;
+    if !t.from_api {
+        return Err(ApiError::conflict(format!(
+            "template {name:?} is named in the config file: remove it there"
+        )));
+    }
+    let using = state
+        .registry
+        .all()
+        .iter()
+        .filter(|l| l.template.name == name)
+        .count();
+    if using > 0 {
+        return Err(ApiError::conflict(format!(
+            "template {name:?} has {using} live sandbox(es): kill them first"
+        )));
+    }
+    state
+        .templates
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&name);
+    state.db.remove_template(&name)?;
+    if t.pool > 0 {
+        restart_pools(&state).await?;
+    }
+    let vm = t.vm_template();
+    let _ = sandbox::template::Template::remove(&state.vm_root, &vm);
+    let _ = std::fs::remove_file(state.vm_root.join(format!("{vm}.assets")));
+    state.db.event(None, None, "template deleted", &name);
+    tracing::info!(template = %name, "template deleted");
+    Ok(StatusCode::NO_CONTENT)
 }

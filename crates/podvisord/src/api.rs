@@ -582,8 +582,8 @@ async fn prometheus(State(state): State<Arc<AppState>>, headers: HeaderMap) -> R
     let _ = headers;
     let counts = state.db.counts().unwrap_or_default();
     let pools: Vec<(String, i64)> = state
-        .templates
-        .values()
+        .template_list()
+        .iter()
         .filter_map(|t| {
             sandbox::pool::status(&state.vm_root, &t.vm_template())
                 .map(|p| (t.name.clone(), p.ready as i64))

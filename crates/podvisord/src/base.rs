@@ -13,7 +13,7 @@ use sandbox::assets::GuestAssets;
 use sandbox::template::Template;
 use sandbox::SandboxConfig;
 
-use crate::config::Config;
+use crate::config::{Config, TemplateConfig};
 use crate::sandboxes::{parse_passwd, TemplateSpec};
 
 /// Debian's suite, and what the base root holds beyond minbase.
@@ -115,76 +115,103 @@ fn short_hash(s: &str) -> String {
     d[..4].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Every template of the config, ready: roots found (or built), VM
-/// templates made where missing.
+/// Every template of the config and of the database, ready: roots found
+/// (or built), VM templates made where missing.
 pub async fn prepare(
     config: &Config,
+    stored: &[TemplateConfig],
     vm_root: &Path,
     assets: &GuestAssets,
     accel: Accel,
 ) -> anyhow::Result<HashMap<String, TemplateSpec>> {
     let mut out = HashMap::new();
     for t in &config.templates {
-        let rootfs = match &t.rootfs {
-            Some(p) => p.clone(),
-            None => {
-                let cache = config.base_cache.clone();
-                tokio::task::spawn_blocking(move || base_rootfs(&cache)).await??
-            }
-        };
-        if !rootfs.join("bin").exists() {
-            anyhow::bail!(
-                "template {}: rootfs {} holds no /bin",
-                t.name,
-                rootfs.display()
-            );
+        let spec = prepare_one(t, false, &config.base_cache, vm_root, assets, accel).await?;
+        out.insert(t.name.clone(), spec);
+    }
+    for t in stored {
+        if out.contains_key(&t.name) {
+            tracing::warn!(template = %t.name, "a stored template is shadowed by the config's");
+            continue;
         }
-        let users =
-            parse_passwd(&std::fs::read_to_string(rootfs.join("etc/passwd")).unwrap_or_default());
-        let spec = TemplateSpec {
-            name: t.name.clone(),
-            rootfs,
-            vcpus: t.vcpus,
-            memory_mib: t.memory_mib,
-            users,
-        };
-        let name = spec.vm_template();
-        // A template saved with other guest assets (a rebuilt agent) or
-        // another shape is made again.
-        let stamp_file = vm_root.join(format!("{name}.assets"));
-        let stamp = assets_stamp(assets, t.memory_mib, t.vcpus, accel);
-        let usable = Template::open(vm_root, &name).is_ok()
-            && std::fs::read_to_string(&stamp_file).ok().as_deref() == Some(stamp.as_str());
-        if !usable {
-            let _ = Template::remove(vm_root, &name);
-            let t0 = std::time::Instant::now();
-            let vm = SandboxConfig {
-                cpu_millis: None,
-                cgroup: None,
-                id: format!("podvisord-template-{}", t.name),
-                root: vm_root.to_path_buf(),
-                memory_mib: t.memory_mib,
-                vcpus: t.vcpus,
-                assets: assets.clone(),
-                accel,
-                nics: Vec::new(),
-                shares: Vec::new(),
-                hostname: "sandbox".into(),
-                boot_timeout: sandbox::default_boot_timeout(accel),
-                template: None,
-                block_root: None,
-            };
-            Template::create(vm, &name)
-                .await
-                .with_context(|| format!("making the VM template of {}", t.name))?;
-            std::fs::write(&stamp_file, &stamp)?;
-            eprintln!(
-                "podvisord: template {} made in {} ms ({accel})",
-                t.name,
-                t0.elapsed().as_millis()
-            );
-        }
+        let spec = prepare_one(t, true, &config.base_cache, vm_root, assets, accel)
+            .await
+            .with_context(|| format!("the stored template {}", t.name))?;
         out.insert(t.name.clone(), spec);
     }
     Ok(out)
+}
+
+/// One template ready: its root checked (the base one built when it has
+/// none), its VM template made when missing or made with other assets.
+pub async fn prepare_one(
+    t: &TemplateConfig,
+    from_api: bool,
+    base_cache: &Path,
+    vm_root: &Path,
+    assets: &GuestAssets,
+    accel: Accel,
+) -> anyhow::Result<TemplateSpec> {
+    let rootfs = match &t.rootfs {
+        Some(p) => p.clone(),
+        None => {
+            let cache = base_cache.to_path_buf();
+            tokio::task::spawn_blocking(move || base_rootfs(&cache)).await??
+        }
+    };
+    if !rootfs.join("bin").exists() {
+        anyhow::bail!(
+            "template {}: rootfs {} holds no /bin",
+            t.name,
+            rootfs.display()
+        );
+    }
+    let users =
+        parse_passwd(&std::fs::read_to_string(rootfs.join("etc/passwd")).unwrap_or_default());
+    let spec = TemplateSpec {
+        name: t.name.clone(),
+        rootfs,
+        vcpus: t.vcpus,
+        memory_mib: t.memory_mib,
+        pool: t.pool,
+        from_api,
+        users,
+    };
+    let name = spec.vm_template();
+    // A template saved with other guest assets (a rebuilt agent) or
+    // another shape is made again.
+    let stamp_file = vm_root.join(format!("{name}.assets"));
+    let stamp = assets_stamp(assets, t.memory_mib, t.vcpus, accel);
+    let usable = Template::open(vm_root, &name).is_ok()
+        && std::fs::read_to_string(&stamp_file).ok().as_deref() == Some(stamp.as_str());
+    if !usable {
+        let _ = Template::remove(vm_root, &name);
+        let t0 = std::time::Instant::now();
+        let vm = SandboxConfig {
+            cpu_millis: None,
+            cgroup: None,
+            id: format!("podvisord-template-{}", t.name),
+            root: vm_root.to_path_buf(),
+            memory_mib: t.memory_mib,
+            vcpus: t.vcpus,
+            assets: assets.clone(),
+            accel,
+            nics: Vec::new(),
+            shares: Vec::new(),
+            hostname: "sandbox".into(),
+            boot_timeout: sandbox::default_boot_timeout(accel),
+            template: None,
+            block_root: None,
+        };
+        Template::create(vm, &name)
+            .await
+            .with_context(|| format!("making the VM template of {}", t.name))?;
+        std::fs::write(&stamp_file, &stamp)?;
+        eprintln!(
+            "podvisord: template {} made in {} ms ({accel})",
+            t.name,
+            t0.elapsed().as_millis()
+        );
+    }
+    Ok(spec)
 }

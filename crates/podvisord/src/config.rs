@@ -19,11 +19,11 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::db::Quotas;
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TemplateConfig {
     pub name: String,
@@ -120,7 +120,7 @@ impl Config {
     }
 }
 
-fn sandbox_template_name_ok(n: &str) -> bool {
+pub fn sandbox_template_name_ok(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 64
         && n.bytes()

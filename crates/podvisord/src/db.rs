@@ -14,8 +14,9 @@ use serde::Serialize;
 
 /// The schema, one step per migration; append, never edit.
 fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(
-        "CREATE TABLE tenants (
+    Migrations::new(vec![
+        M::up(
+            "CREATE TABLE tenants (
             id TEXT PRIMARY KEY,
             name TEXT NOT NULL UNIQUE,
             created_ms INTEGER NOT NULL,
@@ -63,7 +64,17 @@ fn migrations() -> Migrations<'static> {
             kind TEXT NOT NULL,
             detail TEXT
         );",
-    )])
+        ),
+        // Templates made through the admin API (the config's are not stored).
+        M::up(
+            "CREATE TABLE templates (
+            name TEXT PRIMARY KEY,
+            -- The template's config (config::TemplateConfig) as JSON.
+            spec TEXT NOT NULL,
+            created_ms INTEGER NOT NULL
+        );",
+        ),
+    ])
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -223,6 +234,38 @@ impl Db {
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Templates made through the admin API, oldest first.
+    pub fn templates(&self) -> Result<Vec<crate::config::TemplateConfig>, DbError> {
+        let conn = self.conn();
+        let mut st = conn.prepare("SELECT spec FROM templates ORDER BY created_ms, name")?;
+        let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for spec in rows {
+            match serde_json::from_str(&spec?) {
+                Ok(t) => out.push(t),
+                Err(e) => tracing::warn!("a stored template does not parse: {e}"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// False when a template of that name is stored already.
+    pub fn add_template(&self, t: &crate::config::TemplateConfig) -> Result<bool, DbError> {
+        let spec = serde_json::to_string(t).expect("a template serializes");
+        let n = self.conn().execute(
+            "INSERT OR IGNORE INTO templates (name, spec, created_ms) VALUES (?1, ?2, ?3)",
+            params![t.name, spec, now_ms()],
+        )?;
+        Ok(n == 1)
+    }
+
+    pub fn remove_template(&self, name: &str) -> Result<bool, DbError> {
+        let n = self
+            .conn()
+            .execute("DELETE FROM templates WHERE name = ?1", params![name])?;
+        Ok(n == 1)
     }
 
     pub fn event(&self, tenant: Option<&str>, sandbox: Option<&str>, kind: &str, detail: &str) {

@@ -58,13 +58,31 @@ pub struct AppState {
     pub db: db::Db,
     pub admin_token_hash: Vec<u8>,
     pub registry: Registry,
-    pub templates: HashMap<String, TemplateSpec>,
+    /// The config's templates and those made through the admin API.
+    pub templates: std::sync::RwLock<HashMap<String, TemplateSpec>>,
+    /// The pool daemon, restarted when the templates' pools change.
+    pub pools: std::sync::Mutex<Option<pools::Pools>>,
     pub config: config::Config,
     /// podvisor's root for the VMs: templates, pools, sandbox state.
     pub vm_root: PathBuf,
     pub assets: GuestAssets,
     pub accel: Accel,
     pub metrics: metrics::Metrics,
+}
+
+impl AppState {
+    pub fn template(&self, name: &str) -> Option<TemplateSpec> {
+        let t = self.templates.read().unwrap_or_else(|e| e.into_inner());
+        t.get(name).cloned()
+    }
+
+    /// Every template, by name.
+    pub fn template_list(&self) -> Vec<TemplateSpec> {
+        let t = self.templates.read().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = t.values().cloned().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
 }
 
 fn admin_token(path: &std::path::Path) -> anyhow::Result<String> {
@@ -140,12 +158,14 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let assets = GuestAssets::resolve(None, None)?;
     let accel = sandbox::checked_accel(None)?;
     eprintln!("podvisord: accelerator {accel}");
-    let templates = base::prepare(&config, &vm_root, &assets, accel).await?;
+    let stored = db.templates()?;
+    let templates = base::prepare(&config, &stored, &vm_root, &assets, accel).await?;
     let state = Arc::new(AppState {
         db,
         admin_token_hash: auth::hash(&token),
         registry: Registry::default(),
-        templates,
+        templates: std::sync::RwLock::new(templates),
+        pools: std::sync::Mutex::new(None),
         config,
         vm_root,
         assets,
@@ -160,7 +180,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         );
     }
     tokio::spawn(sandboxes::reap(Arc::clone(&state)));
-    let pools = pools::start(&state)?;
+    pools::restart(&state)?;
     let app = api::router(Arc::clone(&state));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -183,7 +203,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             for live in state.registry.all() {
                 sandboxes::kill(&state, &live.id, "podvisord stopped").await;
             }
-            pools.stop();
+            pools::stop(&state);
             // Streams still open end with the process.
             std::process::exit(0);
         }

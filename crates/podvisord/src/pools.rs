@@ -1,4 +1,5 @@
-//! The templates' pools of ready clones (`pool = N` in the config), kept
+//! The templates' pools of ready clones (`pool = N` in the config or the
+//! admin API's template), kept
 //! by podvisor's own pool daemon (`podvisor pool serve`), run as a child
 //! that dies with podvisord. (Served in this process, the clones it handed
 //! out did not see the root attached to them; a daemon of its own, as the
@@ -24,11 +25,29 @@ fn podvisor() -> PathBuf {
         .unwrap_or_else(|| "podvisor".into())
 }
 
-pub fn start(state: &AppState) -> anyhow::Result<Pools> {
+/// (Re)starts the pool daemon with every template's pool: the one running
+/// (if any) retires its clones first. No daemon when no template has one.
+pub fn restart(state: &AppState) -> anyhow::Result<()> {
+    let mut slot = state.pools.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(old) = slot.take() {
+        old.stop();
+    }
+    *slot = Some(start(state)?);
+    Ok(())
+}
+
+pub fn stop(state: &AppState) {
+    let old = state.pools.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some(old) = old {
+        old.stop();
+    }
+}
+
+fn start(state: &AppState) -> anyhow::Result<Pools> {
     let mut policy = String::new();
-    for t in &state.config.templates {
+    for t in state.template_list() {
         if t.pool > 0 {
-            let name = state.templates[&t.name].vm_template();
+            let name = t.vm_template();
             policy.push_str(&format!(
                 "[[pool]]\ntemplate = \"{name}\"\nsize = {}\n",
                 t.pool

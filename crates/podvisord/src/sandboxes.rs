@@ -39,6 +39,10 @@ pub struct TemplateSpec {
     pub rootfs: PathBuf,
     pub vcpus: u32,
     pub memory_mib: u64,
+    /// Ready clones kept for it.
+    pub pool: usize,
+    /// Made through the admin API (and stored), not named in the config.
+    pub from_api: bool,
     /// Users of the root (/etc/passwd, read on the host from the template's
     /// own tree, never from a guest).
     pub users: HashMap<String, (u32, u32, String)>,
@@ -179,9 +183,7 @@ pub async fn create(
     ask: CreateAsk,
 ) -> Result<Arc<Live>, ApiError> {
     let template = state
-        .templates
-        .get(&ask.template)
-        .cloned()
+        .template(&ask.template)
         .ok_or_else(|| ApiError::not_found(format!("template '{}' not found", ask.template)))?;
     if let Some(allowed) = &tenant.quotas.templates {
         if !allowed.contains(&template.name) {

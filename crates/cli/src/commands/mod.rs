@@ -14,6 +14,7 @@ pub mod pause;
 pub mod pool;
 pub mod ps;
 pub mod sandbox_run;
+pub mod service;
 pub mod start;
 pub mod state;
 pub mod template;
