@@ -7,6 +7,7 @@ import sys
 import time
 
 from e2b import Sandbox, FileType
+from e2b.exceptions import NotEnoughSpaceException
 
 
 from common import check, tenant
@@ -78,5 +79,19 @@ sbx.pty.send_stdin(t.pid, b"tty; echo pty-$((6*7)); exit\n")
 t.wait(on_pty=lambda b: out.append(bytes(b)))
 text = b"".join(out).decode(errors="replace")
 check("pty-42" in text and "/dev/pts/" in text, f"pty ({text[-80:]!r})")
+# A full disk: 507, which the SDK raises as NotEnoughSpaceException, and the
+# partial file does not stay.
+r = sbx.commands.run("mkdir -p /mnt/small && mount -t tmpfs -o size=256k tmpfs /mnt/small && echo mounted",
+                     user="root")
+check(r.stdout == "mounted\n", f"a 256 KiB tmpfs in the sandbox {r.stdout!r}")
+try:
+    sbx.files.write("/mnt/small/big.bin", os.urandom(1 << 20))
+    check(False, "a 1 MiB write to a 256 KiB disk fails")
+except NotEnoughSpaceException as e:
+    print(f"ok: a full disk is 507, NotEnoughSpaceException ({e})")
+check(not sbx.files.exists("/mnt/small/big.bin"), "the partial file is removed")
+sbx.files.write("/mnt/small/fits.txt", "small")
+check(sbx.files.read("/mnt/small/fits.txt") == "small", "a write that fits still works")
+
 sbx.kill()
 print("PASS")
