@@ -8,6 +8,7 @@ mod api;
 mod auth;
 mod base;
 mod config;
+mod crash;
 mod db;
 mod envd;
 mod error;
@@ -172,6 +173,15 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         accel,
         metrics: metrics::Metrics::default(),
     });
+    // What a podvisord killed before this one left on the host: its VMs'
+    // directories (their VMMs died with it), then its rows.
+    let gone = sandbox::state::collect_garbage(&state.vm_root);
+    if !gone.is_empty() {
+        tracing::warn!(
+            count = gone.len(),
+            "removed the VM state a killed podvisord left"
+        );
+    }
     let ended = sandboxes::recover(&state)?;
     if ended > 0 {
         tracing::warn!(

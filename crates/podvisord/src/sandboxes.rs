@@ -225,6 +225,7 @@ pub async fn create(
         .db
         .admit(tenant, db::Ask { sandbox: &row })?
         .map_err(quota_error)?;
+    crate::crash::point("create.admitted");
     let t0 = Instant::now();
     let made = start_vm(state, &template, &id).await;
     let (vm, path) = match made {
@@ -235,6 +236,7 @@ pub async fn create(
             return Err(e);
         }
     };
+    crate::crash::point("create.booted");
     let agent = vm.agent.clone();
     if let Err(e) = start_container(&vm, agent.clone(), &template).await {
         vm.destroy().await;
@@ -242,6 +244,7 @@ pub async fn create(
         state.metrics.create_failed();
         return Err(e);
     }
+    crate::crash::point("create.started");
     let started = now_ms();
     let end_ms = started + ask.timeout_s * 1000;
     let live = Arc::new(Live {
@@ -384,11 +387,13 @@ pub async fn kill(state: &AppState, id: &str, reason: &str) -> bool {
     let Some(live) = state.registry.remove(id) else {
         return false;
     };
+    crate::crash::point("kill.begun");
     live.processes.end_all();
     live.watchers.clear();
     if let Some(vm) = live.vm.lock().await.take() {
         vm.destroy().await;
     }
+    crate::crash::point("kill.destroyed");
     if let Err(e) = state.db.mark_ended(id, reason) {
         tracing::error!(sandbox = %id, "{e}");
     }

@@ -69,14 +69,21 @@ impl Service {
 
     /// Starts podvisord in `dir` (kept: a restart finds its state).
     fn start_in(dir: PathBuf, port: u16, config: &str) -> Service {
-        Service::start_with(dir, port, config, &[])
+        Service::start_with(dir, port, config, &[], &[])
     }
 
-    fn start_with(dir: PathBuf, port: u16, config: &str, extra: &[&str]) -> Service {
+    fn start_with(
+        dir: PathBuf,
+        port: u16,
+        config: &str,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Service {
         std::fs::write(dir.join("config.toml"), config).unwrap();
         let log = std::fs::File::create(dir.join("podvisord.log")).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_podvisord"))
             .args(extra)
+            .envs(envs.iter().copied())
             .arg("--listen")
             .arg(format!("127.0.0.1:{port}"))
             .arg("--state-dir")
@@ -334,6 +341,7 @@ fn tls_serves_the_sdk_and_a_bad_key_is_refused_at_start() {
         test_utils::registry::free_port(),
         "",
         &["--tls-cert", &cert, "--tls-key", &key],
+        &[],
     );
     s.run("sdk_tls.py", &[("SSL_CERT_FILE", &ca)]);
 }
@@ -592,6 +600,71 @@ fn a_killed_podvisord_leaves_no_vm_and_its_restart_agrees_with_the_host() {
         "after".to_string(),
     ];
     again.run_args(&args, &env, "service_restart.py");
+}
+
+/// kill -9 of podvisord at each crash point of a create and of a kill
+/// (`PODVISORD_CRASH_AT`, see src/crash.rs), then a restart on the same
+/// state: no VM outlives it, no row is left creating or running, no VM
+/// directory is left once the restart has cleaned up, and it serves again.
+#[test]
+fn kill_9_at_each_point_of_create_and_kill_leaves_the_database_and_host_agreeing() {
+    use std::os::unix::process::ExitStatusExt;
+    test_utils::build_dir();
+    let points = [
+        "create.admitted",
+        "create.booted",
+        "create.started",
+        "kill.begun",
+        "kill.destroyed",
+    ];
+    for point in points {
+        let dir = PathBuf::from(format!("/tmp/pvd-crash-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = test_utils::registry::free_port();
+        let crash = [("PODVISORD_CRASH_AT", point)];
+        let mut s = Service::start_with(dir.clone(), port, "", &[], &crash);
+        let state = dir.join("client.json").display().to_string();
+        let db = dir.join("state/podvisord.db").display().to_string();
+        let env = [
+            ("CRASH_POINT", point),
+            ("CRASH_STATE", state.as_str()),
+            ("PODVISORD_DB", db.as_str()),
+        ];
+        s.run("service_crash.py", &env);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(st) = s.child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "podvisord did not die at {point}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert_eq!(status.signal(), Some(libc::SIGKILL), "{point}: {status}");
+        let needle = dir.display().to_string();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !test_utils::processes_mentioning(&needle).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let left = test_utils::processes_mentioning(&needle);
+        assert!(left.is_empty(), "{point}: VMs outlived podvisord: {left:?}");
+        // The dead one's Drop must not remove the directory.
+        std::mem::forget(s);
+        let again = Service::start_in(dir.clone(), port, "");
+        let args = [
+            scripts().join("service_crash.py").display().to_string(),
+            "after".to_string(),
+        ];
+        again.run_args(&args, &env, "service_crash.py");
+        let vms: Vec<String> = test_utils::names_in(&dir.join("state/vm/sandboxes"))
+            .into_iter()
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        assert!(vms.is_empty(), "{point}: VM directories left: {vms:?}");
+    }
 }
 
 /// A command flooding stdout: unread, podvisord's memory stays flat (the
