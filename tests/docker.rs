@@ -37,6 +37,9 @@ fn docker_runs_execs_publishes_mounts_and_stops() {
         "from-guest\n"
     );
 
+    // A free port: one fixed number collides with what a run before left.
+    let port = test_utils::registry::free_port();
+    let published = format!("{port}:80");
     // docker's networking is a prestart hook that configures the holder's
     // network namespace; port publishing reaches the guest through it.
     ok(&run(&[
@@ -44,14 +47,14 @@ fn docker_runs_execs_publishes_mounts_and_stops() {
         "--name",
         "web",
         "-p",
-        "18081:80",
+        published.as_str(),
         "busybox:local",
         "sh",
         "-c",
         "trap 'echo bye; exit 0' TERM; echo serving; echo hello-docker > /tmp/index.html; \
          httpd -p 80 -h /tmp; while :; do sleep 0.2; done",
     ]));
-    let body = http_get(18081, "/index.html");
+    let body = http_get(port, "/index.html");
     assert!(body.contains("hello-docker"), "{body}");
     assert_eq!(
         ok(&d.run(&["exec", "web", "sh", "-c", "echo $((6*7))"])),

@@ -61,13 +61,16 @@ fn run_passes_output_exit_codes_env_user_memory_and_volumes() {
 #[test]
 fn detached_exec_logs_stop_rm_and_published_port() {
     let pm = Podman::new("detached");
+    // A free port: one fixed number collides with what a run before left.
+    let port = test_utils::registry::free_port();
+    let published = format!("{port}:80");
     let id = ok(&pm.run(&[
         "run",
         "-d",
         "--name",
         "web",
         "-p",
-        "18080:80",
+        published.as_str(),
         "localhost/busybox",
         "sh",
         "-c",
@@ -75,7 +78,7 @@ fn detached_exec_logs_stop_rm_and_published_port() {
          httpd -p 80 -h /tmp; while :; do sleep 0.2; done",
     ]));
     assert_eq!(id.trim().len(), 64);
-    let body = http_get(18080, "/index.html");
+    let body = http_get(port, "/index.html");
     assert!(body.contains("hello-from-podvisor"), "{body}");
     assert_eq!(
         ok(&pm.run(&["exec", "web", "sh", "-c", "echo $((6*7)) from $(hostname)"]))

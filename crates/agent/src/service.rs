@@ -88,6 +88,23 @@ fn valid_id(id: &str) -> Result<(), Status> {
 }
 
 /// Builds the spawn description shared by containers and execs.
+/// Paths of the container as the host names them: absolute, no `..`, no
+/// NUL (resolved in the container's own root after the pivot).
+fn container_paths(paths: &[String], what: &str) -> Result<Vec<String>, Status> {
+    for p in paths {
+        let bad = !p.starts_with('/')
+            || p.contains('\0')
+            || p.split('/').any(|c| c == "..")
+            || p.len() > 4096;
+        if bad {
+            return Err(Status::invalid_argument(format!(
+                "{what}: {p:?} must be an absolute path without '..'"
+            )));
+        }
+    }
+    Ok(paths.to_vec())
+}
+
 fn process_spec(
     process: &agent_proto::Process,
     target: Target,
@@ -125,6 +142,15 @@ fn process_spec(
         groups: user.additional_gids,
         rlimits,
         no_new_privs: process.no_new_privileges,
+        umask: process.umask.map(|m| m & 0o777),
+        oom_score_adj: process
+            .oom_score_adj
+            .map(|v| {
+                (-1000..=1000).contains(&v).then_some(v).ok_or_else(|| {
+                    Status::invalid_argument(format!("oomScoreAdj {v} is not in -1000..=1000"))
+                })
+            })
+            .transpose()?,
         caps,
         seccomp: crate::spawn::Seccomp::parse(&process.seccomp, process.seccomp_flags)
             .map_err(Status::invalid_argument)?,
@@ -449,6 +475,8 @@ fn build_container(
         pod_shared: req.pod_shared,
         mounts,
         sysctl,
+        masked: container_paths(&req.masked_paths, "maskedPaths")?,
+        readonly_paths: container_paths(&req.readonly_paths, "readonlyPaths")?,
     };
     let spec = process_spec(process, target, cg, &child, true)?;
     let spawned =

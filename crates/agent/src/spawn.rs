@@ -36,6 +36,9 @@ pub enum Target {
         mounts: Vec<crate::mounts::MountPlan>,
         /// (/proc/sys/... path, value), written inside the new namespaces.
         sysctl: Vec<(String, String)>,
+        /// OCI maskedPaths and readonlyPaths, applied after the pivot.
+        masked: Vec<String>,
+        readonly_paths: Vec<String>,
     },
     /// Into the namespaces of a running container's first process, opened
     /// when it was created (so a recycled pid can never be joined).
@@ -84,6 +87,8 @@ pub struct ProcessSpec {
     pub groups: Vec<u32>,
     pub rlimits: Vec<(Resource, u64, u64)>,
     pub no_new_privs: bool,
+    pub umask: Option<u32>,
+    pub oom_score_adj: Option<i32>,
     /// Capability sets to keep; None keeps the agent's (all of them).
     pub caps: Option<crate::caps::CapSets>,
     pub seccomp: Seccomp,
@@ -173,6 +178,9 @@ pub enum Stage {
     Sysctl,
     Capabilities,
     Seccomp,
+    MaskedPaths,
+    ReadonlyPaths,
+    OomScoreAdj,
 }
 
 impl Stage {
@@ -196,6 +204,9 @@ impl Stage {
             Sysctl,
             Capabilities,
             Seccomp,
+            MaskedPaths,
+            ReadonlyPaths,
+            OomScoreAdj,
         ]
         .get(v as usize)
         .copied()
@@ -221,6 +232,9 @@ impl Stage {
             Stage::Sysctl => "writing sysctls",
             Stage::Capabilities => "setting capabilities",
             Stage::Seccomp => "installing the seccomp filter",
+            Stage::MaskedPaths => "masking a path (maskedPaths)",
+            Stage::ReadonlyPaths => "making a path read-only (readonlyPaths)",
+            Stage::OomScoreAdj => "writing oom_score_adj",
         }
     }
 }
@@ -415,6 +429,7 @@ struct Prepared {
     mounts: Option<RootMounts>,
     hostname: Option<CString>,
     groups: Vec<Gid>,
+    oom_score_adj: Option<CString>,
 }
 
 // SAFETY: the raw pointers point into the CStrings owned by the same struct,
@@ -440,6 +455,8 @@ struct RootMounts {
     links: Vec<(CString, CString)>,
     extra: Vec<crate::mounts::Prepared>,
     sysctl: Vec<(CString, CString)>,
+    masked: Vec<CString>,
+    readonly_paths: Vec<CString>,
     pod_shared: bool,
 }
 
@@ -488,6 +505,8 @@ impl Prepared {
                 pod_shared,
                 mounts,
                 sysctl,
+                masked,
+                readonly_paths,
             } => {
                 let at = |p: &str| path_c(&rootfs.join(p));
                 let extra = mounts
@@ -538,6 +557,8 @@ impl Prepared {
                     .collect::<Result<Vec<_>, SpawnError>>()?,
                     extra,
                     sysctl,
+                    masked: masked.iter().map(cstr).collect::<Result<_, _>>()?,
+                    readonly_paths: readonly_paths.iter().map(cstr).collect::<Result<_, _>>()?,
                     pod_shared: *pod_shared,
                 };
                 let hostname = if *pod_shared {
@@ -560,6 +581,10 @@ impl Prepared {
             mounts,
             hostname,
             groups: spec.groups.iter().map(|g| Gid::from_raw(*g)).collect(),
+            oom_score_adj: spec
+                .oom_score_adj
+                .map(|v| cstr(v.to_string()))
+                .transpose()?,
         })
     }
 }
@@ -637,6 +662,12 @@ fn child_setup(ctx: &ChildCtx) -> Result<Never, (Stage, Errno)> {
                 write_file(key, value).map_err(at(Stage::Sysctl))?;
             }
             pivot(&m.rootfs).map_err(at(Stage::PivotRoot))?;
+            for path in &m.masked {
+                mask(path).map_err(at(Stage::MaskedPaths))?;
+            }
+            for path in &m.readonly_paths {
+                read_only(path).map_err(at(Stage::ReadonlyPaths))?;
+            }
             if m.readonly {
                 mount(
                     None::<&CStr>,
@@ -687,6 +718,13 @@ fn child_setup(ctx: &ChildCtx) -> Result<Never, (Stage, Errno)> {
     }
     for (resource, soft, hard) in &spec.rlimits {
         setrlimit(*resource, *soft, *hard).map_err(at(Stage::Rlimit))?;
+    }
+    // Lowering it takes CAP_SYS_RESOURCE: while the process still has it.
+    if let Some(v) = &p.oom_score_adj {
+        write_file(c"/proc/self/oom_score_adj", v).map_err(at(Stage::OomScoreAdj))?;
+    }
+    if let Some(mask) = spec.umask {
+        nix::sys::stat::umask(Mode::from_bits_truncate(mask));
     }
     if unistd::chdir(p.cwd.as_c_str()).is_err() {
         mkdir_all(&p.cwd).map_err(at(Stage::Cwd))?;
@@ -845,6 +883,55 @@ fn setup_root(m: &RootMounts) -> nix::Result<()> {
         none,
     )?;
     Ok(())
+}
+
+/// Hides `path` as runc's maskPath does: /dev/null bound over a file, an
+/// empty read-only tmpfs over a directory; a missing path is left alone.
+fn mask(path: &CStr) -> nix::Result<()> {
+    let none = None::<&CStr>;
+    match mount(Some(c"/dev/null"), path, none, MsFlags::MS_BIND, none) {
+        Ok(()) | Err(Errno::ENOENT) => Ok(()),
+        // A directory: a file cannot be bound over it.
+        Err(Errno::ENOTDIR) => mount(
+            Some(c"tmpfs"),
+            path,
+            Some(c"tmpfs"),
+            MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            Some(c"size=0"),
+        ),
+        Err(e) => Err(e),
+    }
+}
+
+/// Makes `path` read-only as runc's readonlyPath does: bound onto itself,
+/// then remounted read-only with the flags it had; a missing path is left
+/// alone.
+fn read_only(path: &CStr) -> nix::Result<()> {
+    use nix::sys::statvfs::{statvfs, FsFlags};
+    let none = None::<&CStr>;
+    match mount(
+        Some(path),
+        path,
+        none,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        none,
+    ) {
+        Ok(()) => {}
+        Err(Errno::ENOENT) => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    let had = statvfs(path)?.flags();
+    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC;
+    for (fs, ms) in [
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+    ] {
+        if had.contains(fs) {
+            flags |= ms;
+        }
+    }
+    mount(none, path, none, flags, none)
 }
 
 fn pivot(rootfs: &CStr) -> nix::Result<()> {

@@ -868,3 +868,97 @@ fn seccomp_profiles_are_enforced_in_the_guest_and_notify_is_refused() {
         "nothing left of a refused create"
     );
 }
+
+/// maskedPaths, readonlyPaths, process.user.umask and process.oomScoreAdj
+/// applied in the guest as runc applies them; container root (without
+/// CAP_SYS_ADMIN, as Docker's default) cannot lift a mask; a relative path
+/// is refused at create and leaves nothing.
+#[test]
+fn masked_and_readonly_paths_umask_and_oom_score_adj_apply_in_the_guest() {
+    become_subreaper();
+    let root = StateRoot::new("oci-masked");
+    let script = "echo file=$(wc -c < /etc/masked-file); \
+        echo dir=$(ls -A /etc/masked-dir | wc -l); \
+        touch /etc/masked-dir/x 2>/dev/null && echo dir-writable || echo dir-ro; \
+        echo sys=$(awk '$5 == \"/proc/sys\" {print $6}' /proc/self/mountinfo | cut -d, -f1-4); \
+        touch /etc/ro-dir/x 2>/dev/null && echo ro-writable || echo ro-ro; \
+        touch /etc/other && echo other-writable; \
+        umount /etc/masked-file 2>/dev/null && echo unmasked || echo mask-holds; \
+        echo umask=$(umask); touch /tmp/f; echo mode=$(stat -c %a /tmp/f); \
+        echo oom=$(cat /proc/self/oom_score_adj)";
+    let caps: Vec<&str> = [
+        "CAP_CHOWN",
+        "CAP_DAC_OVERRIDE",
+        "CAP_FOWNER",
+        "CAP_SETUID",
+        "CAP_SETGID",
+    ]
+    .to_vec();
+    let bundle = Bundle::new("masked", |c| {
+        c["process"]["args"] = serde_json::json!(["sh", "-c", script]);
+        c["process"]["user"]["umask"] = 0o077.into();
+        c["process"]["oomScoreAdj"] = 500.into();
+        c["process"]["capabilities"] = serde_json::json!({
+            "bounding": caps, "effective": caps, "permitted": caps,
+        });
+        c["linux"]["maskedPaths"] = serde_json::json!([
+            "/proc/kcore",
+            "/etc/masked-file",
+            "/etc/masked-dir",
+            "/does/not/exist",
+        ]);
+        c["linux"]["readonlyPaths"] = serde_json::json!(["/proc/sys", "/etc/ro-dir", "/nor/this"]);
+    });
+    std::fs::write(bundle.path.join("rootfs/etc/masked-file"), "secret\n").unwrap();
+    std::fs::create_dir_all(bundle.path.join("rootfs/etc/masked-dir")).unwrap();
+    std::fs::write(bundle.path.join("rootfs/etc/masked-dir/secret"), "hidden").unwrap();
+    std::fs::create_dir_all(bundle.path.join("rootfs/etc/ro-dir")).unwrap();
+    let out = pv(
+        &root,
+        &["run", "--bundle", bundle.path.to_str().unwrap(), "masked"],
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "file=0",
+            "dir=0",
+            "dir-ro",
+            "sys=ro,nosuid,nodev,noexec",
+            "ro-ro",
+            "other-writable",
+            "mask-holds",
+            "umask=0077",
+            "mode=600",
+            "oom=500",
+        ],
+        "{text}"
+    );
+    assert!(
+        bundle.path.join("rootfs/etc/masked-dir/secret").exists(),
+        "the masked directory is hidden, not emptied"
+    );
+
+    let bad = Bundle::new("masked-bad", |c| {
+        c["linux"]["maskedPaths"] = serde_json::json!(["proc/kcore"]);
+    });
+    let out = pv(
+        &root,
+        &[
+            "create",
+            "--bundle",
+            bad.path.to_str().unwrap(),
+            "masked-bad",
+        ],
+    );
+    assert_ne!(
+        out.status.code(),
+        Some(0),
+        "a relative masked path was accepted"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("maskedPaths"), "{err}");
+    root.assert_clean();
+}

@@ -50,6 +50,7 @@ pub struct Process {
     pub capabilities: Option<Capabilities>,
     pub rlimits: Vec<Rlimit>,
     pub no_new_privileges: bool,
+    pub oom_score_adj: Option<i32>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize)]
@@ -65,6 +66,7 @@ pub struct User {
     pub uid: u32,
     pub gid: u32,
     pub additional_gids: Vec<u32>,
+    pub umask: Option<u32>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -132,6 +134,8 @@ pub struct Linux {
     pub resources: Option<Resources>,
     pub sysctl: BTreeMap<String, String>,
     pub seccomp: Option<crate::seccomp::Seccomp>,
+    pub masked_paths: Vec<String>,
+    pub readonly_paths: Vec<String>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -386,6 +390,14 @@ impl Spec {
     }
 
     /// The sysctls to write in the container's namespaces.
+    /// OCI maskedPaths and readonlyPaths, for the agent.
+    pub fn masked_paths(&self) -> (Vec<String>, Vec<String>) {
+        self.linux
+            .as_ref()
+            .map(|l| (l.masked_paths.clone(), l.readonly_paths.clone()))
+            .unwrap_or_default()
+    }
+
     pub fn sysctl(&self) -> std::collections::HashMap<String, String> {
         self.linux
             .as_ref()
@@ -621,6 +633,8 @@ impl Process {
             // The container's, put on by `Spec::apply_seccomp`.
             seccomp: Vec::new(),
             seccomp_flags: 0,
+            umask: self.user.umask,
+            oom_score_adj: self.oom_score_adj,
         }
     }
 }

@@ -26,8 +26,7 @@ fn process(args: &[&str], terminal: bool) -> Process {
         rlimits: Vec::new(),
         no_new_privileges: false,
         capabilities: None,
-        seccomp: Vec::new(),
-        seccomp_flags: 0,
+        ..Default::default()
     }
 }
 

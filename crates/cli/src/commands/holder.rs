@@ -298,6 +298,8 @@ async fn create_in(
             pod_shared: false,
             rootfs_overlay: false,
             block_root: None,
+            masked_paths: spec.masked_paths().0,
+            readonly_paths: spec.masked_paths().1,
         })
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?;

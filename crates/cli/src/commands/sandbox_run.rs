@@ -438,6 +438,8 @@ async fn run_in(
         capabilities: None,
         seccomp: Vec::new(),
         seccomp_flags: 0,
+        umask: None,
+        oom_score_adj: None,
     };
     let t_create = Instant::now();
     let block_root = sb.has_block_root().then(|| agent_proto::BlockRoot {

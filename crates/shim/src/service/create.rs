@@ -238,6 +238,8 @@ impl Service {
             pod_shared: matches!(c.kind, Kind::Member(_)),
             rootfs_overlay: false,
             block_root: None,
+            masked_paths: spec.masked_paths().0,
+            readonly_paths: spec.masked_paths().1,
         };
         bounded("creating the container", client.create_container(request))
             .await
