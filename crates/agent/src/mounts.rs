@@ -30,7 +30,24 @@ pub struct MountPlan {
     pub data: String,
     pub bind: bool,
     pub is_file: bool,
+    pub extra: Extra,
 }
+
+/// What a mount gets after it is made: its propagation (`rshared`...) and
+/// the recursive attributes (`rro`, `rnosuid`...) set or cleared on it and
+/// every mount under it (mount_setattr(2), AT_RECURSIVE), as runc does.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Extra {
+    pub propagation: Option<MsFlags>,
+    pub attr_set: u64,
+    pub attr_clr: u64,
+}
+
+use libc::{
+    MOUNT_ATTR_NOATIME, MOUNT_ATTR_NODEV, MOUNT_ATTR_NODIRATIME, MOUNT_ATTR_NOEXEC,
+    MOUNT_ATTR_NOSUID, MOUNT_ATTR_NOSYMFOLLOW, MOUNT_ATTR_RDONLY, MOUNT_ATTR_STRICTATIME,
+    MOUNT_ATTR__ATIME as MOUNT_ATTR_ATIME,
+};
 
 /// Prepared for the child: C strings only.
 pub struct Prepared {
@@ -42,6 +59,7 @@ pub struct Prepared {
     data: Option<CString>,
     bind: bool,
     is_file: bool,
+    extra: Extra,
 }
 
 /// Whether the request's mount is one the agent provides anyway.
@@ -55,12 +73,33 @@ pub fn is_standard(m: &agent_proto::Mount) -> bool {
         .any(|(d, types)| *d == dest && types.contains(&m.r#type.as_str()))
 }
 
-/// Parses OCI mount options into flags and the fs data string.
-fn parse_options(options: &[String]) -> (MsFlags, String, bool) {
+/// Parses OCI mount options into flags, the fs data string, whether it is
+/// a bind mount, and what is set after the mount (propagation, recursive
+/// attributes).
+fn parse_options(options: &[String]) -> (MsFlags, String, bool, Extra) {
     let mut flags = MsFlags::empty();
     let mut data = Vec::new();
     let mut bind = false;
+    let mut extra = Extra::default();
     for o in options {
+        if let Some(p) = propagation(o) {
+            extra.propagation = Some(p);
+            continue;
+        }
+        if let Some((on, attr)) = recursive_attr(o) {
+            if matches!(o.as_str(), "rrelatime" | "rnoatime" | "rstrictatime") {
+                // The atime modes are one field: cleared, then one set.
+                extra.attr_clr |= MOUNT_ATTR_ATIME;
+                extra.attr_set = (extra.attr_set & !MOUNT_ATTR_ATIME) | attr;
+            } else if on {
+                extra.attr_set |= attr;
+                extra.attr_clr &= !attr;
+            } else {
+                extra.attr_clr |= attr;
+                extra.attr_set &= !attr;
+            }
+            continue;
+        }
         match o.as_str() {
             "ro" => flags |= MsFlags::MS_RDONLY,
             "rw" => flags &= !MsFlags::MS_RDONLY,
@@ -81,15 +120,77 @@ fn parse_options(options: &[String]) -> (MsFlags, String, bool) {
                 bind = true;
                 flags |= MsFlags::MS_REC;
             }
-            // Propagation has no meaning across the VM boundary; SELinux
-            // relabelling and podman's copy-up are host-side matters.
-            "private" | "rprivate" | "shared" | "rshared" | "slave" | "rslave" | "unbindable"
-            | "runbindable" | "z" | "Z" | "tmpcopyup" | "notmpcopyup" | "copy" | "nocopy"
-            | "defaults" => {}
+            // SELinux relabelling and podman's copy-up are host-side matters.
+            "z" | "Z" | "tmpcopyup" | "notmpcopyup" | "copy" | "nocopy" | "defaults" => {}
             other => data.push(other.to_string()),
         }
     }
-    (flags, data.join(","), bind)
+    (flags, data.join(","), bind, extra)
+}
+
+/// A propagation option's flags ("rshared" → MS_SHARED | MS_REC).
+pub fn propagation(o: &str) -> Option<MsFlags> {
+    let rec = MsFlags::MS_REC;
+    Some(match o {
+        "private" => MsFlags::MS_PRIVATE,
+        "rprivate" => MsFlags::MS_PRIVATE | rec,
+        "shared" => MsFlags::MS_SHARED,
+        "rshared" => MsFlags::MS_SHARED | rec,
+        "slave" => MsFlags::MS_SLAVE,
+        "rslave" => MsFlags::MS_SLAVE | rec,
+        "unbindable" => MsFlags::MS_UNBINDABLE,
+        "runbindable" => MsFlags::MS_UNBINDABLE | rec,
+        _ => return None,
+    })
+}
+
+/// runc's recursive mount options: (set or clear, the attribute).
+fn recursive_attr(o: &str) -> Option<(bool, u64)> {
+    Some(match o {
+        "rro" => (true, MOUNT_ATTR_RDONLY),
+        "rrw" => (false, MOUNT_ATTR_RDONLY),
+        "rnosuid" => (true, MOUNT_ATTR_NOSUID),
+        "rsuid" => (false, MOUNT_ATTR_NOSUID),
+        "rnodev" => (true, MOUNT_ATTR_NODEV),
+        "rdev" => (false, MOUNT_ATTR_NODEV),
+        "rnoexec" => (true, MOUNT_ATTR_NOEXEC),
+        "rexec" => (false, MOUNT_ATTR_NOEXEC),
+        "rnodiratime" => (true, MOUNT_ATTR_NODIRATIME),
+        "rdiratime" => (false, MOUNT_ATTR_NODIRATIME),
+        "rnosymfollow" => (true, MOUNT_ATTR_NOSYMFOLLOW),
+        "rsymfollow" => (false, MOUNT_ATTR_NOSYMFOLLOW),
+        // relatime is the atime field's zero.
+        "rrelatime" => (true, 0),
+        "rnoatime" => (true, MOUNT_ATTR_NOATIME),
+        "rstrictatime" => (true, MOUNT_ATTR_STRICTATIME),
+        _ => return None,
+    })
+}
+
+/// Sets the recursive attributes of `extra` on `target` and every mount
+/// under it.
+fn set_recursive(target: &CStr, extra: &Extra) -> nix::Result<()> {
+    let attr = libc::mount_attr {
+        attr_set: extra.attr_set,
+        attr_clr: extra.attr_clr,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: mount_setattr(2) reads `attr` (its size given) and the path.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            target.as_ptr(),
+            libc::AT_RECURSIVE,
+            &attr as *const libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
 }
 
 /// `path` relative to the share, refusing anything that leaves it.
@@ -118,7 +219,7 @@ pub fn plan(mounts: &[agent_proto::Mount], share: &Path) -> Result<Vec<MountPlan
         if is_standard(m) {
             continue;
         }
-        let (flags, data, bind_opt) = parse_options(&m.options);
+        let (flags, data, bind_opt, extra) = parse_options(&m.options);
         let bind = bind_opt || m.r#type == "bind";
         let (source, is_file) = if bind {
             let source = inside(share, &m.source)?;
@@ -136,6 +237,7 @@ pub fn plan(mounts: &[agent_proto::Mount], share: &Path) -> Result<Vec<MountPlan
             data,
             bind,
             is_file,
+            extra,
         });
     }
     Ok(out)
@@ -157,6 +259,7 @@ impl MountPlan {
                 .transpose()?,
             bind: self.bind,
             is_file: self.is_file,
+            extra: self.extra,
         })
     }
 }
@@ -196,7 +299,7 @@ impl Prepared {
                     none,
                 )?;
             }
-            return Ok(());
+            return self.after();
         }
         let fstype = self.fstype.as_deref().ok_or(Errno::EINVAL)?;
         mount(
@@ -205,7 +308,20 @@ impl Prepared {
             Some(fstype),
             self.flags,
             self.data.as_deref(),
-        )
+        )?;
+        self.after()
+    }
+
+    /// Propagation, then the recursive attributes.
+    fn after(&self) -> nix::Result<()> {
+        let none = None::<&CStr>;
+        if let Some(p) = self.extra.propagation {
+            mount(none, self.target.as_c_str(), none, p, none)?;
+        }
+        if self.extra.attr_set != 0 || self.extra.attr_clr != 0 {
+            set_recursive(&self.target, &self.extra)?;
+        }
+        Ok(())
     }
 }
 
@@ -224,7 +340,7 @@ mod tests {
 
     #[test]
     fn options_become_flags_and_data() {
-        let (flags, data, bind) = parse_options(&[
+        let (flags, data, bind, extra) = parse_options(&[
             "rbind".into(),
             "ro".into(),
             "nosuid".into(),
@@ -235,6 +351,28 @@ mod tests {
         assert!(bind);
         assert!(flags.contains(MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_REC));
         assert_eq!(data, "size=65536k,mode=1777");
+        assert_eq!(
+            extra.propagation,
+            Some(MsFlags::MS_PRIVATE | MsFlags::MS_REC)
+        );
+    }
+
+    #[test]
+    fn recursive_attributes_and_propagation_parse_as_runc_reads_them() {
+        let opts = |o: &[&str]| parse_options(&o.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let (_, data, _, e) = opts(&["rbind", "rro", "rnosuid", "rshared"]);
+        assert_eq!(data, "");
+        assert_eq!(e.attr_set, MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID);
+        assert_eq!(e.propagation, Some(MsFlags::MS_SHARED | MsFlags::MS_REC));
+        // The last word wins.
+        let (_, _, _, e) = opts(&["rro", "rrw", "slave"]);
+        assert_eq!((e.attr_set, e.attr_clr), (0, MOUNT_ATTR_RDONLY));
+        assert_eq!(e.propagation, Some(MsFlags::MS_SLAVE));
+        let (_, _, _, e) = opts(&["rnoatime"]);
+        assert_eq!(
+            (e.attr_set, e.attr_clr),
+            (MOUNT_ATTR_NOATIME, MOUNT_ATTR_ATIME)
+        );
     }
 
     #[test]

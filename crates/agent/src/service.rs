@@ -477,6 +477,12 @@ fn build_container(
         sysctl,
         masked: container_paths(&req.masked_paths, "maskedPaths")?,
         readonly_paths: container_paths(&req.readonly_paths, "readonlyPaths")?,
+        root_propagation: match req.rootfs_propagation.as_str() {
+            "" => None,
+            p => Some(crate::mounts::propagation(p).ok_or_else(|| {
+                Status::invalid_argument(format!("rootfsPropagation {p:?} is not a propagation"))
+            })?),
+        },
     };
     let spec = process_spec(process, target, cg, &child, true)?;
     let spawned =

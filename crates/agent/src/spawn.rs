@@ -39,6 +39,8 @@ pub enum Target {
         /// OCI maskedPaths and readonlyPaths, applied after the pivot.
         masked: Vec<String>,
         readonly_paths: Vec<String>,
+        /// linux.rootfsPropagation, set on / after the pivot.
+        root_propagation: Option<MsFlags>,
     },
     /// Into the namespaces of a running container's first process, opened
     /// when it was created (so a recycled pid can never be joined).
@@ -457,6 +459,7 @@ struct RootMounts {
     sysctl: Vec<(CString, CString)>,
     masked: Vec<CString>,
     readonly_paths: Vec<CString>,
+    root_propagation: Option<MsFlags>,
     pod_shared: bool,
 }
 
@@ -507,6 +510,7 @@ impl Prepared {
                 sysctl,
                 masked,
                 readonly_paths,
+                root_propagation,
             } => {
                 let at = |p: &str| path_c(&rootfs.join(p));
                 let extra = mounts
@@ -559,6 +563,7 @@ impl Prepared {
                     sysctl,
                     masked: masked.iter().map(cstr).collect::<Result<_, _>>()?,
                     readonly_paths: readonly_paths.iter().map(cstr).collect::<Result<_, _>>()?,
+                    root_propagation: *root_propagation,
                     pod_shared: *pod_shared,
                 };
                 let hostname = if *pod_shared {
@@ -667,6 +672,10 @@ fn child_setup(ctx: &ChildCtx) -> Result<Never, (Stage, Errno)> {
             }
             for path in &m.readonly_paths {
                 read_only(path).map_err(at(Stage::ReadonlyPaths))?;
+            }
+            if let Some(p) = m.root_propagation {
+                mount(None::<&CStr>, c"/", None::<&CStr>, p, None::<&CStr>)
+                    .map_err(at(Stage::Mounts))?;
             }
             if m.readonly {
                 mount(

@@ -962,3 +962,63 @@ fn masked_and_readonly_paths_umask_and_oom_score_adj_apply_in_the_guest() {
     assert!(err.contains("maskedPaths"), "{err}");
     root.assert_clean();
 }
+
+/// Bind mounts' propagation (rshared, runbindable), recursive read-only
+/// (rro, by mount_setattr) and linux.rootfsPropagation, as the guest's
+/// /proc/self/mountinfo shows them.
+#[test]
+fn mount_propagation_and_recursive_read_only_are_as_asked() {
+    become_subreaper();
+    let root = StateRoot::new("oci-propagation");
+    let script = "awk '{o=\"\"; for (i = 7; $i != \"-\"; i++) o = o \" \" $i; print $5, $6, o}' \
+        /proc/self/mountinfo | grep -E '^(/ |/mnt/)'; \
+        touch /mnt/rro/x 2>/dev/null && echo rro-writable || echo rro-holds";
+    let bundle = Bundle::new("propagation", |c| {
+        c["process"]["args"] = serde_json::json!(["sh", "-c", script]);
+        c["linux"]["rootfsPropagation"] = "shared".into();
+    });
+    let mut mounts = Vec::new();
+    for (name, opts) in [
+        ("sh", vec!["rbind", "rshared"]),
+        ("ub", vec!["bind", "runbindable"]),
+        ("rro", vec!["rbind", "rro"]),
+    ] {
+        let src = bundle.path.join(format!("src-{name}"));
+        std::fs::create_dir_all(&src).unwrap();
+        mounts.push(serde_json::json!({
+            "destination": format!("/mnt/{name}"), "type": "bind",
+            "source": src, "options": opts,
+        }));
+    }
+    let config = bundle.path.join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    c["mounts"].as_array_mut().unwrap().extend(mounts);
+    std::fs::write(&config, c.to_string()).unwrap();
+    let out = pv(
+        &root,
+        &["run", "--bundle", bundle.path.to_str().unwrap(), "prop"],
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let line = |dest: &str| {
+        text.lines()
+            .find(|l| l.split_whitespace().next() == Some(dest))
+            .unwrap_or_else(|| panic!("no mount at {dest}: {text}"))
+            .to_string()
+    };
+    assert!(
+        line("/").contains("shared:"),
+        "rootfsPropagation shared: {text}"
+    );
+    assert!(line("/mnt/sh").contains("shared:"), "rshared: {text}");
+    assert!(
+        line("/mnt/ub").contains("unbindable"),
+        "runbindable: {text}"
+    );
+    let rro = line("/mnt/rro");
+    let opts = rro.split_whitespace().nth(1).unwrap();
+    assert!(opts.starts_with("ro"), "rro makes it read-only: {text}");
+    assert!(text.contains("rro-holds"), "{text}");
+    root.assert_clean();
+}

@@ -136,6 +136,7 @@ pub struct Linux {
     pub seccomp: Option<crate::seccomp::Seccomp>,
     pub masked_paths: Vec<String>,
     pub readonly_paths: Vec<String>,
+    pub rootfs_propagation: String,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -390,6 +391,13 @@ impl Spec {
     }
 
     /// The sysctls to write in the container's namespaces.
+    pub fn rootfs_propagation(&self) -> String {
+        self.linux
+            .as_ref()
+            .map(|l| l.rootfs_propagation.clone())
+            .unwrap_or_default()
+    }
+
     /// OCI maskedPaths and readonlyPaths, for the agent.
     pub fn masked_paths(&self) -> (Vec<String>, Vec<String>) {
         self.linux

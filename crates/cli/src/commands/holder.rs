@@ -300,6 +300,7 @@ async fn create_in(
             block_root: None,
             masked_paths: spec.masked_paths().0,
             readonly_paths: spec.masked_paths().1,
+            rootfs_propagation: spec.rootfs_propagation(),
         })
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?;

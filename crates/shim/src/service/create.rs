@@ -240,6 +240,7 @@ impl Service {
             block_root: None,
             masked_paths: spec.masked_paths().0,
             readonly_paths: spec.masked_paths().1,
+            rootfs_propagation: spec.rootfs_propagation(),
         };
         bounded("creating the container", client.create_container(request))
             .await
