@@ -88,6 +88,43 @@ fn valid_id(id: &str) -> Result<(), Status> {
 }
 
 /// Builds the spawn description shared by containers and execs.
+/// linux.devices, checked: absolute paths without `..`, a known type.
+fn devices(ds: &[agent_proto::Device]) -> Result<Vec<spawn::DeviceNode>, Status> {
+    let paths: Vec<String> = ds.iter().map(|d| d.path.clone()).collect();
+    container_paths(&paths, "linux.devices")?;
+    ds.iter()
+        .map(|d| {
+            use nix::sys::stat::SFlag;
+            let kind = match d.r#type.as_str() {
+                "c" | "u" => SFlag::S_IFCHR,
+                "b" => SFlag::S_IFBLK,
+                "p" => SFlag::S_IFIFO,
+                other => {
+                    return Err(Status::invalid_argument(format!(
+                        "linux.devices {:?}: type {other:?} is not c, u, b or p",
+                        d.path
+                    )))
+                }
+            };
+            if d.path == "/dev" || d.path == "/" {
+                return Err(Status::invalid_argument(format!(
+                    "linux.devices: {:?} is not a device path",
+                    d.path
+                )));
+            }
+            Ok(spawn::DeviceNode {
+                path: d.path.clone(),
+                kind,
+                major: d.major.into(),
+                minor: d.minor.into(),
+                mode: d.file_mode.unwrap_or(0o666) & 0o7777,
+                uid: d.uid,
+                gid: d.gid,
+            })
+        })
+        .collect()
+}
+
 /// Paths of the container as the host names them: absolute, no `..`, no
 /// NUL (resolved in the container's own root after the pivot).
 fn container_paths(paths: &[String], what: &str) -> Result<Vec<String>, Status> {
@@ -477,6 +514,7 @@ fn build_container(
         sysctl,
         masked: container_paths(&req.masked_paths, "maskedPaths")?,
         readonly_paths: container_paths(&req.readonly_paths, "readonlyPaths")?,
+        devices: devices(&req.devices)?,
         root_propagation: match req.rootfs_propagation.as_str() {
             "" => None,
             p => Some(crate::mounts::propagation(p).ok_or_else(|| {

@@ -20,6 +20,8 @@ use crate::reaper::{ExitWatch, Reaper};
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Where the process goes.
+// One per spawn, moved once: the size of `New` costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 pub enum Target {
     /// A new container: fresh pid, mount, uts, ipc and cgroup namespaces,
     /// rooted at `rootfs`.
@@ -41,10 +43,24 @@ pub enum Target {
         readonly_paths: Vec<String>,
         /// linux.rootfsPropagation, set on / after the pivot.
         root_propagation: Option<MsFlags>,
+        /// linux.devices: (path in the container, kind, major, minor, mode, uid, gid).
+        devices: Vec<DeviceNode>,
     },
     /// Into the namespaces of a running container's first process, opened
     /// when it was created (so a recycled pid can never be joined).
     Join { ns: Arc<Namespaces> },
+}
+
+/// A device node of OCI linux.devices, checked by the service.
+#[derive(Clone, Debug)]
+pub struct DeviceNode {
+    pub path: String,
+    pub kind: SFlag,
+    pub major: u64,
+    pub minor: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// A container's pid, ipc, uts, cgroup and mount namespaces, in that order.
@@ -183,6 +199,7 @@ pub enum Stage {
     MaskedPaths,
     ReadonlyPaths,
     OomScoreAdj,
+    Devices,
 }
 
 impl Stage {
@@ -209,6 +226,7 @@ impl Stage {
             MaskedPaths,
             ReadonlyPaths,
             OomScoreAdj,
+            Devices,
         ]
         .get(v as usize)
         .copied()
@@ -237,6 +255,7 @@ impl Stage {
             Stage::MaskedPaths => "masking a path (maskedPaths)",
             Stage::ReadonlyPaths => "making a path read-only (readonlyPaths)",
             Stage::OomScoreAdj => "writing oom_score_adj",
+            Stage::Devices => "making a device node (linux.devices)",
         }
     }
 }
@@ -460,6 +479,8 @@ struct RootMounts {
     masked: Vec<CString>,
     readonly_paths: Vec<CString>,
     root_propagation: Option<MsFlags>,
+    /// (path under the root, its parent, the node).
+    devices: Vec<(CString, CString, DeviceNode)>,
     pod_shared: bool,
 }
 
@@ -511,6 +532,7 @@ impl Prepared {
                 masked,
                 readonly_paths,
                 root_propagation,
+                devices,
             } => {
                 let at = |p: &str| path_c(&rootfs.join(p));
                 let extra = mounts
@@ -564,6 +586,14 @@ impl Prepared {
                     masked: masked.iter().map(cstr).collect::<Result<_, _>>()?,
                     readonly_paths: readonly_paths.iter().map(cstr).collect::<Result<_, _>>()?,
                     root_propagation: *root_propagation,
+                    devices: devices
+                        .iter()
+                        .map(|d| {
+                            let target = rootfs.join(d.path.trim_start_matches('/'));
+                            let parent = target.parent().unwrap_or(rootfs).to_path_buf();
+                            Ok((path_c(&target)?, path_c(&parent)?, d.clone()))
+                        })
+                        .collect::<Result<_, SpawnError>>()?,
                     pod_shared: *pod_shared,
                 };
                 let hostname = if *pod_shared {
@@ -662,6 +692,9 @@ fn child_setup(ctx: &ChildCtx) -> Result<Never, (Stage, Errno)> {
             setup_root(m).map_err(at(Stage::Mounts))?;
             for extra in &m.extra {
                 extra.mount().map_err(at(Stage::Mounts))?;
+            }
+            for (path, parent, d) in &m.devices {
+                make_device(path, parent, d).map_err(at(Stage::Devices))?;
             }
             for (key, value) in &m.sysctl {
                 write_file(key, value).map_err(at(Stage::Sysctl))?;
@@ -892,6 +925,25 @@ fn setup_root(m: &RootMounts) -> nix::Result<()> {
         none,
     )?;
     Ok(())
+}
+
+/// One node of linux.devices: made (replacing what was there, as runc
+/// does), given its mode (mknod honours the umask) and owner.
+fn make_device(path: &CStr, parent: &CStr, d: &DeviceNode) -> nix::Result<()> {
+    mkdir_all(parent)?;
+    match nix::unistd::unlink(path) {
+        Ok(()) | Err(Errno::ENOENT) => {}
+        Err(e) => return Err(e),
+    }
+    let mode = Mode::from_bits_truncate(d.mode);
+    mknod(path, d.kind, mode, makedev(d.major, d.minor))?;
+    nix::sys::stat::fchmodat(
+        None,
+        path,
+        mode,
+        nix::sys::stat::FchmodatFlags::NoFollowSymlink,
+    )?;
+    unistd::chown(path, Some(Uid::from_raw(d.uid)), Some(Gid::from_raw(d.gid)))
 }
 
 /// Hides `path` as runc's maskPath does: /dev/null bound over a file, an

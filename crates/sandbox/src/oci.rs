@@ -137,6 +137,20 @@ pub struct Linux {
     pub masked_paths: Vec<String>,
     pub readonly_paths: Vec<String>,
     pub rootfs_propagation: String,
+    pub devices: Vec<Device>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", default)]
+pub struct Device {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub path: String,
+    pub major: i64,
+    pub minor: i64,
+    pub file_mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
@@ -224,6 +238,7 @@ impl Spec {
         let Some(process) = &self.process else {
             return invalid("config.json: process is missing".into());
         };
+        self.devices()?;
         if process.args.is_empty() {
             return invalid("config.json: process.args must not be empty".into());
         }
@@ -390,7 +405,35 @@ impl Spec {
         Some((!ns.path.is_empty()).then(|| PathBuf::from(&ns.path)))
     }
 
-    /// The sysctls to write in the container's namespaces.
+    /// linux.devices for the agent; a negative major or minor is refused.
+    pub fn devices(&self) -> Result<Vec<agent_proto::Device>, SpecError> {
+        let Some(l) = &self.linux else {
+            return Ok(Vec::new());
+        };
+        l.devices
+            .iter()
+            .map(|d| {
+                let num = |n: i64, what: &str| {
+                    u32::try_from(n).map_err(|_| {
+                        SpecError::Invalid(format!(
+                            "config.json: linux.devices {:?}: {what} {n} is out of range",
+                            d.path
+                        ))
+                    })
+                };
+                Ok(agent_proto::Device {
+                    path: d.path.clone(),
+                    r#type: d.kind.clone(),
+                    major: num(d.major, "major")?,
+                    minor: num(d.minor, "minor")?,
+                    file_mode: d.file_mode,
+                    uid: d.uid.unwrap_or(0),
+                    gid: d.gid.unwrap_or(0),
+                })
+            })
+            .collect()
+    }
+
     pub fn rootfs_propagation(&self) -> String {
         self.linux
             .as_ref()
@@ -406,6 +449,7 @@ impl Spec {
             .unwrap_or_default()
     }
 
+    /// The sysctls to write in the container's namespaces.
     pub fn sysctl(&self) -> std::collections::HashMap<String, String> {
         self.linux
             .as_ref()

@@ -301,6 +301,7 @@ async fn create_in(
             masked_paths: spec.masked_paths().0,
             readonly_paths: spec.masked_paths().1,
             rootfs_propagation: spec.rootfs_propagation(),
+            devices: spec.devices()?,
         })
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?;

@@ -241,6 +241,7 @@ impl Service {
             masked_paths: spec.masked_paths().0,
             readonly_paths: spec.masked_paths().1,
             rootfs_propagation: spec.rootfs_propagation(),
+            devices: spec.devices()?,
         };
         bounded("creating the container", client.create_container(request))
             .await
