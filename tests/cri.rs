@@ -9,8 +9,9 @@ use k8s_cri::v1::{
     AttachRequest, ContainerConfig, ContainerFilter, ContainerMetadata, ContainerState,
     ContainerStatus, ContainerStatusRequest, CreateContainerRequest, ExecRequest, ExecSyncRequest,
     ImageSpec, LinuxContainerConfig, LinuxContainerResources, LinuxPodSandboxConfig,
-    ListContainersRequest, PodSandboxConfig, PodSandboxState, PodSandboxStatus,
-    PodSandboxStatusRequest, RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
+    LinuxSandboxSecurityContext, ListContainersRequest, NamespaceMode, NamespaceOption,
+    PodSandboxConfig, PodSandboxState, PodSandboxStatus, PodSandboxStatusRequest,
+    RunPodSandboxRequest, StartContainerRequest, StopPodSandboxRequest,
     UpdateContainerResourcesRequest,
 };
 use podvisor_client_tests::cri::{self, connect, Cri};
@@ -457,6 +458,41 @@ async fn bad_cri_requests_fail_clearly_and_leave_nothing() {
         e.message().contains("not found") || e.code() == tonic::Code::NotFound,
         "{e}"
     );
+
+    // The node's namespaces (hostNetwork, hostPID, hostIPC): refused clearly.
+    for (i, (which, says)) in ["hostNetwork", "hostPID", "hostIPC"]
+        .iter()
+        .zip([
+            "hostNetwork pods are not supported",
+            "hostPID pods are not supported",
+            "hostIPC pods are not supported",
+        ])
+        .enumerate()
+    {
+        let node = NamespaceMode::Node as i32;
+        let mut ns = NamespaceOption::default();
+        match i {
+            0 => ns.network = node,
+            1 => ns.pid = node,
+            _ => ns.ipc = node,
+        }
+        let mut cfg = pod_config(&format!("host{i}"), &logs.0);
+        cfg.linux = Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(ns),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let e = cri
+            .run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(cfg),
+                runtime_handler: "podvisor".into(),
+            })
+            .await
+            .expect_err(which);
+        assert!(e.message().contains(says), "{which}: {e}");
+    }
 
     let cfg = pod_config("bad", &logs.0);
     let pod = run_pod(&mut cri, &cfg).await;

@@ -11,6 +11,23 @@ async fn boot_vm(key: &str, pod_id: &str, kind: &Kind, spec: &Spec) -> anyhow::R
             "hostNetwork pods are not supported: a pod's VM has its own kernel and cannot share the host's network stack"
         );
     }
+    // containerd leaves a namespace out of the pod's spec when the pod asks
+    // for the node's (hostPID, hostIPC).
+    let has = |kind: &str| {
+        spec.linux
+            .as_ref()
+            .is_some_and(|l| l.namespaces.iter().any(|n| n.kind == kind))
+    };
+    if *kind == Kind::Sandbox && !has("pid") {
+        anyhow::bail!(
+            "hostPID pods are not supported: a pod's processes run in its VM and cannot share the host's pid namespace"
+        );
+    }
+    if *kind == Kind::Sandbox && !has("ipc") {
+        anyhow::bail!(
+            "hostIPC pods are not supported: a pod's VM cannot share the host's IPC namespace"
+        );
+    }
     let policy = sandbox::pool::annotation_policy(&sandbox::pool::config_path())?;
     spec.check_annotations(&policy, *kind == Kind::Sandbox)?;
     let kernel = spec.annotations.get(ANNOTATION_KERNEL).map(PathBuf::from);
