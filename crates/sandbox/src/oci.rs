@@ -441,11 +441,19 @@ impl Spec {
             .unwrap_or_default()
     }
 
-    /// OCI maskedPaths and readonlyPaths, for the agent.
-    pub fn masked_paths(&self) -> (Vec<String>, Vec<String>) {
+    /// OCI linux.maskedPaths, for the agent.
+    pub fn masked_paths(&self) -> Vec<String> {
         self.linux
             .as_ref()
-            .map(|l| (l.masked_paths.clone(), l.readonly_paths.clone()))
+            .map(|l| l.masked_paths.clone())
+            .unwrap_or_default()
+    }
+
+    /// OCI linux.readonlyPaths, for the agent.
+    pub fn readonly_paths(&self) -> Vec<String> {
+        self.linux
+            .as_ref()
+            .map(|l| l.readonly_paths.clone())
             .unwrap_or_default()
     }
 

@@ -298,8 +298,8 @@ async fn create_in(
             pod_shared: false,
             rootfs_overlay: false,
             block_root: None,
-            masked_paths: spec.masked_paths().0,
-            readonly_paths: spec.masked_paths().1,
+            masked_paths: spec.masked_paths(),
+            readonly_paths: spec.readonly_paths(),
             rootfs_propagation: spec.rootfs_propagation(),
             devices: spec.devices()?,
         })

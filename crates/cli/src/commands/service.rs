@@ -241,6 +241,15 @@ fn cell(v: &Value) -> String {
     }
 }
 
+/// A list answer: a table of `columns`, or the API's JSON.
+fn list(rows: &Value, as_table: bool, columns: &[(&str, &str)]) {
+    if as_table {
+        table(rows, columns)
+    } else {
+        print(rows)
+    }
+}
+
 /// A table of `rows` with `columns` (header, JSON pointer).
 fn table(rows: &Value, columns: &[(&str, &str)]) {
     let rows = rows.as_array().cloned().unwrap_or_default();
@@ -298,21 +307,18 @@ pub async fn run(args: ServiceArgs) -> anyhow::Result<u8> {
             }
             TenantCommand::Ls => {
                 let v = c.call(Method::GET, "/admin/tenants", None).await?;
-                if as_table {
-                    table(
-                        &v,
-                        &[
-                            ("ID", "/id"),
-                            ("NAME", "/name"),
-                            ("SANDBOXES", "/quotas/maxSandboxes"),
-                            ("VCPUS", "/quotas/maxVcpus"),
-                            ("MEMORY MIB", "/quotas/maxMemoryMib"),
-                            ("LIFETIME S", "/quotas/maxLifetimeS"),
-                        ],
-                    );
-                } else {
-                    print(&v);
-                }
+                list(
+                    &v,
+                    as_table,
+                    &[
+                        ("ID", "/id"),
+                        ("NAME", "/name"),
+                        ("SANDBOXES", "/quotas/maxSandboxes"),
+                        ("VCPUS", "/quotas/maxVcpus"),
+                        ("MEMORY MIB", "/quotas/maxMemoryMib"),
+                        ("LIFETIME S", "/quotas/maxLifetimeS"),
+                    ],
+                );
             }
             TenantCommand::Show { id } => {
                 let path = format!("/admin/tenants/{}", percent_encode(&id));
@@ -332,20 +338,17 @@ pub async fn run(args: ServiceArgs) -> anyhow::Result<u8> {
             KeyCommand::Ls { tenant } => {
                 let path = format!("/admin/tenants/{}/keys", percent_encode(&tenant));
                 let v = c.call(Method::GET, &path, None).await?;
-                if as_table {
-                    table(
-                        &v,
-                        &[
-                            ("ID", "/id"),
-                            ("PREFIX", "/prefix"),
-                            ("CREATED MS", "/createdMs"),
-                            ("EXPIRES MS", "/expiresMs"),
-                            ("REVOKED MS", "/revokedMs"),
-                        ],
-                    );
-                } else {
-                    print(&v);
-                }
+                list(
+                    &v,
+                    as_table,
+                    &[
+                        ("ID", "/id"),
+                        ("PREFIX", "/prefix"),
+                        ("CREATED MS", "/createdMs"),
+                        ("EXPIRES MS", "/expiresMs"),
+                        ("REVOKED MS", "/revokedMs"),
+                    ],
+                );
             }
             KeyCommand::Revoke { tenant, key } => {
                 let path = format!(
@@ -381,22 +384,19 @@ pub async fn run(args: ServiceArgs) -> anyhow::Result<u8> {
             }
             TemplateCommand::Ls => {
                 let v = c.call(Method::GET, "/admin/templates", None).await?;
-                if as_table {
-                    table(
-                        &v,
-                        &[
-                            ("NAME", "/name"),
-                            ("SOURCE", "/source"),
-                            ("VCPUS", "/vcpus"),
-                            ("MEMORY MB", "/memoryMB"),
-                            ("POOL", "/poolSize"),
-                            ("READY", "/pool/ready"),
-                            ("ROOTFS", "/rootfs"),
-                        ],
-                    );
-                } else {
-                    print(&v);
-                }
+                list(
+                    &v,
+                    as_table,
+                    &[
+                        ("NAME", "/name"),
+                        ("SOURCE", "/source"),
+                        ("VCPUS", "/vcpus"),
+                        ("MEMORY MB", "/memoryMB"),
+                        ("POOL", "/poolSize"),
+                        ("READY", "/pool/ready"),
+                        ("ROOTFS", "/rootfs"),
+                    ],
+                );
             }
             TemplateCommand::Show { name } => {
                 let path = format!("/admin/templates/{}", percent_encode(&name));

@@ -255,8 +255,8 @@ impl Service {
             pod_shared: matches!(c.kind, Kind::Member(_)),
             rootfs_overlay: false,
             block_root: None,
-            masked_paths: spec.masked_paths().0,
-            readonly_paths: spec.masked_paths().1,
+            masked_paths: spec.masked_paths(),
+            readonly_paths: spec.readonly_paths(),
             rootfs_propagation: spec.rootfs_propagation(),
             devices: spec.devices()?,
         };
