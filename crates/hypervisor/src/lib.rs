@@ -85,8 +85,14 @@ pub enum MemoryBackend {
     /// Private anonymous memory.
     #[default]
     Anonymous,
-    /// A file (on tmpfs or hugetlbfs), mapped shared or private.
-    File { path: PathBuf, shared: bool },
+    /// A file (on tmpfs or hugetlbfs), mapped shared or private, from byte
+    /// `offset` on (a snapshot's pages region; 0 for a template's memory).
+    File {
+        path: PathBuf,
+        shared: bool,
+        #[serde(default)]
+        offset: u64,
+    },
 }
 
 /// Everything a driver needs to launch one VM.
@@ -143,6 +149,19 @@ pub trait VirtualMachine {
     /// Loads device state saved by `save` into a VM launched with
     /// `incoming`, whose memory maps the saved memory file, and resumes it.
     async fn restore(&mut self, state: &std::path::Path) -> Result<(), HypervisorError>;
+    /// Pauses the VM and writes all of it, memory included, to the new file
+    /// `memory` (QEMU's mapped-ram layout: every page at a fixed offset,
+    /// zero pages left as holes), synced before it returns. The VM then
+    /// runs on with `leave_running`, else stays paused.
+    async fn snapshot(
+        &mut self,
+        memory: &std::path::Path,
+        leave_running: bool,
+    ) -> Result<(), HypervisorError>;
+    /// Loads `state` (a snapshot's companion, `mapped_ram::companion`) into
+    /// a VM launched `incoming` whose memory maps the snapshot's pages, and
+    /// resumes it.
+    async fn restore_snapshot(&mut self, state: &std::path::Path) -> Result<(), HypervisorError>;
 }
 
 /// A VMM that can launch VMs.

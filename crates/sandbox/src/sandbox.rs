@@ -14,7 +14,7 @@ use crate::agent::{self, AgentClient, AgentError};
 use crate::assets::GuestAssets;
 use crate::state::StateDir;
 use crate::supervisor::{Handover, Request, Supervisor};
-use crate::template::{Template, ROOTFS_TAG};
+use crate::template::{Template, TemplateMeta, ROOTFS_TAG};
 use crate::SandboxError;
 
 pub const MIN_MEMORY_MIB: u64 = 64;
@@ -169,6 +169,8 @@ pub struct Sandbox {
     remote_share: bool,
     /// The VM has a block root's disks (`IMAGE_SERIAL`, `LAYER_SERIAL`).
     block_root: bool,
+    /// What a snapshot of it is; none for a pool's VM (made elsewhere).
+    origin: Option<TemplateMeta>,
 }
 
 /// A VM a pool hands over: its supervisor's connection, and who it is.
@@ -310,6 +312,8 @@ pub fn jail_enabled() -> bool {
 }
 
 struct Launched {
+    /// What a snapshot of this VM is (its name aside).
+    origin: TemplateMeta,
     vm: Supervisor,
     client: AgentClient,
     hangup: agent::HangUp,
@@ -350,12 +354,16 @@ async fn launch(
                 config.nics.len()
             )));
         }
+        if t.meta.snapshot {
+            t.check_state()?;
+        }
         (vmc.memory_mib, vmc.vcpus, _, vmc.accel) = t.shape();
         vmc.kernel = t.meta.kernel.clone();
         vmc.initrd = t.meta.initrd.clone();
         vmc.memory = MemoryBackend::File {
             path: t.memory(),
             shared: false,
+            offset: t.meta.memory_offset,
         };
         vmc.incoming = true;
         vmc.nic_hubs = t.meta.nic_hubs;
@@ -365,7 +373,9 @@ async fn launch(
         vmc.disks = Vec::new();
         if let Some(b) = &t.meta.block_root {
             make_overlay(&t.layer(), true, &dir.file(LAYER_FILE))?;
-            vmc.disks = b.disks(&[t.layer(), dir.file(LAYER_FILE)]);
+            let mut chain = t.meta.base_layers.clone();
+            chain.extend([t.layer(), dir.file(LAYER_FILE)]);
+            vmc.disks = b.disks(&chain);
         }
     } else if let Some(b) = &config.block_root {
         make_overlay(&b.empty, false, &dir.file(LAYER_FILE))?;
@@ -375,7 +385,10 @@ async fn launch(
     dir.record_vmm_pid(vm.pid);
     let ready = async {
         if let Some(t) = template {
-            let restore = Request::Restore { state: t.state() };
+            let restore = match t.meta.snapshot {
+                true => Request::RestoreSnapshot { state: t.state() },
+                false => Request::Restore { state: t.state() },
+            };
             vm.ask(&restore, &[], RESTORE_WAIT).await.map_err(|e| {
                 SandboxError::Invalid(format!("{e}: {}", tail(&vmc.vmm_log, 3).replace('\n', " ")))
             })?;
@@ -401,8 +414,36 @@ async fn launch(
         Ok::<_, SandboxError>((client, version, vmm_ready, hangup))
     }
     .await;
+    let origin = TemplateMeta {
+        name: String::new(),
+        memory_mib: vmc.memory_mib,
+        vcpus: vmc.vcpus,
+        kernel: vmc.kernel.clone(),
+        initrd: vmc.initrd.clone(),
+        accel: vmc.accel.to_string(),
+        created_unix: 0,
+        nics: vmc.nics.len(),
+        nic_hubs: vmc.nic_hubs,
+        block_root: template
+            .and_then(|t| t.meta.block_root.clone())
+            .or(config.block_root.clone()),
+        // The layers under this VM's own (which a snapshot takes).
+        base_layers: match template {
+            Some(t) if t.meta.block_root.is_some() => {
+                let mut chain = t.meta.base_layers.clone();
+                chain.push(t.layer());
+                chain
+            }
+            _ => Vec::new(),
+        },
+        memory_offset: 0,
+        memory_bytes: 0,
+        snapshot: false,
+        state_sha256: None,
+    };
     match ready {
         Ok((client, version, vmm_ready, hangup)) => Ok(Launched {
+            origin,
             vm,
             client,
             hangup,
@@ -499,6 +540,7 @@ impl Sandbox {
             nics: config.nics.len(),
             remote_share: false,
             block_root: config.block_root.is_some(),
+            origin: Some(l.origin),
         })
     }
 
@@ -523,6 +565,7 @@ impl Sandbox {
             nics: vm.nics,
             remote_share: true,
             block_root: false,
+            origin: None,
         })
     }
 
@@ -674,6 +717,55 @@ impl Sandbox {
             _ => String::from("(in its pool's directory)"),
         };
         Some(format!("VM exited ({status}); console: {console}"))
+    }
+
+    /// Saves the whole VM as template `name` under `root` (see
+    /// `Template::from_sandbox`): it then ends with `leave_running` false,
+    /// else runs on. Its clones carry on from this moment.
+    pub async fn snapshot(
+        &mut self,
+        root: &Path,
+        name: &str,
+        leave_running: bool,
+    ) -> Result<Template, SandboxError> {
+        let Some(origin) = self.origin.clone() else {
+            return Err(SandboxError::Invalid(
+                "a pool's sandbox cannot be snapshotted (its VM's shape is the pool's)".into(),
+            ));
+        };
+        let layer = self.dir.as_ref().map(|d| d.file(LAYER_FILE));
+        let vm = &self.vm;
+        let made = crate::template::Template::from_sandbox(
+            root,
+            name,
+            origin,
+            layer.as_deref(),
+            |memory: PathBuf| async move {
+                let ask = Request::Snapshot {
+                    memory,
+                    leave_running: false,
+                };
+                vm.ask(&ask, &[], RESTORE_WAIT)
+                    .await
+                    .map(drop)
+                    .map_err(|e| {
+                        match e.to_string().contains("VirtFS") {
+                            // QEMU cannot save a VM whose guest holds 9p fids.
+                            true => SandboxError::Invalid(format!(
+                                "a sandbox whose root or volumes are shared over 9p \
+                             cannot be snapshotted (use an image's block root): {e}"
+                            )),
+                            false => e,
+                        }
+                    })
+            },
+        )
+        .await;
+        // A failed snapshot leaves the sandbox running as it was.
+        if leave_running || made.is_err() {
+            self.vm.ask(&Request::Resume, &[], VMM_WAIT).await?;
+        }
+        made
     }
 
     /// Stops the guest's vCPUs (a pool keeps its ready clones paused).

@@ -49,6 +49,23 @@ pub struct TemplateMeta {
     /// overlay of its own over it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block_root: Option<crate::BlockRoot>,
+    /// Read-only layers under this template's own (a snapshot of a clone
+    /// keeps its template's layers beneath the clone's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub base_layers: Vec<PathBuf>,
+    /// A snapshot of a running sandbox (`Sandbox::snapshot`): `memory` is
+    /// QEMU's mapped-ram file whose pages begin at `memory_offset`, and
+    /// `state` its companion.
+    #[serde(default)]
+    pub snapshot: bool,
+    #[serde(default)]
+    pub memory_offset: u64,
+    /// The memory file's length (snapshots), checked at every open.
+    #[serde(default)]
+    pub memory_bytes: u64,
+    /// SHA-256 of `state` (snapshots), checked at every open.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_sha256: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -77,6 +94,25 @@ fn valid_name(name: &str) -> Result<(), SandboxError> {
     }
 }
 
+/// For a new template `name`: the templates directory, the template's
+/// directory-to-be (which must not exist) and a fresh staging directory
+/// (`.NAME.PID`, which `collect_garbage` removes once its process is gone).
+fn staging(root: &Path, name: &str) -> Result<(PathBuf, PathBuf, PathBuf), SandboxError> {
+    valid_name(name)?;
+    let parent = templates(root);
+    fs::create_dir_all(&parent).map_err(io_err(format!("creating {}", parent.display())))?;
+    let dir = parent.join(name);
+    if dir.exists() {
+        return Err(SandboxError::Invalid(format!(
+            "template {name} already exists"
+        )));
+    }
+    let staging = parent.join(format!(".{name}.{}", std::process::id()));
+    let _ = fs::remove_dir_all(&staging);
+    fs::create_dir(&staging).map_err(io_err(format!("creating {}", staging.display())))?;
+    Ok((parent, dir, staging))
+}
+
 fn io_err(what: String) -> impl FnOnce(io::Error) -> SandboxError {
     move |e| SandboxError::Invalid(format!("{what}: {e}"))
 }
@@ -99,6 +135,22 @@ impl Template {
         self.meta.accel.parse().unwrap_or(Accel::Tcg)
     }
 
+    /// A snapshot's state file against its checksum (checked again at
+    /// every resume: a state altered since `open` is never loaded).
+    pub fn check_state(&self) -> Result<(), SandboxError> {
+        let name = &self.meta.name;
+        let corrupt =
+            |why: String| SandboxError::Invalid(format!("template {name} is unusable: {why}"));
+        let start = self.meta.memory_offset;
+        let hole = start..start + (self.meta.memory_mib << 20);
+        let sum =
+            sha256_file(&self.state(), hole).map_err(|e| corrupt(format!("state file: {e}")))?;
+        if Some(&sum) != self.meta.state_sha256.as_ref() {
+            return Err(corrupt("state file does not match its checksum".into()));
+        }
+        Ok(())
+    }
+
     /// Bytes on disk (memory file and device state).
     pub fn size(&self) -> u64 {
         [self.memory(), self.state()]
@@ -110,18 +162,8 @@ impl Template {
 
     /// Boots a VM to a ready agent, pauses it and saves it as template `name`.
     pub async fn create(config: SandboxConfig, name: &str) -> Result<Template, SandboxError> {
-        valid_name(name)?;
         config.validate()?;
-        let parent = templates(&config.root);
-        fs::create_dir_all(&parent).map_err(io_err(format!("creating {}", parent.display())))?;
-        let dir = parent.join(name);
-        if dir.exists() {
-            return Err(SandboxError::Invalid(format!(
-                "template {name} already exists"
-            )));
-        }
-        let staging = parent.join(format!(".{name}.{}", std::process::id()));
-        fs::create_dir(&staging).map_err(io_err(format!("creating {}", staging.display())))?;
+        let (_, dir, staging) = staging(&config.root, name)?;
         let result = Self::build(&config, name, &staging).await;
         let meta = match result {
             Ok(meta) => meta,
@@ -157,6 +199,7 @@ impl Template {
         vmc.memory = MemoryBackend::File {
             path: dir.join(MEMORY),
             shared: true,
+            offset: 0,
         };
         vmc.nic_hubs = true;
         if let Some(b) = &config.block_root {
@@ -197,6 +240,11 @@ impl Template {
             nics: config.nics.len(),
             nic_hubs: true,
             block_root: config.block_root.clone(),
+            base_layers: Vec::new(),
+            snapshot: false,
+            memory_offset: 0,
+            memory_bytes: 0,
+            state_sha256: None,
             created_unix: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -238,7 +286,32 @@ impl Template {
         let t = Template { dir, meta };
         let mem = fs::metadata(t.memory()).map_err(|e| corrupt(format!("memory file: {e}")))?;
         let expected = t.meta.memory_mib.checked_mul(1 << 20);
-        if Some(mem.len()) != expected {
+        if t.meta.snapshot {
+            let layout = hypervisor::qemu::mapped_ram::read_layout(
+                &t.memory(),
+                expected.unwrap_or_default(),
+            )
+            .map_err(|e| corrupt(format!("memory file: {e}")))?;
+            if mem.len() != t.meta.memory_bytes {
+                return Err(corrupt(format!(
+                    "memory file has {} bytes, {META} says {} (truncated or altered)",
+                    mem.len(),
+                    t.meta.memory_bytes
+                )));
+            }
+            if layout.pages_offset != t.meta.memory_offset {
+                return Err(corrupt(format!(
+                    "memory file's pages begin at {}, {META} says {}",
+                    layout.pages_offset, t.meta.memory_offset
+                )));
+            }
+            t.check_state()?;
+            for l in &t.meta.base_layers {
+                if !l.is_file() {
+                    return Err(corrupt(format!("its base layer {} is gone", l.display())));
+                }
+            }
+        } else if Some(mem.len()) != expected {
             return Err(corrupt(format!(
                 "memory file has {} bytes, expected {} MiB",
                 mem.len(),
@@ -250,6 +323,97 @@ impl Template {
             return Err(corrupt("state file is empty".into()));
         }
         Ok(t)
+    }
+
+    /// Saves a running sandbox as template `name` under `root`: `save`
+    /// writes the whole VM to the path it is given and leaves it paused;
+    /// then its writable layer (`layer`, with a block root) is copied, the
+    /// companion state written, everything synced and the directory renamed
+    /// into place. A failure leaves no trace under `templates/`.
+    pub(crate) async fn from_sandbox<F, Fut>(
+        root: &Path,
+        name: &str,
+        origin: TemplateMeta,
+        layer: Option<&Path>,
+        save: F,
+    ) -> Result<Template, SandboxError>
+    where
+        F: FnOnce(PathBuf) -> Fut,
+        Fut: std::future::Future<Output = Result<(), SandboxError>>,
+    {
+        let (parent, dir, staging) = staging(root, name)?;
+        let made = async {
+            save(staging.join(MEMORY)).await?;
+            let file_err = |what: &str| {
+                let what = what.to_string();
+                move |e: std::io::Error| SandboxError::Invalid(format!("snapshot {what}: {e}"))
+            };
+            let memory = staging.join(MEMORY);
+            let length = origin.memory_mib << 20;
+            let (layout, state) = {
+                let (m, st) = (memory.clone(), staging.join(STATE));
+                tokio::task::spawn_blocking(move || {
+                    let l = hypervisor::qemu::mapped_ram::read_layout(&m, length)?;
+                    hypervisor::qemu::mapped_ram::companion(&m, &l, &st)?;
+                    Ok::<_, hypervisor::qemu::mapped_ram::MappedRamError>((l, st))
+                })
+                .await
+                .map_err(|e| SandboxError::Invalid(e.to_string()))?
+                .map_err(|e| SandboxError::Invalid(format!("snapshot memory: {e}")))?
+            };
+            if origin.block_root.is_some() {
+                let from = layer.ok_or_else(|| {
+                    SandboxError::Invalid("the sandbox's writable layer is not ours".into())
+                })?;
+                let to = staging.join(crate::sandbox::LAYER_FILE);
+                fs::copy(from, &to).map_err(file_err("layer"))?;
+                fs::File::open(&to)
+                    .and_then(|f| f.sync_all())
+                    .map_err(file_err("layer"))?;
+            }
+            let meta = TemplateMeta {
+                name: name.into(),
+                snapshot: true,
+                memory_offset: layout.pages_offset,
+                memory_bytes: fs::metadata(&memory).map_err(file_err("memory"))?.len(),
+                state_sha256: Some(
+                    sha256_file(&state, layout.pages_offset..layout.pages_offset + length)
+                        .map_err(file_err("state"))?,
+                ),
+                created_unix: SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+                ..origin
+            };
+            let json = serde_json::to_vec_pretty(&meta)
+                .map_err(|e| SandboxError::Invalid(e.to_string()))?;
+            let meta_path = staging.join(META);
+            fs::write(&meta_path, json).map_err(file_err(META))?;
+            for f in [MEMORY, STATE, META, crate::sandbox::LAYER_FILE] {
+                let p = staging.join(f);
+                if !p.exists() {
+                    continue;
+                }
+                fs::File::open(&p)
+                    .and_then(|f| f.sync_all())
+                    .map_err(file_err(f))?;
+                fs::set_permissions(&p, fs::Permissions::from_mode(0o444)).map_err(file_err(f))?;
+            }
+            fs::rename(&staging, &dir).map_err(file_err("rename"))?;
+            fs::File::open(&parent)
+                .and_then(|d| d.sync_all())
+                .map_err(file_err("directory"))?;
+            Ok(Template {
+                dir: dir.clone(),
+                meta,
+            })
+        }
+        .await;
+        if made.is_err() {
+            let _ = fs::remove_dir_all(&staging);
+        }
+        made
     }
 
     /// Every template under `root`, with those that fail to open reported as errors.
@@ -313,6 +477,20 @@ impl Template {
     }
 }
 
+/// Lower-case hex SHA-256 of the file at `path` but its bytes `hole`
+/// (a snapshot companion's guest pages, never read: a hole of zeros).
+fn sha256_file(path: &Path, hole: std::ops::Range<u64>) -> io::Result<String> {
+    use io::{Read, Seek};
+    use sha2::Digest;
+    let mut f = fs::File::open(path)?;
+    let len = f.metadata()?.len();
+    let mut h = sha2::Sha256::new();
+    io::copy(&mut (&mut f).take(hole.start.min(len)), &mut h)?;
+    f.seek(io::SeekFrom::Start(hole.end.min(len)))?;
+    io::copy(&mut f, &mut h)?;
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -341,6 +519,11 @@ mod tests {
             nics: 0,
             nic_hubs: true,
             block_root: None,
+            base_layers: Vec::new(),
+            snapshot: false,
+            memory_offset: 0,
+            memory_bytes: 0,
+            state_sha256: None,
         };
         fs::write(dir.join(META), serde_json::to_vec(&meta).unwrap()).unwrap();
         fs::write(dir.join(MEMORY), vec![0u8; 1024]).unwrap();

@@ -59,10 +59,18 @@ pub fn args(config: &VmConfig, paths: &Paths, root: bool) -> Vec<String> {
     push(&["-m", &mem, "-smp", &config.vcpus.to_string()]);
     let backend = match &config.memory {
         MemoryBackend::Anonymous => format!("memory-backend-ram,id=mem,size={mem}"),
-        MemoryBackend::File { path, shared } => format!(
-            "memory-backend-file,id=mem,size={mem},mem-path={},share={}{}",
+        MemoryBackend::File {
+            path,
+            shared,
+            offset,
+        } => format!(
+            "memory-backend-file,id=mem,size={mem},mem-path={},share={}{}{}",
             escape(paths.memory.as_deref().unwrap_or(path)),
             if *shared { "on" } else { "off" },
+            match offset {
+                0 => String::new(),
+                o => format!(",offset={o}"),
+            },
             // QEMU 8.2: opened O_RDONLY, mapped copy-on-write.
             if paths.memory_readonly {
                 ",readonly=on,rom=off"
@@ -281,6 +289,7 @@ mod tests {
         c.memory = MemoryBackend::File {
             path: "/dev/shm/t".into(),
             shared: true,
+            offset: 0,
         };
         c.accel = Accel::Kvm;
         let line = qemu_args(&c).join(" ");
@@ -289,6 +298,14 @@ mod tests {
         assert!(!line.contains("-incoming"));
         c.incoming = true;
         assert!(qemu_args(&c).join(" ").ends_with("-incoming defer -S"));
+        c.memory = MemoryBackend::File {
+            path: "/s/memory".into(),
+            shared: false,
+            offset: 1 << 20,
+        };
+        assert!(qemu_args(&c)
+            .join(" ")
+            .contains("mem-path=/s/memory,share=off,offset=1048576"));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 mod cmdline;
 pub mod console;
+pub mod mapped_ram;
 pub mod qmp;
 
 use std::fs::File;
@@ -310,6 +311,74 @@ impl QemuVm {
             .map(drop)
     }
 
+    /// Hands QEMU `file` as fd set `set`, for a `file:/dev/fdset/N` URI
+    /// (mapped-ram needs a seekable file, which `fd:` is not taken for).
+    async fn fdset(&mut self, set: u32, file: &File) -> Result<String, HypervisorError> {
+        self.qmp
+            .execute_with_fd(
+                "add-fd",
+                Some(serde_json::json!({ "fdset-id": set })),
+                file.as_fd(),
+            )
+            .await?;
+        Ok(format!("file:/dev/fdset/{set}"))
+    }
+
+    async fn mapped_ram(&mut self) -> Result<(), HypervisorError> {
+        let caps =
+            serde_json::json!({"capabilities": [{"capability": "mapped-ram", "state": true}]});
+        self.qmp
+            .execute("migrate-set-capabilities", Some(caps))
+            .await
+            .map(drop)
+    }
+
+    /// Waits for the outgoing migration to end.
+    async fn migrated(&mut self, what: &str) -> Result<(), HypervisorError> {
+        let start = Instant::now();
+        loop {
+            let v = self.qmp.execute("query-migrate", None).await?;
+            match v.get("status").and_then(serde_json::Value::as_str) {
+                Some("completed") => return Ok(()),
+                Some("failed") | Some("cancelled") => {
+                    let why = v
+                        .get("error-desc")
+                        .and_then(serde_json::Value::as_str)
+                        .unwrap_or("no reason given");
+                    return Err(HypervisorError::Qmp(format!("{what} failed: {why}")));
+                }
+                _ if start.elapsed() > MIGRATION_WAIT => {
+                    return Err(HypervisorError::Qmp(format!("{what} did not complete")))
+                }
+                _ => tokio::time::sleep(Duration::from_millis(5)).await,
+            }
+        }
+    }
+
+    /// Waits for an incoming migration to leave the VM paused, and resumes it.
+    async fn loaded(&mut self) -> Result<(), HypervisorError> {
+        let start = Instant::now();
+        loop {
+            // A state QEMU cannot load makes it exit: report its words.
+            if let Some(status) = self.try_exit() {
+                return Err(HypervisorError::EarlyExit(format!(
+                    "{status} while loading the saved state"
+                )));
+            }
+            match self.qmp.status().await {
+                Ok(s) if s == "paused" => break,
+                Ok(_) | Err(_) if start.elapsed() > MIGRATION_WAIT => {
+                    return Err(HypervisorError::Qmp(
+                        "loading the saved state did not complete".into(),
+                    ))
+                }
+                Ok(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+                Err(e) => return Err(e),
+            }
+        }
+        self.qmp.execute("cont", None).await.map(drop)
+    }
+
     async fn ignore_shared(&mut self) -> Result<(), HypervisorError> {
         let caps =
             serde_json::json!({"capabilities": [{"capability": "x-ignore-shared", "state": true}]});
@@ -346,26 +415,7 @@ impl VirtualMachine for QemuVm {
         self.qmp
             .execute("migrate", Some(serde_json::json!({ "uri": uri })))
             .await?;
-        let start = Instant::now();
-        loop {
-            let v = self.qmp.execute("query-migrate", None).await?;
-            match v.get("status").and_then(serde_json::Value::as_str) {
-                Some("completed") => return Ok(()),
-                Some("failed") | Some("cancelled") => {
-                    let why = v
-                        .get("error-desc")
-                        .and_then(serde_json::Value::as_str)
-                        .unwrap_or("no reason given");
-                    return Err(HypervisorError::Qmp(format!("saving the VM failed: {why}")));
-                }
-                _ if start.elapsed() > MIGRATION_WAIT => {
-                    return Err(HypervisorError::Qmp(
-                        "saving the VM did not complete".into(),
-                    ))
-                }
-                _ => tokio::time::sleep(Duration::from_millis(5)).await,
-            }
-        }
+        self.migrated("saving the VM").await
     }
 
     async fn restore(&mut self, state: &Path) -> Result<(), HypervisorError> {
@@ -376,26 +426,57 @@ impl VirtualMachine for QemuVm {
         self.qmp
             .execute("migrate-incoming", Some(serde_json::json!({ "uri": uri })))
             .await?;
-        let start = Instant::now();
-        loop {
-            // A state QEMU cannot load makes it exit: report its words.
-            if let Some(status) = self.try_exit() {
-                return Err(HypervisorError::EarlyExit(format!(
-                    "{status} while loading the saved state"
-                )));
-            }
-            match self.qmp.status().await {
-                Ok(s) if s == "paused" => break,
-                Ok(_) | Err(_) if start.elapsed() > MIGRATION_WAIT => {
-                    return Err(HypervisorError::Qmp(
-                        "loading the saved state did not complete".into(),
-                    ))
-                }
-                Ok(_) => tokio::time::sleep(Duration::from_millis(2)).await,
-                Err(e) => return Err(e),
-            }
+        self.loaded().await
+    }
+
+    async fn snapshot(
+        &mut self,
+        memory: &Path,
+        leave_running: bool,
+    ) -> Result<(), HypervisorError> {
+        self.qmp.execute("stop", None).await?;
+        let taken = async {
+            self.mapped_ram().await?;
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(memory)
+                .map_err(HypervisorError::QmpIo)?;
+            let uri = self.fdset(1, &file).await?;
+            self.qmp
+                .execute("migrate", Some(serde_json::json!({ "uri": uri })))
+                .await?;
+            self.migrated("writing the snapshot").await?;
+            file.sync_all().map_err(HypervisorError::QmpIo)
         }
-        self.qmp.execute("cont", None).await.map(drop)
+        .await;
+        // Mapped-ram stays on for no later migration (a template's save).
+        let caps =
+            serde_json::json!({"capabilities": [{"capability": "mapped-ram", "state": false}]});
+        let _ = self
+            .qmp
+            .execute("migrate-set-capabilities", Some(caps))
+            .await;
+        let _ = self
+            .qmp
+            .execute("remove-fd", Some(serde_json::json!({ "fdset-id": 1 })))
+            .await;
+        // A failed snapshot leaves the VM as it was: running.
+        if leave_running || taken.is_err() {
+            self.qmp.execute("cont", None).await?;
+        }
+        taken
+    }
+
+    async fn restore_snapshot(&mut self, state: &Path) -> Result<(), HypervisorError> {
+        self.mapped_ram().await?;
+        let file = File::open(state).map_err(HypervisorError::QmpIo)?;
+        let uri = self.fdset(2, &file).await?;
+        drop(file);
+        self.qmp
+            .execute("migrate-incoming", Some(serde_json::json!({ "uri": uri })))
+            .await?;
+        self.loaded().await
     }
 
     async fn stop(&mut self, grace: Duration) {

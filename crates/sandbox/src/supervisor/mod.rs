@@ -89,6 +89,17 @@ pub enum Request {
     Restore {
         state: PathBuf,
     },
+    /// Write the whole VM, memory included, to the new file `memory`
+    /// (`VirtualMachine::snapshot`); it runs on with `leave_running`.
+    Snapshot {
+        memory: PathBuf,
+        leave_running: bool,
+    },
+    /// Load a snapshot's companion state into a VM launched `incoming`
+    /// whose memory maps the snapshot's pages.
+    RestoreSnapshot {
+        state: PathBuf,
+    },
     Pause,
     Resume,
     /// Join the tap device the message carries to NIC `index`.

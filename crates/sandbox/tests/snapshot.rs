@@ -1,0 +1,328 @@
+//! Snapshots of running sandboxes, against real VMs: a sandbox on an
+//! image's block root is saved whole while its process counts, runs on,
+//! and two forks carry on from the snapshot with memory and disk of their
+//! own. A truncated or altered snapshot is refused; a 9p-rooted sandbox
+//! cannot be saved and keeps running.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use agent_proto::{
+    ContainerRequest, CreateContainerRequest, ExecProcessRequest, OutputStream, Process,
+    ProcessRequest,
+};
+use hypervisor::{HostVirt, Share};
+use podvisor_sandbox::agent::AgentClient;
+use podvisor_sandbox::assets::GuestAssets;
+use podvisor_sandbox::template::Template;
+use podvisor_sandbox::{BlockRoot, Sandbox, SandboxConfig, IMAGE_SERIAL, LAYER_SERIAL};
+use test_utils::{build_dir, busybox_rootfs, StateRoot};
+
+const COUNTER: &str =
+    "i=0; echo parent > /who; while :; do i=$((i+1)); echo $i > /count; sleep 0.1; done";
+
+fn mkfs(image: &Path, tree: Option<&Path>) {
+    let mut cmd = Command::new("mkfs.ext4");
+    cmd.args(["-q", "-F", "-O", "^has_journal", "-E", "root_owner=0:0"]);
+    if let Some(t) = tree {
+        cmd.arg("-d").arg(t);
+    }
+    let out = cmd
+        .arg(image)
+        .arg("64M")
+        .output()
+        .expect("mkfs.ext4 (e2fsprogs)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn config(root: &StateRoot, id: &str) -> SandboxConfig {
+    let dir = build_dir();
+    SandboxConfig {
+        cpu_millis: None,
+        cgroup: None,
+        id: id.into(),
+        root: root.path.clone(),
+        memory_mib: 256,
+        vcpus: 1,
+        assets: GuestAssets {
+            kernel: dir.join("vmlinux"),
+            initrd: dir.join("podvisor-initrd.cpio"),
+        },
+        accel: HostVirt::detect().default_accel(),
+        nics: Vec::new(),
+        shares: Vec::new(),
+        hostname: id.into(),
+        boot_timeout: Duration::from_secs(120),
+        template: None,
+        block_root: None,
+    }
+}
+
+fn process(script: &str) -> Process {
+    Process {
+        args: vec!["sh".into(), "-c".into(), script.into()],
+        env: vec!["PATH=/bin:/sbin:/usr/bin".into()],
+        cwd: "/".into(),
+        ..Default::default()
+    }
+}
+
+/// Runs `script` in container `c`: (exit code, stdout).
+async fn sh(c: &AgentClient, eid: &str, script: &str) -> (i32, String) {
+    let mut c = c.clone();
+    c.exec_process(ExecProcessRequest {
+        container_id: "c".into(),
+        exec_id: eid.into(),
+        process: Some(process(script)),
+    })
+    .await
+    .unwrap_or_else(|s| panic!("exec {eid}: {}", s.message()));
+    let mut stream = c
+        .read_output(agent_proto::ReadOutputRequest {
+            container_id: "c".into(),
+            exec_id: eid.into(),
+            stream: OutputStream::Stdout as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.message().await.unwrap() {
+        out.extend_from_slice(&chunk.data);
+    }
+    let status = c
+        .wait_process(ProcessRequest {
+            container_id: "c".into(),
+            exec_id: eid.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (
+        status.exit_code,
+        String::from_utf8_lossy(&out).trim().to_string(),
+    )
+}
+
+async fn count(c: &AgentClient, eid: &str) -> u64 {
+    let (code, out) = sh(c, eid, "cat /count").await;
+    assert_eq!(code, 0, "{out}");
+    out.parse().unwrap_or_else(|_| panic!("count {out:?}"))
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_running_sandbox_is_snapshotted_and_forked_with_its_memory_and_disk() {
+    let root = StateRoot::new("snapshot");
+    let disks = root.path.join("disks");
+    std::fs::create_dir_all(&disks).unwrap();
+    let (image, empty) = (disks.join("root.ext4"), disks.join("empty.ext4"));
+    mkfs(&image, Some(&busybox_rootfs()));
+    mkfs(&empty, None);
+    let block = BlockRoot { image, empty };
+
+    let mut parent = Sandbox::start(SandboxConfig {
+        block_root: Some(block.clone()),
+        ..config(&root, "parent")
+    })
+    .await
+    .expect("the parent starts");
+    let pa = parent.agent.clone();
+    pa.clone()
+        .create_container(CreateContainerRequest {
+            container_id: "c".into(),
+            hostname: "parent".into(),
+            process: Some(process(COUNTER)),
+            block_root: Some(agent_proto::BlockRoot {
+                image_serial: IMAGE_SERIAL.into(),
+                layer_serial: LAYER_SERIAL.into(),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    pa.clone()
+        .start_container(ContainerRequest {
+            container_id: "c".into(),
+        })
+        .await
+        .unwrap();
+    let mut n = 0;
+    for i in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (_, out) = sh(&pa, &format!("w{i}"), "cat /count 2>/dev/null").await;
+        n = out.parse().unwrap_or(0);
+        if n >= 3 {
+            break;
+        }
+    }
+    assert!(n >= 3, "the counter never ran");
+
+    // Saved whole, the parent running on.
+    let t0 = std::time::Instant::now();
+    let snap = parent
+        .snapshot(&root.path, "snap", true)
+        .await
+        .expect("snapshot");
+    eprintln!(
+        "snapshot of a 256 MiB guest: {} ms",
+        t0.elapsed().as_millis()
+    );
+    assert!(snap.meta.snapshot && snap.meta.memory_offset.is_multiple_of(4096));
+    let at_snapshot = count(&pa, "p1").await;
+    assert!(
+        at_snapshot >= n,
+        "parent's count went back: {at_snapshot} < {n}"
+    );
+
+    // Two forks: each carries on from the snapshot's count (not from 1),
+    // then writes its own file, which no one else sees.
+    let mut forks = Vec::new();
+    for id in ["fork1", "fork2"] {
+        let t = Template::open(&root.path, "snap").expect("the snapshot opens");
+        let t0 = std::time::Instant::now();
+        let f = Sandbox::start(SandboxConfig {
+            template: Some(t),
+            ..config(&root, id)
+        })
+        .await
+        .expect("a fork starts");
+        assert!(f.fallback.is_none(), "{:?}", f.fallback);
+        assert_eq!(f.cloned_from.as_deref(), Some("snap"));
+        eprintln!("{id} ready in {} ms", t0.elapsed().as_millis());
+        forks.push(f);
+    }
+    for (i, f) in forks.iter().enumerate() {
+        let first = count(&f.agent, "f1").await;
+        assert!(first >= n, "fork {i} restarted its count: {first} < {n}");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let later = count(&f.agent, "f2").await;
+        assert!(later > first, "fork {i}'s process is not running");
+        let (_, who) = sh(&f.agent, "f3", "cat /who").await;
+        assert_eq!(who, "parent");
+        let (code, _) = sh(&f.agent, "f4", &format!("echo {i} > /mine")).await;
+        assert_eq!(code, 0);
+    }
+    let mut random = Vec::new();
+    for (i, f) in forks.iter().enumerate() {
+        let (_, mine) = sh(&f.agent, "f5", "cat /mine").await;
+        assert_eq!(mine, i.to_string(), "fork {i} reads another's write");
+        // Reseeded at resume: the forks' random streams differ.
+        let (_, r) = sh(&f.agent, "f6", "head -c 16 /dev/urandom | od -An -tx1").await;
+        random.push(r);
+    }
+    assert_ne!(random[0], random[1], "two forks share their random state");
+    let (code, _) = sh(&pa, "p2", "test -e /mine").await;
+    assert_ne!(code, 0, "the parent sees a fork's write");
+    assert!(count(&pa, "p3").await > at_snapshot, "the parent stopped");
+
+    // A snapshot that is not whole is refused.
+    let memory = snap.memory();
+    let len = std::fs::metadata(&memory).unwrap().len();
+    let keep = root.path.join("memory.whole");
+    std::fs::copy(&memory, &keep).unwrap();
+    let set_len = |p: &PathBuf, l: u64| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_len(l)
+            .unwrap();
+    };
+    for cut in [len - 4096, snap.meta.memory_offset + (1 << 20)] {
+        set_len(&memory, cut);
+        let e = Template::open(&root.path, "snap").unwrap_err().to_string();
+        assert!(e.contains("truncated"), "{e}");
+    }
+    std::fs::rename(&keep, &memory).unwrap();
+    let state = snap.state();
+    let mut bytes = std::fs::read(&state).unwrap();
+    let last = bytes.len() - 10;
+    bytes[last] ^= 0xff;
+    set_len(&state, 0);
+    std::fs::write(&state, &bytes).unwrap();
+    let e = Template::open(&root.path, "snap").unwrap_err().to_string();
+    assert!(e.contains("checksum"), "{e}");
+    let damaged = Template {
+        dir: snap.dir.clone(),
+        meta: snap.meta.clone(),
+    };
+    let f = Sandbox::start(SandboxConfig {
+        template: Some(damaged),
+        ..config(&root, "fork3")
+    })
+    .await;
+    // Either refused or booted cold: never half-resumed from it.
+    if let Ok(f) = f {
+        assert!(f.fallback.is_some(), "a damaged snapshot was resumed");
+        f.destroy().await;
+    }
+
+    for f in forks {
+        f.destroy().await;
+    }
+    parent.destroy().await;
+    Template::remove(&root.path, "snap").unwrap();
+    assert!(
+        !root
+            .path
+            .join("templates")
+            .read_dir()
+            .unwrap()
+            .any(|_| true),
+        "snapshot left files behind"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_sandbox_rooted_on_9p_is_refused_and_keeps_running() {
+    let root = StateRoot::new("snapshot-9p");
+    let mut sb = Sandbox::start(SandboxConfig {
+        shares: vec![Share {
+            tag: "rootfs".into(),
+            path: busybox_rootfs(),
+            readonly: true,
+        }],
+        ..config(&root, "ninep")
+    })
+    .await
+    .expect("starts");
+    let a = sb.agent.clone();
+    a.clone()
+        .create_container(CreateContainerRequest {
+            container_id: "c".into(),
+            rootfs_tag: "rootfs".into(),
+            rootfs_overlay: true,
+            hostname: "ninep".into(),
+            process: Some(process("while :; do sleep 1; done")),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    a.clone()
+        .start_container(ContainerRequest {
+            container_id: "c".into(),
+        })
+        .await
+        .unwrap();
+    let e = sb
+        .snapshot(&root.path, "nope", false)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("9p"), "{e}");
+    let (code, out) = sh(&a, "e1", "echo alive").await;
+    assert_eq!((code, out.as_str()), (0, "alive"));
+    assert!(Template::open(&root.path, "nope").is_err());
+    let left: Vec<_> = std::fs::read_dir(root.path.join("templates"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "a failed snapshot left {left:?}");
+    sb.destroy().await;
+}
