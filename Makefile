@@ -74,6 +74,7 @@ bench: build
 	bench/jail.py
 	bench/image.py
 	bench/podvisord.py
+	bench/snapshot.py
 
 # Every benchmark once, small (one run each): CI runs it so that a change that
 # breaks a benchmark cannot land. Its numbers are no measurement.
@@ -85,6 +86,7 @@ bench-quick: build
 	bench/jail.py --quick
 	bench/image.py --quick
 	bench/podvisord.py --quick
+	bench/snapshot.py --quick
 
 install: build
 	install -D -m 0755 $(OUT)/podvisor /usr/local/bin/podvisor
