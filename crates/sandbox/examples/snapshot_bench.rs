@@ -5,68 +5,18 @@
 //! snapshot_bench MEMORY_MIB TOUCH_MIB FORKS
 
 use std::path::Path;
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use agent_proto::{
-    ContainerRequest, CreateContainerRequest, ExecProcessRequest, Process, ProcessRequest,
-};
+use agent_proto::{ContainerRequest, CreateContainerRequest, ExecProcessRequest, ProcessRequest};
 use hypervisor::HostVirt;
 use podvisor_sandbox::agent::AgentClient;
-use podvisor_sandbox::assets::GuestAssets;
 use podvisor_sandbox::template::Template;
 use podvisor_sandbox::{BlockRoot, Sandbox, SandboxConfig, IMAGE_SERIAL, LAYER_SERIAL};
-use test_utils::{build_dir, busybox_rootfs, StateRoot};
+use test_utils::{busybox_rootfs, StateRoot};
 
-fn mkfs(image: &Path, tree: Option<&Path>) {
-    let mut cmd = Command::new("mkfs.ext4");
-    cmd.args(["-q", "-F", "-O", "^has_journal", "-E", "root_owner=0:0"]);
-    if let Some(t) = tree {
-        cmd.arg("-d").arg(t);
-    }
-    let out = cmd
-        .arg(image)
-        .arg("64M")
-        .output()
-        .expect("mkfs.ext4 (e2fsprogs)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn config(root: &StateRoot, id: &str, memory_mib: u64) -> SandboxConfig {
-    let dir = build_dir();
-    SandboxConfig {
-        cpu_millis: None,
-        cgroup: None,
-        id: id.into(),
-        root: root.path.clone(),
-        memory_mib,
-        vcpus: 1,
-        assets: GuestAssets {
-            kernel: dir.join("vmlinux"),
-            initrd: dir.join("podvisor-initrd.cpio"),
-        },
-        accel: HostVirt::detect().default_accel(),
-        nics: Vec::new(),
-        shares: Vec::new(),
-        hostname: id.into(),
-        boot_timeout: Duration::from_secs(120),
-        template: None,
-        block_root: None,
-    }
-}
-
-fn process(script: &str) -> Process {
-    Process {
-        args: vec!["sh".into(), "-c".into(), script.into()],
-        env: vec!["PATH=/bin:/sbin:/usr/bin".into()],
-        cwd: "/".into(),
-        ..Default::default()
-    }
-}
+#[path = "../tests/common/snapshot_vm.rs"]
+mod snapshot_vm;
+use snapshot_vm::{config, mkfs, process};
 
 async fn sh(c: &AgentClient, eid: &str, script: &str) -> i32 {
     let mut c = c.clone();

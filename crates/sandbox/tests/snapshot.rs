@@ -4,73 +4,27 @@
 //! own. A truncated or altered snapshot is refused; a 9p-rooted sandbox
 //! cannot be saved and keeps running.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use agent_proto::{
-    ContainerRequest, CreateContainerRequest, ExecProcessRequest, OutputStream, Process,
-    ProcessRequest,
+    ContainerRequest, CreateContainerRequest, ExecProcessRequest, OutputStream, ProcessRequest,
 };
-use hypervisor::{HostVirt, Share};
+use hypervisor::Share;
 use podvisor_sandbox::agent::AgentClient;
-use podvisor_sandbox::assets::GuestAssets;
 use podvisor_sandbox::template::Template;
 use podvisor_sandbox::{BlockRoot, Sandbox, SandboxConfig, IMAGE_SERIAL, LAYER_SERIAL};
-use test_utils::{build_dir, busybox_rootfs, StateRoot};
+use test_utils::{busybox_rootfs, StateRoot};
+
+mod common;
+use common::snapshot_vm::{config as config_mib, mkfs, process};
+
+fn config(root: &StateRoot, id: &str) -> SandboxConfig {
+    config_mib(root, id, 256)
+}
 
 const COUNTER: &str =
     "i=0; echo parent > /who; while :; do i=$((i+1)); echo $i > /count; sleep 0.1; done";
-
-fn mkfs(image: &Path, tree: Option<&Path>) {
-    let mut cmd = Command::new("mkfs.ext4");
-    cmd.args(["-q", "-F", "-O", "^has_journal", "-E", "root_owner=0:0"]);
-    if let Some(t) = tree {
-        cmd.arg("-d").arg(t);
-    }
-    let out = cmd
-        .arg(image)
-        .arg("64M")
-        .output()
-        .expect("mkfs.ext4 (e2fsprogs)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn config(root: &StateRoot, id: &str) -> SandboxConfig {
-    let dir = build_dir();
-    SandboxConfig {
-        cpu_millis: None,
-        cgroup: None,
-        id: id.into(),
-        root: root.path.clone(),
-        memory_mib: 256,
-        vcpus: 1,
-        assets: GuestAssets {
-            kernel: dir.join("vmlinux"),
-            initrd: dir.join("podvisor-initrd.cpio"),
-        },
-        accel: HostVirt::detect().default_accel(),
-        nics: Vec::new(),
-        shares: Vec::new(),
-        hostname: id.into(),
-        boot_timeout: Duration::from_secs(120),
-        template: None,
-        block_root: None,
-    }
-}
-
-fn process(script: &str) -> Process {
-    Process {
-        args: vec!["sh".into(), "-c".into(), script.into()],
-        env: vec!["PATH=/bin:/sbin:/usr/bin".into()],
-        cwd: "/".into(),
-        ..Default::default()
-    }
-}
 
 /// Runs `script` in container `c`: (exit code, stdout).
 async fn sh(c: &AgentClient, eid: &str, script: &str) -> (i32, String) {
