@@ -151,13 +151,9 @@ pub trait VirtualMachine {
     async fn restore(&mut self, state: &std::path::Path) -> Result<(), HypervisorError>;
     /// Pauses the VM and writes all of it, memory included, to the new file
     /// `memory` (QEMU's mapped-ram layout: every page at a fixed offset,
-    /// zero pages left as holes), synced before it returns. The VM then
-    /// runs on with `leave_running`, else stays paused.
-    async fn snapshot(
-        &mut self,
-        memory: &std::path::Path,
-        leave_running: bool,
-    ) -> Result<(), HypervisorError>;
+    /// zero pages left as holes), synced before it returns. The VM stays
+    /// paused, whether or not it succeeded: its caller resumes it.
+    async fn snapshot(&mut self, memory: &std::path::Path) -> Result<(), HypervisorError>;
     /// Loads `state` (a snapshot's companion, `mapped_ram::companion`) into
     /// a VM launched `incoming` whose memory maps the snapshot's pages, and
     /// resumes it.

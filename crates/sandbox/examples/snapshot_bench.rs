@@ -7,35 +7,14 @@
 use std::path::Path;
 use std::time::Instant;
 
-use agent_proto::{ContainerRequest, CreateContainerRequest, ExecProcessRequest, ProcessRequest};
 use hypervisor::HostVirt;
-use podvisor_sandbox::agent::AgentClient;
 use podvisor_sandbox::template::Template;
-use podvisor_sandbox::{BlockRoot, Sandbox, SandboxConfig, IMAGE_SERIAL, LAYER_SERIAL};
-use test_utils::{busybox_rootfs, StateRoot};
+use podvisor_sandbox::{Sandbox, SandboxConfig};
+use test_utils::StateRoot;
 
 #[path = "../tests/common/snapshot_vm.rs"]
 mod snapshot_vm;
-use snapshot_vm::{config, mkfs, process};
-
-async fn sh(c: &AgentClient, eid: &str, script: &str) -> i32 {
-    let mut c = c.clone();
-    c.exec_process(ExecProcessRequest {
-        container_id: "c".into(),
-        exec_id: eid.into(),
-        process: Some(process(script)),
-    })
-    .await
-    .unwrap_or_else(|s| panic!("exec {eid}: {}", s.message()));
-    c.wait_process(ProcessRequest {
-        container_id: "c".into(),
-        exec_id: eid.into(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .exit_code
-}
+use snapshot_vm::{config, sh, start_parent};
 
 /// The VMM's proportional set size, in KiB.
 fn pss_kib(pid: u32) -> u64 {
@@ -57,44 +36,15 @@ async fn main() {
         panic!("usage: snapshot_bench MEMORY_MIB TOUCH_MIB FORKS");
     };
     let root = StateRoot::new("snapshot-bench");
-    let disks = root.path.join("disks");
-    std::fs::create_dir_all(&disks).unwrap();
-    let (image, empty) = (disks.join("root.ext4"), disks.join("empty.ext4"));
-    mkfs(&image, Some(&busybox_rootfs()));
-    mkfs(&empty, None);
-    let mut parent = Sandbox::start(SandboxConfig {
-        block_root: Some(BlockRoot { image, empty }),
-        ..config(&root, "parent", memory)
-    })
-    .await
-    .expect("the parent starts");
+    let mut parent = start_parent(&root, memory, "while :; do sleep 1; done").await;
     let a = parent.agent.clone();
-    a.clone()
-        .create_container(CreateContainerRequest {
-            container_id: "c".into(),
-            hostname: "parent".into(),
-            process: Some(process("while :; do sleep 1; done")),
-            block_root: Some(agent_proto::BlockRoot {
-                image_serial: IMAGE_SERIAL.into(),
-                layer_serial: LAYER_SERIAL.into(),
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    a.clone()
-        .start_container(ContainerRequest {
-            container_id: "c".into(),
-        })
-        .await
-        .unwrap();
     // Guest memory touched: random bytes in a tmpfs of the guest.
     let fill = format!(
         "mkdir -p /fill && mount -t tmpfs -o size={}m fill /fill && \
          head -c {touch}m /dev/urandom > /fill/bytes",
         touch + 8
     );
-    assert_eq!(sh(&a, "fill", &fill).await, 0, "filling guest memory");
+    assert_eq!(sh(&a, "fill", &fill).await.0, 0, "filling guest memory");
     let parent_pss = pss_kib(parent.vmm_pid());
 
     let t0 = Instant::now();
@@ -122,7 +72,7 @@ async fn main() {
     .await
     .expect("resume");
     assert!(resumed.fallback.is_none(), "{:?}", resumed.fallback);
-    assert_eq!(sh(&resumed.agent, "first", "true").await, 0);
+    assert_eq!(sh(&resumed.agent, "first", "true").await.0, 0);
     let resume_ms = t0.elapsed().as_secs_f64() * 1e3;
     assert_eq!(
         sh(
@@ -130,7 +80,8 @@ async fn main() {
             "check",
             &format!("test $(wc -c < /fill/bytes) -eq {}", touch << 20)
         )
-        .await,
+        .await
+        .0,
         0,
         "the touched memory did not survive"
     );
@@ -146,7 +97,7 @@ async fn main() {
         })
         .await
         .expect("fork");
-        assert_eq!(sh(&f.agent, "ready", "true").await, 0);
+        assert_eq!(sh(&f.agent, "ready", "true").await.0, 0);
         alive.push(f);
     }
     let forks_ms = t0.elapsed().as_secs_f64() * 1e3;

@@ -741,10 +741,7 @@ impl Sandbox {
             origin,
             layer.as_deref(),
             |memory: PathBuf| async move {
-                let ask = Request::Snapshot {
-                    memory,
-                    leave_running: false,
-                };
+                let ask = Request::Snapshot { memory };
                 vm.ask(&ask, &[], RESTORE_WAIT)
                     .await
                     .map(drop)

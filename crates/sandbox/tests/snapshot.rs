@@ -7,17 +7,15 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use agent_proto::{
-    ContainerRequest, CreateContainerRequest, ExecProcessRequest, OutputStream, ProcessRequest,
-};
+use agent_proto::{ContainerRequest, CreateContainerRequest};
 use hypervisor::Share;
 use podvisor_sandbox::agent::AgentClient;
 use podvisor_sandbox::template::Template;
-use podvisor_sandbox::{BlockRoot, Sandbox, SandboxConfig, IMAGE_SERIAL, LAYER_SERIAL};
+use podvisor_sandbox::{Sandbox, SandboxConfig};
 use test_utils::{busybox_rootfs, StateRoot};
 
 mod common;
-use common::snapshot_vm::{config as config_mib, mkfs, process};
+use common::snapshot_vm::{config as config_mib, process, sh, start_parent};
 
 fn config(root: &StateRoot, id: &str) -> SandboxConfig {
     config_mib(root, id, 256)
@@ -25,43 +23,6 @@ fn config(root: &StateRoot, id: &str) -> SandboxConfig {
 
 const COUNTER: &str =
     "i=0; echo parent > /who; while :; do i=$((i+1)); echo $i > /count; sleep 0.1; done";
-
-/// Runs `script` in container `c`: (exit code, stdout).
-async fn sh(c: &AgentClient, eid: &str, script: &str) -> (i32, String) {
-    let mut c = c.clone();
-    c.exec_process(ExecProcessRequest {
-        container_id: "c".into(),
-        exec_id: eid.into(),
-        process: Some(process(script)),
-    })
-    .await
-    .unwrap_or_else(|s| panic!("exec {eid}: {}", s.message()));
-    let mut stream = c
-        .read_output(agent_proto::ReadOutputRequest {
-            container_id: "c".into(),
-            exec_id: eid.into(),
-            stream: OutputStream::Stdout as i32,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(chunk) = stream.message().await.unwrap() {
-        out.extend_from_slice(&chunk.data);
-    }
-    let status = c
-        .wait_process(ProcessRequest {
-            container_id: "c".into(),
-            exec_id: eid.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    (
-        status.exit_code,
-        String::from_utf8_lossy(&out).trim().to_string(),
-    )
-}
 
 async fn count(c: &AgentClient, eid: &str) -> u64 {
     let (code, out) = sh(c, eid, "cat /count").await;
@@ -72,39 +33,8 @@ async fn count(c: &AgentClient, eid: &str) -> u64 {
 #[tokio::test(flavor = "current_thread")]
 async fn a_running_sandbox_is_snapshotted_and_forked_with_its_memory_and_disk() {
     let root = StateRoot::new("snapshot");
-    let disks = root.path.join("disks");
-    std::fs::create_dir_all(&disks).unwrap();
-    let (image, empty) = (disks.join("root.ext4"), disks.join("empty.ext4"));
-    mkfs(&image, Some(&busybox_rootfs()));
-    mkfs(&empty, None);
-    let block = BlockRoot { image, empty };
-
-    let mut parent = Sandbox::start(SandboxConfig {
-        block_root: Some(block.clone()),
-        ..config(&root, "parent")
-    })
-    .await
-    .expect("the parent starts");
+    let mut parent = start_parent(&root, 256, COUNTER).await;
     let pa = parent.agent.clone();
-    pa.clone()
-        .create_container(CreateContainerRequest {
-            container_id: "c".into(),
-            hostname: "parent".into(),
-            process: Some(process(COUNTER)),
-            block_root: Some(agent_proto::BlockRoot {
-                image_serial: IMAGE_SERIAL.into(),
-                layer_serial: LAYER_SERIAL.into(),
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    pa.clone()
-        .start_container(ContainerRequest {
-            container_id: "c".into(),
-        })
-        .await
-        .unwrap();
     let mut n = 0;
     for i in 0..100 {
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -324,9 +324,8 @@ impl QemuVm {
         Ok(format!("file:/dev/fdset/{set}"))
     }
 
-    async fn mapped_ram(&mut self) -> Result<(), HypervisorError> {
-        let caps =
-            serde_json::json!({"capabilities": [{"capability": "mapped-ram", "state": true}]});
+    async fn mapped_ram(&mut self, on: bool) -> Result<(), HypervisorError> {
+        let caps = serde_json::json!({"capabilities": [{"capability": "mapped-ram", "state": on}]});
         self.qmp
             .execute("migrate-set-capabilities", Some(caps))
             .await
@@ -429,14 +428,10 @@ impl VirtualMachine for QemuVm {
         self.loaded().await
     }
 
-    async fn snapshot(
-        &mut self,
-        memory: &Path,
-        leave_running: bool,
-    ) -> Result<(), HypervisorError> {
+    async fn snapshot(&mut self, memory: &Path) -> Result<(), HypervisorError> {
         self.qmp.execute("stop", None).await?;
         let taken = async {
-            self.mapped_ram().await?;
+            self.mapped_ram(true).await?;
             let file = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
@@ -451,25 +446,16 @@ impl VirtualMachine for QemuVm {
         }
         .await;
         // Mapped-ram stays on for no later migration (a template's save).
-        let caps =
-            serde_json::json!({"capabilities": [{"capability": "mapped-ram", "state": false}]});
-        let _ = self
-            .qmp
-            .execute("migrate-set-capabilities", Some(caps))
-            .await;
+        let _ = self.mapped_ram(false).await;
         let _ = self
             .qmp
             .execute("remove-fd", Some(serde_json::json!({ "fdset-id": 1 })))
             .await;
-        // A failed snapshot leaves the VM as it was: running.
-        if leave_running || taken.is_err() {
-            self.qmp.execute("cont", None).await?;
-        }
         taken
     }
 
     async fn restore_snapshot(&mut self, state: &Path) -> Result<(), HypervisorError> {
-        self.mapped_ram().await?;
+        self.mapped_ram(true).await?;
         let file = File::open(state).map_err(HypervisorError::QmpIo)?;
         let uri = self.fdset(2, &file).await?;
         drop(file);

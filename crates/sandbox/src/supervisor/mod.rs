@@ -90,10 +90,9 @@ pub enum Request {
         state: PathBuf,
     },
     /// Write the whole VM, memory included, to the new file `memory`
-    /// (`VirtualMachine::snapshot`); it runs on with `leave_running`.
+    /// (`VirtualMachine::snapshot`), leaving it paused.
     Snapshot {
         memory: PathBuf,
-        leave_running: bool,
     },
     /// Load a snapshot's companion state into a VM launched `incoming`
     /// whose memory maps the snapshot's pages.

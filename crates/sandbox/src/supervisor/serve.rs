@@ -222,13 +222,7 @@ impl Served<'_> {
             }
             Request::Save { state } => vm.save(&state).await.map_err(|e| chain(&e)),
             Request::Restore { state } => vm.restore(&state).await.map_err(|e| chain(&e)),
-            Request::Snapshot {
-                memory,
-                leave_running,
-            } => vm
-                .snapshot(&memory, leave_running)
-                .await
-                .map_err(|e| chain(&e)),
+            Request::Snapshot { memory } => vm.snapshot(&memory).await.map_err(|e| chain(&e)),
             Request::RestoreSnapshot { state } => {
                 vm.restore_snapshot(&state).await.map_err(|e| chain(&e))
             }
