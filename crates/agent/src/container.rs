@@ -36,6 +36,16 @@ impl Process {
         };
         slot.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
+
+    /// Gives back what `take_output` took, for the next reader.
+    pub fn put_output(&self, stderr: bool, file: File) {
+        let slot = if stderr {
+            &self.io.stderr
+        } else {
+            &self.io.stdout
+        };
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(file);
+    }
 }
 
 pub struct Container {

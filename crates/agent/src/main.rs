@@ -35,6 +35,11 @@ fn main() {
         if let Err(e) = cgroup::enable_controllers() {
             eprintln!("podvisor-agent: enabling cgroup controllers: {e}");
         }
+        // Containers share the VM's network: their servers and clients
+        // use 127.0.0.1 whether or not the VM has a NIC.
+        if let Err(e) = network::loopback_up() {
+            eprintln!("podvisor-agent: bringing lo up: {e}");
+        }
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -916,8 +916,30 @@ impl Agent for AgentService {
         };
         if let Some(mut file) = file {
             std::thread::spawn(move || {
+                use std::os::fd::AsRawFd;
                 let mut buf = vec![0u8; 32 * 1024];
                 loop {
+                    // A reader that went away (its host session ended, as
+                    // when a sandbox is paused) gives the output back for
+                    // the next one: the process writes on, never to a
+                    // closed pipe.
+                    let mut pfd = libc::pollfd {
+                        fd: file.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: poll(2) on one pollfd that lives on the stack.
+                    let ready = unsafe { libc::poll(&mut pfd, 1, 1000) };
+                    if tx.is_closed() {
+                        p.put_output(stderr, file);
+                        return;
+                    }
+                    if ready == 0
+                        || (ready < 0
+                            && std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR))
+                    {
+                        continue;
+                    }
                     match file.read(&mut buf) {
                         // EIO: the pty's last replica closed.
                         Ok(0) | Err(_) => return,
@@ -926,6 +948,7 @@ impl Agent for AgentService {
                                 data: buf[..n].to_vec(),
                             };
                             if tx.blocking_send(Ok(chunk)).is_err() {
+                                p.put_output(stderr, file);
                                 return;
                             }
                         }

@@ -185,6 +185,49 @@ pub(crate) struct Plan {
     /// The uid's lock: held for the VM's life by its owner.
     _uid_lock: File,
     pub cgroups: Vec<PathBuf>,
+    /// The largest file QEMU may write (`RLIMIT_FSIZE`), or `u64::MAX`.
+    pub file_size_max: u64,
+}
+
+/// What a snapshot file may hold beyond guest RAM: the page bitmap (a bit
+/// per page), the other RAM blocks (firmware, option ROMs) and the
+/// devices' state.
+const SNAPSHOT_SLACK: u64 = 256 << 20;
+
+/// The largest file the VMM of `config` has reason to write: its guest
+/// RAM (a template's memory file, a snapshot) or a writable disk's top
+/// layer (a qcow2 file: its virtual size, its tables and some slack). A
+/// VMM a guest took over then cannot fill the host's disk through the
+/// files it was handed. A VM with a writable share gets no cap: its guest
+/// writes files of any size there.
+pub fn file_size_max(config: &VmConfig) -> u64 {
+    if config.shares.iter().any(|s| !s.readonly) {
+        return u64::MAX;
+    }
+    let disks = config
+        .disks
+        .iter()
+        .filter(|d| !d.readonly)
+        .filter_map(|d| d.layers.last())
+        .map(|top| disk_size(top) + disk_size(top) / 8 + (64 << 20));
+    disks
+        .chain([(config.memory_mib << 20) + SNAPSHOT_SLACK])
+        .max()
+        .unwrap_or(u64::MAX)
+}
+
+/// A disk image's size as the guest sees it: a qcow2 file's virtual size
+/// (its header's, at byte 24), else the file's length.
+fn disk_size(path: &Path) -> u64 {
+    use std::io::Read;
+    let mut header = [0u8; 32];
+    let read = File::open(path).and_then(|mut f| f.read_exact(&mut header));
+    if read.is_ok() && &header[..4] == b"QFI\xfb" {
+        let mut size = [0u8; 8];
+        size.copy_from_slice(&header[24..32]);
+        return u64::from_be_bytes(size);
+    }
+    fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
 
 fn cstr(p: &Path) -> CString {
@@ -627,6 +670,7 @@ impl Plan {
             filters: filter()?,
             _uid_lock: uid_lock,
             cgroups,
+            file_size_max: file_size_max(config),
         };
         let paths = Paths {
             binary: binary_in,
@@ -744,6 +788,7 @@ impl Plan {
                 (libc::RLIMIT_CORE, 0),
                 (libc::RLIMIT_NOFILE, NOFILE_MAX),
                 (libc::RLIMIT_NPROC, PIDS_MAX as u64),
+                (libc::RLIMIT_FSIZE, self.file_size_max),
             ] {
                 let mut cur = libc::rlimit {
                     rlim_cur: 0,

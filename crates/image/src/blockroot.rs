@@ -6,6 +6,7 @@
 //! ROOT/roots/<hex>.ext4        the image's layers, flattened (read-only)
 //! ROOT/roots/<hex>.lock        held while it is built: one build per digest
 //! ROOT/roots/empty-<MiB>.ext4  an empty filesystem of that size (sparse)
+//! ROOT/roots/tree-<key>.ext4   a directory tree's root (`tree_root`)
 //! ```
 //!
 //! A root appears under its name only by rename, after `mkfs.ext4` finished
@@ -43,6 +44,8 @@ pub enum BlockRootError {
     MissingMkfs(std::io::Error),
     #[error("mkfs.ext4 failed for {path}: {stderr}")]
     Mkfs { path: PathBuf, stderr: String },
+    #[error("block root name {0:?}: use 1 to 64 of a-z, 0-9 and -")]
+    BadKey(String),
     #[error("writable layer size {0} MiB is out of range (16 MiB to 16 TiB)")]
     BadSize(u64),
 }
@@ -109,16 +112,49 @@ fn build_root(
 ) -> Result<(), BlockRootError> {
     let tree = staging.join("tree");
     let seen = unpack::unpack_image(store, record, &tree, limits)?;
-    let (bytes, inodes) = usage(&tree)?;
+    tracing::debug!(files = seen.files, "unpacked for a block root");
+    mkfs_tree(&tree, image)
+}
+
+/// Directory `tree` made into a read-only root named `key` (the caller's
+/// name for that tree's contents, such as a hash of what built it), built
+/// unless it is there: for roots that are trees, not stored images
+/// (podvisord's templates). `collect` leaves these alone.
+pub fn tree_root(store: &Store, tree: &Path, key: &str) -> Result<PathBuf, BlockRootError> {
+    if key.is_empty()
+        || key.len() > 64
+        || !key
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(BlockRootError::BadKey(key.into()));
+    }
+    let dest = store
+        .root()
+        .join("roots")
+        .join(format!("{TREE_PREFIX}{key}.ext4"));
+    build_once(store, &dest, |staging| {
+        let image = staging.join("root.ext4");
+        mkfs_tree(tree, &image)?;
+        Ok(image)
+    })
+}
+
+/// Names of roots made by `tree_root`.
+const TREE_PREFIX: &str = "tree-";
+
+/// `image`, an ext4 filesystem holding `tree` with room for its metadata.
+fn mkfs_tree(tree: &Path, image: &Path) -> Result<(), BlockRootError> {
+    let (bytes, inodes) = usage(tree)?;
     // Room for ext4's own metadata (inode tables, bitmaps, directories'
     // blocks) over what the files use: a quarter more, and 32 MiB at least.
     let size_mib = (bytes + bytes / 4) / (1 << 20) + 32;
     let inodes = inodes + inodes / 4 + 1024;
-    tracing::debug!(files = seen.files, bytes, size_mib, "building block root");
+    tracing::debug!(bytes, size_mib, "building block root");
     mkfs(
         image,
         size_mib,
-        Some(&tree),
+        Some(tree),
         &["-N", &inodes.to_string(), "-L", "podvisor-root"],
     )
 }
@@ -156,7 +192,7 @@ pub fn collect(store: &Store) -> Result<u64, BlockRootError> {
     let mut freed = 0;
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.ends_with(".ext4") || kept.contains(&name) {
+        if !name.ends_with(".ext4") || kept.contains(&name) || name.starts_with(TREE_PREFIX) {
             continue;
         }
         let lock = entry.path().with_extension("lock");

@@ -168,6 +168,10 @@ async fn delete_tenant(
             sandboxes::kill(&state, &live.id, "tenant deleted").await;
         }
     }
+    for row in state.db.paused_sandboxes(Some(&id))? {
+        let _transition = state.transitions.lock(&row.id).await;
+        sandboxes::discard_paused(&state, &row, "tenant deleted");
+    }
     for row in state.db.live_sandboxes(Some(&id))? {
         // Rows of creates still under way end with them; mark the rest.
         if row.state != "creating" {
@@ -243,6 +247,7 @@ fn template_json(state: &AppState, t: &sandboxes::TemplateSpec) -> serde_json::V
         "rootfs": t.rootfs,
         "vcpus": t.vcpus,
         "memoryMB": t.memory_mib,
+        "diskSizeMB": t.disk_mib,
         "poolSize": t.pool,
         "source": if t.from_api { "api" } else { "config" },
         "pool": pool.map(|p| json!({"ready": p.ready, "size": p.size, "handedOut": p.handed_out})),
@@ -289,6 +294,8 @@ struct NewTemplate {
     memory_mib: u64,
     #[serde(default)]
     pool: usize,
+    #[serde(rename = "diskSizeMB", default = "crate::config::default_disk")]
+    disk_mib: u64,
 }
 
 fn one() -> u32 {
@@ -316,6 +323,9 @@ async fn create_template(
     if !(128..=65536).contains(&req.memory_mib) {
         return Err(ApiError::bad_request("memoryMB must be 128 to 65536"));
     }
+    if !(64..=1 << 20).contains(&req.disk_mib) {
+        return Err(ApiError::bad_request("diskSizeMB must be 64 to 1048576"));
+    }
     if req.pool > 16 {
         return Err(ApiError::bad_request("pool must be at most 16"));
     }
@@ -339,6 +349,7 @@ async fn create_template(
         vcpus: req.vcpus,
         memory_mib: req.memory_mib,
         pool: req.pool,
+        disk_mib: req.disk_mib,
     };
     // The row claims the name: of two creates at once, one makes it.
     if !state.db.add_template(&t)? {
@@ -352,6 +363,7 @@ async fn create_template(
         true,
         &state.config.base_cache,
         &state.vm_root,
+        &state.images,
         &state.assets,
         state.accel,
     )
@@ -406,10 +418,16 @@ async fn delete_template(
         .all()
         .iter()
         .filter(|l| l.template.name == name)
-        .count();
+        .count()
+        + state
+            .db
+            .paused_sandboxes(None)?
+            .iter()
+            .filter(|r| r.template == name)
+            .count();
     if using > 0 {
         return Err(ApiError::conflict(format!(
-            "template {name:?} has {using} live sandbox(es): kill them first"
+            "template {name:?} has {using} live or paused sandbox(es): kill them first"
         )));
     }
     state

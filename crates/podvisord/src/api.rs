@@ -67,6 +67,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/sandboxes/{id}/refreshes", post(refresh))
         .route("/sandboxes/{id}/connect", post(connect))
         .route("/v2/sandboxes/{id}/connect", post(connect))
+        .route("/sandboxes/{id}/pause", post(pause))
+        .route("/sandboxes/{id}/fork", post(fork))
+        .route("/sandboxes/{id}/resume", post(resume))
         .route("/sandboxes/{id}/metrics", get(metrics))
         .route("/sandboxes/{id}/logs", get(logs))
         .route("/v2/sandboxes/{id}/logs", get(logs_v2));
@@ -157,6 +160,11 @@ struct NewSandbox {
     // Accepted as E2B does; see docs/podvisord.md for what they do here.
     #[serde(default)]
     auto_pause: Option<bool>,
+    /// `false`: a timeout pauses filesystem only (not done here).
+    #[serde(default)]
+    auto_pause_memory: Option<bool>,
+    #[serde(default)]
+    auto_resume: Option<AutoResume>,
     #[serde(default)]
     secure: Option<bool>,
     #[serde(default)]
@@ -165,6 +173,11 @@ struct NewSandbox {
     network: Option<NetworkAsk>,
     #[serde(flatten)]
     _rest: HashMap<String, Value>,
+}
+
+#[derive(Deserialize)]
+struct AutoResume {
+    enabled: bool,
 }
 
 /// The part of E2B's `network` object podvisord acts on so far; egress
@@ -227,7 +240,7 @@ fn detail_json(state: &AppState, live: &Live, detail: bool) -> Value {
         "endAt": rfc3339(live.end_ms()),
         "cpuCount": live.vcpus,
         "memoryMB": live.memory_mib,
-        "diskSizeMB": 0,
+        "diskSizeMB": live.template.disk_mib,
         "metadata": live.metadata,
         "state": "running",
         "envdVersion": ENVD_VERSION,
@@ -239,12 +252,51 @@ fn detail_json(state: &AppState, live: &Live, detail: bool) -> Value {
     v
 }
 
+/// `ListedSandbox` / `SandboxDetail` of a paused sandbox (from its row).
+fn paused_json(state: &AppState, row: &crate::db::SandboxRow, detail: bool) -> Value {
+    let paused: Option<sandboxes::Paused> = row
+        .paused
+        .as_deref()
+        .and_then(|p| serde_json::from_str(p).ok());
+    let mut v = json!({
+        "templateID": row.template,
+        "sandboxID": row.id,
+        "clientID": "podvisord",
+        "startedAt": rfc3339(paused.as_ref().map_or(row.created_ms, |p| p.started_ms)),
+        "endAt": rfc3339(row.end_ms),
+        "cpuCount": row.vcpus,
+        "memoryMB": row.memory_mib,
+        "diskSizeMB": state.template(&row.template).map_or(0, |t| t.disk_mib),
+        "metadata": row.metadata,
+        "state": "paused",
+        "envdVersion": ENVD_VERSION,
+    });
+    if detail {
+        v["envdAccessToken"] = json!(paused.map(|p| p.envd_token));
+        v["domain"] = json!(state.config.domain);
+    }
+    v
+}
+
 async fn create(
     state: Arc<AppState>,
     tenant: crate::db::Tenant,
     req: NewSandbox,
 ) -> Result<Response, ApiError> {
-    let _ = (req.auto_pause, req.secure, req.allow_internet_access);
+    let _ = (req.secure, req.allow_internet_access);
+    if req.auto_pause_memory == Some(false) {
+        return Err(ApiError::bad_request(
+            "autoPauseMemory false (a filesystem-only pause) is not supported: \
+             podvisord pauses memory and disk together",
+        ));
+    }
+    let auto_pause = req.auto_pause.unwrap_or(false);
+    let auto_resume = req.auto_resume.is_some_and(|a| a.enabled);
+    if auto_resume && !auto_pause {
+        return Err(ApiError::bad_request(
+            "autoResume needs autoPause (only a paused sandbox resumes)",
+        ));
+    }
     let metadata = string_map(req.metadata, "metadata")?;
     let env = string_map(req.env_vars, "envVars")?
         .into_iter()
@@ -267,6 +319,8 @@ async fn create(
             .network
             .and_then(|n| n.allow_public_traffic)
             .unwrap_or(true),
+        auto_pause,
+        auto_resume,
     };
     let live = sandboxes::create(&state, &tenant, ask).await?;
     Ok((StatusCode::CREATED, Json(created_json(&state, &live))).into_response())
@@ -370,23 +424,45 @@ async fn list_v2(
                 )));
             }
         }
-        // Every live sandbox here is running; asking only for paused ones
-        // gets none.
-        if !states.split(',').any(|s| s == "running") {
-            return Ok((StatusCode::OK, Json(Vec::<Value>::new())).into_response());
-        }
     }
+    let wants = |s: &str| {
+        q.state
+            .as_deref()
+            .is_none_or(|w| w.split(',').any(|x| x == s))
+    };
     let limit = q.limit.unwrap_or(100);
     if limit == 0 || limit > MAX_LIMIT {
         return Err(ApiError::bad_request(format!(
             "limit must be 1 to {MAX_LIMIT}"
         )));
     }
-    let mut all: Vec<_> = tenant_live(&state, &tenant.id)
-        .into_iter()
-        .filter(|l| matches(l, &filter))
-        .filter(|l| q.template.as_ref().is_none_or(|t| &l.template.name == t))
-        .collect();
+    // (started, id, listing) of each, running and paused alike.
+    let mut all: Vec<(i64, String, Value)> = Vec::new();
+    if wants("running") {
+        all.extend(
+            tenant_live(&state, &tenant.id)
+                .into_iter()
+                .filter(|l| matches(l, &filter))
+                .filter(|l| q.template.as_ref().is_none_or(|t| &l.template.name == t))
+                .map(|l| (l.started_ms, l.id.clone(), detail_json(&state, &l, false))),
+        );
+    }
+    if wants("paused") {
+        all.extend(
+            state
+                .db
+                .paused_sandboxes(Some(&tenant.id))?
+                .into_iter()
+                .filter(|r| {
+                    filter
+                        .iter()
+                        .all(|(k, v)| r.metadata.get(k).and_then(Value::as_str) == Some(v))
+                })
+                .filter(|r| q.template.as_ref().is_none_or(|t| &r.template == t))
+                .map(|r| (r.created_ms, r.id.clone(), paused_json(&state, &r, false))),
+        );
+    }
+    all.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
     match q.order.as_deref() {
         None | Some("desc") => all.reverse(),
         Some("asc") => {}
@@ -400,7 +476,7 @@ async fn list_v2(
     let start = match &q.next_token {
         Some(t) => all
             .iter()
-            .position(|l| &l.id == t)
+            .position(|l| &l.1 == t)
             .ok_or_else(|| ApiError::bad_request("nextToken is not valid (any more)"))?,
         None => 0,
     };
@@ -408,11 +484,11 @@ async fn list_v2(
         .iter()
         .skip(start)
         .take(limit)
-        .map(|l| detail_json(&state, l, false))
+        .map(|l| l.2.clone())
         .collect();
     let mut resp = Json(page).into_response();
     if let Some(next) = all.get(start + limit) {
-        if let Ok(v) = HeaderValue::from_str(&next.id) {
+        if let Ok(v) = HeaderValue::from_str(&next.1) {
             resp.headers_mut().insert("x-next-token", v);
         }
     }
@@ -424,8 +500,25 @@ async fn get_sandbox(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let live = state.registry.of_tenant(&tenant.id, &id)?;
-    Ok(Json(detail_json(&state, &live, true)).into_response())
+    if let Ok(live) = state.registry.of_tenant(&tenant.id, &id) {
+        return Ok(Json(detail_json(&state, &live, true)).into_response());
+    }
+    match paused_row(&state, &tenant, &id)? {
+        Some(row) => Ok(Json(paused_json(&state, &row, true)).into_response()),
+        None => Err(ApiError::sandbox_not_found(&id)),
+    }
+}
+
+/// The tenant's paused sandbox `id`.
+fn paused_row(
+    state: &AppState,
+    tenant: &crate::db::Tenant,
+    id: &str,
+) -> Result<Option<crate::db::SandboxRow>, ApiError> {
+    Ok(state
+        .db
+        .sandbox(id)?
+        .filter(|r| r.tenant_id == tenant.id && (r.state == "paused" || r.state == "resuming")))
 }
 
 async fn kill(
@@ -433,7 +526,11 @@ async fn kill(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    state.registry.of_tenant(&tenant.id, &id)?;
+    if state.registry.of_tenant(&tenant.id, &id).is_err()
+        && paused_row(&state, &tenant, &id)?.is_none()
+    {
+        return Err(ApiError::sandbox_not_found(&id));
+    }
     if !sandboxes::kill(&state, &id, "killed").await {
         return Err(ApiError::sandbox_not_found(&id));
     }
@@ -509,21 +606,169 @@ async fn refresh(
 #[derive(Deserialize, Default)]
 struct ConnectRequest {
     timeout: Option<i64>,
+    /// false: resume cold from the disk only (not done here).
+    memory: Option<bool>,
 }
 
-/// Connects to a running sandbox: its deadline extended to `timeout` from
-/// now when that is later.
+/// Connects to a sandbox: a running one has its deadline extended to
+/// `timeout` from now when that is later (200); a paused one is resumed
+/// with that timeout (201).
 async fn connect(
     TenantAuth(tenant): TenantAuth,
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let live = state.registry.of_tenant(&tenant.id, &id)?;
-    if let Some(t) = optional_json::<ConnectRequest>(&body)?.timeout {
+    let req = optional_json::<ConnectRequest>(&body)?;
+    if let Some(t) = req.timeout {
+        check_timeout(&tenant, t)?;
+    }
+    if req.memory == Some(false) {
+        return Err(ApiError::bad_request(
+            "memory false (resume by a cold boot from the disk) is not supported here",
+        ));
+    }
+    let (live, resumed) = sandboxes::resume(&state, &tenant, &id, req.timeout).await?;
+    if resumed {
+        return Ok((StatusCode::CREATED, Json(created_json(&state, &live))).into_response());
+    }
+    if let Some(t) = req.timeout {
         extend(&state, &tenant, &live, t)?;
     }
     Ok((StatusCode::OK, Json(created_json(&state, &live))).into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct PauseRequest {
+    /// false: keep the disk only (not done here).
+    memory: Option<bool>,
+    /// Refuse when the guest's agent does not answer.
+    require_healthy_guest: Option<bool>,
+}
+
+/// Pauses a running sandbox (204): saved whole, memory and disk, then its
+/// VM ended. 409 when it is paused already.
+async fn pause(
+    TenantAuth(tenant): TenantAuth,
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<StatusCode, ApiError> {
+    let req = optional_json::<PauseRequest>(&body)?;
+    if req.memory == Some(false) {
+        return Err(ApiError::bad_request(
+            "memory false (a filesystem-only pause) is not supported: \
+             podvisord pauses memory and disk together",
+        ));
+    }
+    let Ok(live) = state.registry.of_tenant(&tenant.id, &id) else {
+        return match paused_row(&state, &tenant, &id)? {
+            Some(_) => Err(ApiError::conflict(format!(
+                "sandbox \"{id}\" is already paused"
+            ))),
+            None => Err(ApiError::sandbox_not_found(&id)),
+        };
+    };
+    if req.require_healthy_guest == Some(true) {
+        let mut agent = live.agent.clone();
+        let ping = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            agent.version(agent_proto::VersionRequest::default()),
+        )
+        .await;
+        if !matches!(ping, Ok(Ok(_))) {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the sandbox's guest agent does not answer; not paused",
+            ));
+        }
+    }
+    match sandboxes::pause(&state, &live).await? {
+        true => Ok(StatusCode::NO_CONTENT),
+        // Ended or paused by another request meanwhile.
+        false => match paused_row(&state, &tenant, &id)? {
+            Some(_) => Err(ApiError::conflict(format!(
+                "sandbox \"{id}\" is already paused"
+            ))),
+            None => Err(ApiError::sandbox_not_found(&id)),
+        },
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct ForkRequest {
+    timeout: Option<i64>,
+    count: Option<usize>,
+}
+
+/// Forks a running sandbox into `count` new ones (201, one result each:
+/// `{"sandbox": ...}` or `{"error": {"code", "message"}}`).
+async fn fork(
+    TenantAuth(tenant): TenantAuth,
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let req = optional_json::<ForkRequest>(&body)?;
+    let count = req.count.unwrap_or(1);
+    if !(1..=sandboxes::MAX_FORKS).contains(&count) {
+        return Err(ApiError::bad_request(format!(
+            "count must be 1 to {}",
+            sandboxes::MAX_FORKS
+        )));
+    }
+    let timeout = req.timeout.unwrap_or(state.config.default_timeout_s);
+    check_timeout(&tenant, timeout)?;
+    let live = match state.registry.of_tenant(&tenant.id, &id) {
+        Ok(live) => live,
+        Err(e) => {
+            return match paused_row(&state, &tenant, &id)? {
+                Some(_) => Err(ApiError::conflict(format!(
+                    "sandbox \"{id}\" is paused: connect to it first"
+                ))),
+                None => Err(e),
+            }
+        }
+    };
+    let forks = sandboxes::fork(&state, &tenant, &live, count, timeout).await?;
+    let out: Vec<Value> = forks
+        .into_iter()
+        .map(|f| match f {
+            Ok(l) => json!({"sandbox": created_json(&state, &l)}),
+            Err(e) => json!({"error": {"code": e.status.as_u16(), "message": e.message}}),
+        })
+        .collect();
+    Ok((StatusCode::CREATED, Json(out)).into_response())
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct ResumeRequest {
+    timeout: Option<i64>,
+    #[serde(default)]
+    auto_pause: Option<bool>,
+}
+
+/// E2B's older resume (201): 409 when the sandbox is running.
+async fn resume(
+    TenantAuth(tenant): TenantAuth,
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let req = optional_json::<ResumeRequest>(&body)?;
+    let _ = req.auto_pause;
+    if let Some(t) = req.timeout {
+        check_timeout(&tenant, t)?;
+    }
+    if state.registry.of_tenant(&tenant.id, &id).is_ok() {
+        return Err(ApiError::conflict(format!(
+            "sandbox \"{id}\" is already running"
+        )));
+    }
+    let (live, _) = sandboxes::resume(&state, &tenant, &id, req.timeout).await?;
+    Ok((StatusCode::CREATED, Json(created_json(&state, &live))).into_response())
 }
 
 /// One sample now: the container's CPU and memory from the guest's cgroup.

@@ -1,7 +1,9 @@
 //! Templates at start: each config template's root filesystem (the `base`
 //! one built here, Debian 12 with bash, coreutils and python3, cached
-//! outside the state directory) and its podvisor template, the VM snapshot
-//! that sandboxes are cloned from, made when missing.
+//! outside the state directory), made into a block root (an ext4 image of
+//! the tree, read-only, and an empty filesystem for each sandbox's writable
+//! disk), and its podvisor template, the VM snapshot that sandboxes are
+//! cloned from, made when missing.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -11,7 +13,7 @@ use anyhow::Context;
 use hypervisor::Accel;
 use sandbox::assets::GuestAssets;
 use sandbox::template::Template;
-use sandbox::SandboxConfig;
+use sandbox::{BlockRoot, SandboxConfig};
 
 use crate::config::{Config, TemplateConfig};
 use crate::sandboxes::{parse_passwd, TemplateSpec};
@@ -86,9 +88,15 @@ pub fn base_rootfs(cache: &Path) -> anyhow::Result<PathBuf> {
     Ok(tree)
 }
 
-/// What a VM template was made from: the guest assets (size and mtime)
-/// and the VM's shape.
-fn assets_stamp(assets: &GuestAssets, memory: u64, vcpus: u32, accel: Accel) -> String {
+/// What a VM template was made from: the guest assets (size and mtime),
+/// the VM's shape and its disks.
+fn assets_stamp(
+    assets: &GuestAssets,
+    memory: u64,
+    vcpus: u32,
+    accel: Accel,
+    block: &BlockRoot,
+) -> String {
     use std::os::unix::fs::MetadataExt;
     let file = |p: &Path| {
         std::fs::metadata(p)
@@ -103,10 +111,41 @@ fn assets_stamp(assets: &GuestAssets, memory: u64, vcpus: u32, accel: Accel) -> 
             .unwrap_or_default()
     };
     format!(
-        "{}\n{}\nmemory={memory} vcpus={vcpus} accel={accel}\n",
+        "{}\n{}\nmemory={memory} vcpus={vcpus} accel={accel}\n{}\n{}\n",
         file(&assets.kernel),
-        file(&assets.initrd)
+        file(&assets.initrd),
+        block.image.display(),
+        block.empty.display(),
     )
+}
+
+/// The block root of tree `rootfs` in `images`: built when the tree is
+/// new or changed (by its own, its /etc's and its /usr's mtime; a tree is
+/// read when its template is made, not after). Roots made of older trees
+/// stay: paused sandboxes' snapshots may still name them.
+fn block_root(
+    images: &image::store::Store,
+    name: &str,
+    rootfs: &Path,
+    disk_mib: u64,
+) -> anyhow::Result<BlockRoot> {
+    use std::os::unix::fs::MetadataExt;
+    let mut what = format!("{name}\n{}\n", rootfs.display());
+    for sub in ["", "etc", "usr"] {
+        if let Ok(m) = std::fs::metadata(rootfs.join(sub)) {
+            what.push_str(&format!("{sub}:{}.{}\n", m.mtime(), m.mtime_nsec()));
+        }
+    }
+    let key = format!(
+        "{}-{}",
+        name.to_ascii_lowercase().replace('_', "-"),
+        short_hash(&what)
+    );
+    let image = image::blockroot::tree_root(images, rootfs, &key)
+        .with_context(|| format!("making the block root of {}", rootfs.display()))?;
+    let empty = image::blockroot::empty_fs(images, disk_mib)
+        .with_context(|| format!("making an empty {disk_mib} MiB filesystem"))?;
+    Ok(BlockRoot { image, empty })
 }
 
 fn short_hash(s: &str) -> String {
@@ -121,12 +160,14 @@ pub async fn prepare(
     config: &Config,
     stored: &[TemplateConfig],
     vm_root: &Path,
+    images: &image::store::Store,
     assets: &GuestAssets,
     accel: Accel,
 ) -> anyhow::Result<HashMap<String, TemplateSpec>> {
     let mut out = HashMap::new();
     for t in &config.templates {
-        let spec = prepare_one(t, false, &config.base_cache, vm_root, assets, accel).await?;
+        let spec =
+            prepare_one(t, false, &config.base_cache, vm_root, images, assets, accel).await?;
         out.insert(t.name.clone(), spec);
     }
     for t in stored {
@@ -134,7 +175,7 @@ pub async fn prepare(
             tracing::warn!(template = %t.name, "a stored template is shadowed by the config's");
             continue;
         }
-        let spec = prepare_one(t, true, &config.base_cache, vm_root, assets, accel)
+        let spec = prepare_one(t, true, &config.base_cache, vm_root, images, assets, accel)
             .await
             .with_context(|| format!("the stored template {}", t.name))?;
         out.insert(t.name.clone(), spec);
@@ -149,6 +190,7 @@ pub async fn prepare_one(
     from_api: bool,
     base_cache: &Path,
     vm_root: &Path,
+    images: &image::store::Store,
     assets: &GuestAssets,
     accel: Accel,
 ) -> anyhow::Result<TemplateSpec> {
@@ -168,9 +210,16 @@ pub async fn prepare_one(
     }
     let users =
         parse_passwd(&std::fs::read_to_string(rootfs.join("etc/passwd")).unwrap_or_default());
+    let block = {
+        let (images, name, tree, disk) =
+            (images.clone(), t.name.clone(), rootfs.clone(), t.disk_mib);
+        tokio::task::spawn_blocking(move || block_root(&images, &name, &tree, disk)).await??
+    };
     let spec = TemplateSpec {
         name: t.name.clone(),
         rootfs,
+        block: block.clone(),
+        disk_mib: t.disk_mib,
         vcpus: t.vcpus,
         memory_mib: t.memory_mib,
         pool: t.pool,
@@ -181,7 +230,7 @@ pub async fn prepare_one(
     // A template saved with other guest assets (a rebuilt agent) or
     // another shape is made again.
     let stamp_file = vm_root.join(format!("{name}.assets"));
-    let stamp = assets_stamp(assets, t.memory_mib, t.vcpus, accel);
+    let stamp = assets_stamp(assets, t.memory_mib, t.vcpus, accel, &block);
     let usable = Template::open(vm_root, &name).is_ok()
         && std::fs::read_to_string(&stamp_file).ok().as_deref() == Some(stamp.as_str());
     if !usable {
@@ -201,7 +250,7 @@ pub async fn prepare_one(
             hostname: "sandbox".into(),
             boot_timeout: sandbox::default_boot_timeout(accel),
             template: None,
-            block_root: None,
+            block_root: Some(block),
         };
         Template::create(vm, &name)
             .await

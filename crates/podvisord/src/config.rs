@@ -11,6 +11,7 @@
 //! vcpus = 1
 //! memory_mib = 512
 //! pool = 2                         # ready clones kept
+//! disk_mib = 2048                  # each sandbox's writable disk
 //! [[templates]]
 //! name = "busybox"
 //! rootfs = "/srv/roots/busybox"
@@ -37,6 +38,13 @@ pub struct TemplateConfig {
     /// Ready clones kept for it (a create then takes one: milliseconds).
     #[serde(default)]
     pub pool: usize,
+    /// Each sandbox's writable disk (what it may write over its root).
+    #[serde(default = "default_disk")]
+    pub disk_mib: u64,
+}
+
+pub fn default_disk() -> u64 {
+    2048
 }
 
 fn default_vcpus() -> u32 {
@@ -85,6 +93,7 @@ fn default_templates() -> Vec<TemplateConfig> {
         vcpus: default_vcpus(),
         memory_mib: default_memory(),
         pool: 0,
+        disk_mib: default_disk(),
     }]
 }
 

@@ -9,7 +9,9 @@ use std::sync::OnceLock;
 /// yet), `create.booted` (a VM, no container), `create.started` (the
 /// container runs, the row still says creating), `kill.begun` (out of the
 /// registry, the VM still up), `kill.destroyed` (the VM gone, the row still
-/// running).
+/// running), `pause.begun` (nothing saved yet), `pause.saved` (the snapshot
+/// whole, the row still running), `resume.booted` (the VM restored, the row
+/// still resuming).
 pub fn point(name: &str) {
     static AT: OnceLock<Option<String>> = OnceLock::new();
     let at = AT.get_or_init(|| std::env::var("PODVISORD_CRASH_AT").ok());

@@ -41,7 +41,8 @@ fn migrations() -> Migrations<'static> {
             id TEXT PRIMARY KEY,
             tenant_id TEXT NOT NULL,
             template TEXT NOT NULL,
-            -- creating, running, ended
+            -- creating, running, ended (and since the third migration
+            -- paused and resuming)
             state TEXT NOT NULL,
             vcpus INTEGER NOT NULL,
             memory_mib INTEGER NOT NULL,
@@ -74,6 +75,9 @@ fn migrations() -> Migrations<'static> {
             created_ms INTEGER NOT NULL
         );",
         ),
+        // Paused sandboxes (state 'paused', or 'resuming' while one is
+        // resumed): what their resume needs (sandboxes::Paused as JSON).
+        M::up("ALTER TABLE sandboxes ADD COLUMN paused TEXT;"),
     ])
 }
 
@@ -149,7 +153,13 @@ pub struct SandboxRow {
     pub end_ms: i64,
     pub ended_ms: Option<i64>,
     pub end_reason: Option<String>,
+    /// A paused sandbox's resume state (JSON).
+    pub paused: Option<String>,
 }
+
+/// The states in which a sandbox holds a VM (and counts against quotas);
+/// a paused one holds only its snapshot.
+const HOLDS_VM: &str = "state IN ('creating', 'running', 'resuming')";
 
 /// What a create may not exceed, and what it would take.
 pub struct Ask<'a> {
@@ -179,7 +189,7 @@ pub struct Db {
 }
 
 const SANDBOX_COLUMNS: &str = "id, tenant_id, template, state, vcpus, memory_mib, metadata,
-     envd_token_hash, created_ms, started_ms, end_ms, ended_ms, end_reason";
+     envd_token_hash, created_ms, started_ms, end_ms, ended_ms, end_reason, paused";
 
 fn sandbox_row(r: &rusqlite::Row) -> rusqlite::Result<SandboxRow> {
     let metadata: String = r.get(6)?;
@@ -197,6 +207,7 @@ fn sandbox_row(r: &rusqlite::Row) -> rusqlite::Result<SandboxRow> {
         end_ms: r.get(10)?,
         ended_ms: r.get(11)?,
         end_reason: r.get(12)?,
+        paused: r.get(13)?,
     })
 }
 
@@ -421,27 +432,14 @@ impl Db {
     pub fn admit(&self, tenant: &Tenant, ask: Ask) -> Result<Result<(), OverQuota>, DbError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let (n, vcpus, mem): (i64, i64, i64) = tx.query_row(
-            "SELECT COUNT(*), COALESCE(SUM(vcpus), 0), COALESCE(SUM(memory_mib), 0)
-                 FROM sandboxes WHERE tenant_id = ?1 AND state != 'ended'",
-            [&tenant.id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )?;
-        let q = &tenant.quotas;
         let s = ask.sandbox;
-        if n + 1 > q.max_sandboxes {
-            return Ok(Err(OverQuota::Sandboxes(q.max_sandboxes)));
-        }
-        if vcpus + s.vcpus > q.max_vcpus {
-            return Ok(Err(OverQuota::Vcpus(q.max_vcpus)));
-        }
-        if mem + s.memory_mib > q.max_memory_mib {
-            return Ok(Err(OverQuota::Memory(q.max_memory_mib)));
+        if let Err(over) = check_quotas(&tx, tenant, s.vcpus, s.memory_mib)? {
+            return Ok(Err(over));
         }
         tx.execute(
             &format!(
                 "INSERT INTO sandboxes ({SANDBOX_COLUMNS}) VALUES
-                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+                 (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, NULL)"
             ),
             params![
                 s.id,
@@ -461,6 +459,78 @@ impl Db {
         )?;
         tx.commit()?;
         Ok(Ok(()))
+    }
+
+    /// A running sandbox paused, with what its resume needs; false when it
+    /// was not running.
+    pub fn mark_paused(&self, id: &str, paused: &str) -> Result<bool, DbError> {
+        let n = self.conn().execute(
+            "UPDATE sandboxes SET state = 'paused', paused = ?2
+                 WHERE id = ?1 AND state = 'running'",
+            params![id, paused],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// Claims paused sandbox `id` of `tenant` for a resume ('resuming'), if
+    /// the tenant's quotas have room for its VM again: None when it is not
+    /// paused (another resume took it, or it is not the tenant's).
+    pub fn begin_resume(
+        &self,
+        tenant: &Tenant,
+        id: &str,
+    ) -> Result<Option<Result<SandboxRow, OverQuota>>, DbError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let sql = format!(
+            "SELECT {SANDBOX_COLUMNS} FROM sandboxes
+                 WHERE id = ?1 AND tenant_id = ?2 AND state = 'paused'"
+        );
+        let Some(row) = tx
+            .query_row(&sql, [id, &tenant.id], sandbox_row)
+            .optional()?
+        else {
+            return Ok(None);
+        };
+        if let Err(over) = check_quotas(&tx, tenant, row.vcpus, row.memory_mib)? {
+            return Ok(Some(Err(over)));
+        }
+        tx.execute(
+            "UPDATE sandboxes SET state = 'resuming' WHERE id = ?1",
+            [id],
+        )?;
+        tx.commit()?;
+        Ok(Some(Ok(row)))
+    }
+
+    /// A resume that failed: the sandbox is paused again.
+    pub fn resume_failed(&self, id: &str) -> Result<(), DbError> {
+        self.conn().execute(
+            "UPDATE sandboxes SET state = 'paused' WHERE id = ?1 AND state = 'resuming'",
+            [id],
+        )?;
+        Ok(())
+    }
+
+    pub fn mark_resumed(&self, id: &str, end_ms: i64) -> Result<(), DbError> {
+        self.conn().execute(
+            "UPDATE sandboxes SET state = 'running', end_ms = ?2, paused = NULL
+                 WHERE id = ?1 AND state = 'resuming'",
+            params![id, end_ms],
+        )?;
+        Ok(())
+    }
+
+    /// Paused sandboxes (all, or the tenant's), oldest first.
+    pub fn paused_sandboxes(&self, tenant: Option<&str>) -> Result<Vec<SandboxRow>, DbError> {
+        let conn = self.conn();
+        let sql = format!(
+            "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE state IN ('paused', 'resuming')
+                 AND (?1 IS NULL OR tenant_id = ?1) ORDER BY created_ms, id"
+        );
+        let mut st = conn.prepare(&sql)?;
+        let rows = st.query_map([tenant], sandbox_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     pub fn mark_running(&self, id: &str, path: &str, end_ms: i64) -> Result<(), DbError> {
@@ -495,11 +565,11 @@ impl Db {
         Ok(self.conn().query_row(&sql, [id], sandbox_row).optional()?)
     }
 
-    /// The tenant's sandboxes that have not ended, oldest first.
+    /// The tenant's sandboxes that hold a VM, oldest first.
     pub fn live_sandboxes(&self, tenant: Option<&str>) -> Result<Vec<SandboxRow>, DbError> {
         let conn = self.conn();
         let sql = format!(
-            "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE state != 'ended'
+            "SELECT {SANDBOX_COLUMNS} FROM sandboxes WHERE {HOLDS_VM}
                  AND (?1 IS NULL OR tenant_id = ?1) ORDER BY created_ms, id"
         );
         let mut st = conn.prepare(&sql)?;
@@ -516,6 +586,36 @@ impl Db {
         let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
+}
+
+/// Whether `tenant`'s quotas have room for one more VM of this shape, by
+/// what its sandboxes hold now (in `tx`, so that the insert or update that
+/// follows is checked with it).
+fn check_quotas(
+    tx: &rusqlite::Transaction,
+    tenant: &Tenant,
+    vcpus: i64,
+    memory_mib: i64,
+) -> Result<Result<(), OverQuota>, DbError> {
+    let (n, used_vcpus, mem): (i64, i64, i64) = tx.query_row(
+        &format!(
+            "SELECT COUNT(*), COALESCE(SUM(vcpus), 0), COALESCE(SUM(memory_mib), 0)
+                 FROM sandboxes WHERE tenant_id = ?1 AND {HOLDS_VM}"
+        ),
+        [&tenant.id],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
+    let q = &tenant.quotas;
+    if n + 1 > q.max_sandboxes {
+        return Ok(Err(OverQuota::Sandboxes(q.max_sandboxes)));
+    }
+    if used_vcpus + vcpus > q.max_vcpus {
+        return Ok(Err(OverQuota::Vcpus(q.max_vcpus)));
+    }
+    if mem + memory_mib > q.max_memory_mib {
+        return Ok(Err(OverQuota::Memory(q.max_memory_mib)));
+    }
+    Ok(Ok(()))
 }
 
 #[cfg(test)]
@@ -537,6 +637,7 @@ mod tests {
             end_ms: now_ms() + 1000,
             ended_ms: None,
             end_reason: None,
+            paused: None,
         }
     }
 

@@ -59,6 +59,11 @@ pub struct AppState {
     pub db: db::Db,
     pub admin_token_hash: Vec<u8>,
     pub registry: Registry,
+    /// Pauses, resumes and kills, one at a time per sandbox.
+    pub transitions: sandboxes::Transitions,
+    /// Fork snapshots whose forks are being started (no sandbox holds
+    /// them yet).
+    pub forks: std::sync::Mutex<std::collections::HashSet<String>>,
     /// The config's templates and those made through the admin API.
     pub templates: std::sync::RwLock<HashMap<String, TemplateSpec>>,
     /// The pool daemon, restarted when the templates' pools change.
@@ -66,6 +71,9 @@ pub struct AppState {
     pub config: config::Config,
     /// podvisor's root for the VMs: templates, pools, sandbox state.
     pub vm_root: PathBuf,
+    /// Where templates' block roots are kept (an image store of its own,
+    /// in the config's `base_cache`).
+    pub images: image::store::Store,
     pub assets: GuestAssets,
     pub accel: Accel,
     pub metrics: metrics::Metrics,
@@ -75,6 +83,20 @@ impl AppState {
     pub fn template(&self, name: &str) -> Option<TemplateSpec> {
         let t = self.templates.read().unwrap_or_else(|e| e.into_inner());
         t.get(name).cloned()
+    }
+
+    /// Marks fork snapshot `name` in use by a fork under way, or not.
+    pub fn forking(&self, name: &str, on: bool) {
+        let mut f = self.forks.lock().unwrap_or_else(|e| e.into_inner());
+        match on {
+            true => f.insert(name.to_string()),
+            false => f.remove(name),
+        };
+    }
+
+    pub fn forks_under_way(&self) -> Vec<String> {
+        let f = self.forks.lock().unwrap_or_else(|e| e.into_inner());
+        f.iter().cloned().collect()
     }
 
     /// Every template, by name.
@@ -159,16 +181,22 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     let assets = GuestAssets::resolve(None, None)?;
     let accel = sandbox::checked_accel(None)?;
     eprintln!("podvisord: accelerator {accel}");
+    // Beside the base root, outside the state directory: a fresh state
+    // directory reuses the block roots made before.
+    let images = image::store::Store::open(&config.base_cache.join("images"))?;
     let stored = db.templates()?;
-    let templates = base::prepare(&config, &stored, &vm_root, &assets, accel).await?;
+    let templates = base::prepare(&config, &stored, &vm_root, &images, &assets, accel).await?;
     let state = Arc::new(AppState {
         db,
         admin_token_hash: auth::hash(&token),
         registry: Registry::default(),
+        transitions: Default::default(),
+        forks: Default::default(),
         templates: std::sync::RwLock::new(templates),
         pools: std::sync::Mutex::new(None),
         config,
         vm_root,
+        images,
         assets,
         accel,
         metrics: metrics::Metrics::default(),

@@ -113,7 +113,17 @@ async fn open(live: &Live, port: u16) -> Result<tokio::io::DuplexStream, tonic::
 }
 
 pub async fn proxy(state: Arc<AppState>, id: String, port: u16, mut req: Request) -> Response {
-    let Some(live) = state.registry.get(&id) else {
+    let live = match state.registry.get(&id) {
+        Some(live) => Some(live),
+        None => {
+            let token = req
+                .headers()
+                .get(TOKEN_HEADER)
+                .map(|v| v.as_bytes().to_vec());
+            crate::sandboxes::auto_resume_for_traffic(&state, &id, token.as_deref()).await
+        }
+    };
+    let Some(live) = live else {
         return error(
             StatusCode::NOT_FOUND,
             &id,

@@ -36,7 +36,14 @@ const INIT: &[&str] = &[
 #[derive(Clone, Debug)]
 pub struct TemplateSpec {
     pub name: String,
+    /// The root's tree on the host (read for its users only).
     pub rootfs: PathBuf,
+    /// The root as sandboxes get it: the tree as a read-only filesystem
+    /// image and the empty one each sandbox's writable disk starts from
+    /// (a block root, so that a sandbox's VM can be saved: QEMU cannot
+    /// save a guest that holds 9p files).
+    pub block: sandbox::BlockRoot,
+    pub disk_mib: u64,
     pub vcpus: u32,
     pub memory_mib: u64,
     /// Ready clones kept for it.
@@ -96,8 +103,66 @@ pub struct Live {
     pub end_ms: Mutex<i64>,
     pub processes: Processes,
     pub watchers: crate::envd::filesystem::Watchers,
+    /// Paused instead of killed at its deadline (`autoPause`).
+    pub auto_pause: bool,
+    /// Resumed by a request to it while paused (`autoResume`).
+    pub auto_resume: bool,
+    /// How many times it was paused before (its snapshots' generations).
+    pub pauses: u32,
+    /// The fork snapshots its disk chain is built on (kept while it is).
+    pub bases: Vec<String>,
     /// Taken by whoever ends it.
     vm: tokio::sync::Mutex<Option<Sandbox>>,
+}
+
+/// What a paused sandbox's resume needs, kept in its row (JSON) while it is
+/// paused: the snapshot, and what its clients hold (the envd token they
+/// were given stays theirs).
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Paused {
+    /// The podvisor template (a snapshot) in the VM root.
+    pub snapshot: String,
+    pub pauses: u32,
+    pub envd_token: String,
+    pub traffic_token: Option<String>,
+    pub env: HashMap<String, String>,
+    pub auto_pause: bool,
+    pub auto_resume: bool,
+    pub started_ms: i64,
+    pub paused_ms: i64,
+    #[serde(default)]
+    pub bases: Vec<String>,
+}
+
+/// The name of a sandbox's `n`th snapshot. Each resume's writable layer is
+/// an overlay of the snapshot's, so a sandbox's snapshots are kept until
+/// it ends.
+fn snapshot_name(id: &str, n: u32) -> String {
+    format!("{}{n}", snapshot_prefix(id))
+}
+
+fn snapshot_prefix(id: &str) -> String {
+    format!("podvisord-paused-{id}-")
+}
+
+/// One lock per sandbox id, held by whoever pauses, resumes or kills it:
+/// of two resumes at once, the second finds the sandbox running.
+#[derive(Default)]
+pub struct Transitions {
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Transitions {
+    pub async fn lock(&self, id: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut map = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+            // Locks nobody holds or waits for go.
+            map.retain(|_, l| Arc::strong_count(l) > 1);
+            Arc::clone(map.entry(id.to_string()).or_default())
+        };
+        lock.lock_owned().await
+    }
 }
 
 impl Live {
@@ -160,6 +225,8 @@ pub struct CreateAsk {
     pub env: HashMap<String, String>,
     /// `network.allowPublicTraffic` (true when not given, as E2B's default).
     pub public: bool,
+    pub auto_pause: bool,
+    pub auto_resume: bool,
 }
 
 /// A sandbox id as E2B's look: lower-case letters and digits.
@@ -220,6 +287,7 @@ pub async fn create(
         end_ms: now_ms() + ask.timeout_s * 1000,
         ended_ms: None,
         end_reason: None,
+        paused: None,
     };
     state
         .db
@@ -227,7 +295,9 @@ pub async fn create(
         .map_err(quota_error)?;
     crate::crash::point("create.admitted");
     let t0 = Instant::now();
-    let made = start_vm(state, &template, &id).await;
+    // A pool's clones cannot be paused (yet): one that may be does not
+    // come from the pool.
+    let made = start_vm(state, &template, &id, !ask.auto_pause).await;
     let (vm, path) = match made {
         Ok(v) => v,
         Err(e) => {
@@ -238,7 +308,7 @@ pub async fn create(
     };
     crate::crash::point("create.booted");
     let agent = vm.agent.clone();
-    if let Err(e) = start_container(&vm, agent.clone(), &template).await {
+    if let Err(e) = start_container(agent.clone()).await {
         vm.destroy().await;
         state.db.mark_ended(&id, "failed")?;
         state.metrics.create_failed();
@@ -262,6 +332,10 @@ pub async fn create(
         end_ms: Mutex::new(end_ms),
         processes: Processes::default(),
         watchers: Default::default(),
+        auto_pause: ask.auto_pause,
+        auto_resume: ask.auto_resume,
+        pauses: 0,
+        bases: Vec::new(),
         vm: tokio::sync::Mutex::new(Some(vm)),
     });
     state.registry.insert(Arc::clone(&live));
@@ -277,19 +351,18 @@ async fn start_vm(
     state: &AppState,
     template: &TemplateSpec,
     id: &str,
+    pooled: bool,
 ) -> Result<(Sandbox, &'static str), ApiError> {
     let name = template.vm_template();
     let root = &state.vm_root;
-    match sandbox::pool::take(root, &name, "sandbox", &[]).await {
-        Ok(Some(sb)) => match sb.attach(&template.rootfs, sandbox::pool::ROOTFS_SUBPATH, true) {
-            Ok(()) => return Ok((sb, "pool")),
-            Err(e) => {
-                tracing::warn!(sandbox = %id, "pool clone unusable: {e}");
-                sb.destroy().await;
-            }
-        },
-        Ok(None) => {}
-        Err(e) => tracing::warn!(sandbox = %id, "pool of {name}: {e}"),
+    // A pool's clone has the template's disks, and a writable layer of
+    // its own over the template's.
+    if pooled {
+        match sandbox::pool::take(root, &name, "sandbox", &[]).await {
+            Ok(Some(sb)) => return Ok((sb, "pool")),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(sandbox = %id, "pool of {name}: {e}"),
+        }
     }
     let vm_template = Template::open(root, &name).ok();
     let (memory, vcpus, assets, accel) = match &vm_template {
@@ -302,24 +375,12 @@ async fn start_vm(
         ),
     };
     let config = SandboxConfig {
-        cpu_millis: None,
-        cgroup: None,
-        id: id.to_string(),
-        root: root.clone(),
         memory_mib: memory,
         vcpus,
         assets,
         accel,
-        nics: Vec::new(),
-        shares: vec![Share {
-            tag: sandbox::template::ROOTFS_TAG.into(),
-            path: template.rootfs.clone(),
-            readonly: true,
-        }],
-        hostname: "sandbox".into(),
-        boot_timeout: sandbox::default_boot_timeout(accel),
         template: vm_template,
-        block_root: None,
+        ..vm_config(state, id, Some(template.block.clone()))?
     };
     let sb = Sandbox::start(config).await.map_err(|e| {
         tracing::error!(sandbox = %id, "starting the VM: {e}");
@@ -333,11 +394,48 @@ async fn start_vm(
     Ok((sb, path))
 }
 
-async fn start_container(
-    sb: &Sandbox,
-    mut agent: AgentClient,
-    template: &TemplateSpec,
-) -> Result<(), ApiError> {
+/// A sandbox VM's config, shaped as the state's defaults (callers set the
+/// template and the shape it has).
+fn vm_config(
+    state: &AppState,
+    id: &str,
+    block_root: Option<sandbox::BlockRoot>,
+) -> Result<SandboxConfig, ApiError> {
+    Ok(SandboxConfig {
+        cpu_millis: None,
+        cgroup: None,
+        id: id.to_string(),
+        root: state.vm_root.clone(),
+        memory_mib: 512,
+        vcpus: 1,
+        assets: state.assets.clone(),
+        accel: state.accel,
+        nics: Vec::new(),
+        // The template's device set has a 9p share, which the container
+        // (on the block root) never mounts: an empty one.
+        shares: vec![Share {
+            tag: sandbox::template::ROOTFS_TAG.into(),
+            path: empty_share(&state.vm_root)?,
+            readonly: true,
+        }],
+        hostname: "sandbox".into(),
+        boot_timeout: sandbox::default_boot_timeout(state.accel),
+        template: None,
+        block_root,
+    })
+}
+
+/// An empty directory, what sandboxes' unused 9p share exports.
+fn empty_share(root: &std::path::Path) -> Result<PathBuf, ApiError> {
+    let dir = root.join("empty-share");
+    match std::fs::create_dir(&dir) {
+        Ok(()) => Ok(dir),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(dir),
+        Err(e) => Err(ApiError::internal(format!("{}: {e}", dir.display()))),
+    }
+}
+
+async fn start_container(mut agent: AgentClient) -> Result<(), ApiError> {
     let process = agent_proto::Process {
         args: INIT.iter().map(|s| s.to_string()).collect(),
         env: vec!["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()],
@@ -349,18 +447,16 @@ async fn start_container(
         }),
         ..Default::default()
     };
-    let _ = template;
     agent
         .create_container(CreateContainerRequest {
             container_id: CONTAINER.into(),
-            rootfs_tag: sandbox::template::ROOTFS_TAG.into(),
-            rootfs_subpath: match sb.is_pooled() {
-                true => sandbox::pool::ROOTFS_SUBPATH.into(),
-                false => String::new(),
-            },
-            rootfs_readonly: false,
-            // The template's root is shared read-only by all its sandboxes;
-            // each writes to a layer of its own in guest memory.
+            // The template's root is a read-only disk that all its
+            // sandboxes share; each writes to an overlay on a disk of its
+            // own (a copy-on-write layer over an empty filesystem).
+            block_root: Some(agent_proto::BlockRoot {
+                image_serial: sandbox::IMAGE_SERIAL.into(),
+                layer_serial: sandbox::LAYER_SERIAL.into(),
+            }),
             rootfs_overlay: true,
             hostname: "sandbox".into(),
             process: Some(process),
@@ -381,11 +477,19 @@ async fn start_container(
     Ok(())
 }
 
-/// Ends sandbox `id`: its VM destroyed, its row ended with `reason`.
-/// False when it was not live.
+/// Ends sandbox `id`: its VM destroyed (or, paused, its snapshots
+/// removed), its row ended with `reason`. False when it was neither live
+/// nor paused.
 pub async fn kill(state: &AppState, id: &str, reason: &str) -> bool {
+    let _transition = state.transitions.lock(id).await;
     let Some(live) = state.registry.remove(id) else {
-        return false;
+        return match state.db.sandbox(id) {
+            Ok(Some(row)) if row.state == "paused" => {
+                discard_paused(state, &row, reason);
+                true
+            }
+            _ => false,
+        };
     };
     crate::crash::point("kill.begun");
     live.processes.end_all();
@@ -394,14 +498,437 @@ pub async fn kill(state: &AppState, id: &str, reason: &str) -> bool {
         vm.destroy().await;
     }
     crate::crash::point("kill.destroyed");
+    remove_snapshots(state, id);
     if let Err(e) = state.db.mark_ended(id, reason) {
         tracing::error!(sandbox = %id, "{e}");
     }
+    collect_forks(state);
     state
         .db
         .event(Some(&live.tenant), Some(id), "ended", reason);
     tracing::info!(tenant = %live.tenant, sandbox = %id, reason, "sandbox ended");
     true
+}
+
+/// Removes every snapshot of sandbox `id`.
+fn remove_snapshots(state: &AppState, id: &str) {
+    let prefix = snapshot_prefix(id);
+    let Ok(entries) = std::fs::read_dir(state.vm_root.join("templates")) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Some(n) = name.strip_prefix(&prefix) {
+            if n.parse::<u32>().is_ok() {
+                if let Err(e) = Template::remove(&state.vm_root, &name) {
+                    tracing::warn!(sandbox = %id, "removing snapshot {name}: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// Ends paused sandbox `row`: its snapshots removed, its row ended.
+pub fn discard_paused(state: &AppState, row: &SandboxRow, reason: &str) {
+    remove_snapshots(state, &row.id);
+    if let Err(e) = state.db.mark_ended(&row.id, reason) {
+        tracing::error!(sandbox = %row.id, "{e}");
+    }
+    collect_forks(state);
+    state
+        .db
+        .event(Some(&row.tenant_id), Some(&row.id), "ended", reason);
+    tracing::info!(tenant = %row.tenant_id, sandbox = %row.id, reason, "paused sandbox ended");
+}
+
+/// Pauses `live`: its whole VM saved as a snapshot (synced before this
+/// answers), then ended; its row paused. A failed pause leaves it running
+/// as it was. False when it was no longer running.
+pub async fn pause(state: &AppState, live: &Arc<Live>) -> Result<bool, ApiError> {
+    let _transition = state.transitions.lock(&live.id).await;
+    if state.registry.get(&live.id).is_none() {
+        return Ok(false);
+    }
+    let t0 = Instant::now();
+    let mut vm = live.vm.lock().await;
+    let Some(sb) = vm.as_mut() else {
+        return Ok(false);
+    };
+    if sb.is_pooled() {
+        return Err(ApiError::bad_request(
+            "a sandbox from a template's pool cannot be paused; create it with autoPause \
+             (which leaves the pool out) to pause it",
+        ));
+    }
+    let n = live.pauses + 1;
+    let name = snapshot_name(&live.id, n);
+    // What a pause killed before it finished left.
+    let _ = Template::remove(&state.vm_root, &name);
+    crate::crash::point("pause.begun");
+    sb.snapshot(&state.vm_root, &name, false)
+        .await
+        .map_err(|e| {
+            tracing::error!(sandbox = %live.id, "pausing: {e}");
+            ApiError::internal(format!("pausing the sandbox: {e}"))
+        })?;
+    crate::crash::point("pause.saved");
+    let paused = Paused {
+        snapshot: name.clone(),
+        pauses: n,
+        envd_token: live.envd_token.clone(),
+        traffic_token: live.traffic_token.clone(),
+        env: live.env.clone(),
+        auto_pause: live.auto_pause,
+        auto_resume: live.auto_resume,
+        started_ms: live.started_ms,
+        paused_ms: now_ms(),
+        bases: live.bases.clone(),
+    };
+    let json = serde_json::to_string(&paused).map_err(|e| ApiError::internal(e.to_string()))?;
+    if !state.db.mark_paused(&live.id, &json)? {
+        let _ = Template::remove(&state.vm_root, &name);
+        return Ok(false);
+    }
+    let sb = vm.take();
+    state.registry.remove(&live.id);
+    live.processes.end_all();
+    live.watchers.clear();
+    if let Some(sb) = sb {
+        sb.destroy().await;
+    }
+    let ms = t0.elapsed().as_millis() as u64;
+    state.db.event(
+        Some(&live.tenant),
+        Some(&live.id),
+        "paused",
+        &format!("{ms} ms"),
+    );
+    tracing::info!(tenant = %live.tenant, sandbox = %live.id, ms, "sandbox paused");
+    Ok(true)
+}
+
+/// Sandbox `id` of `tenant`, running: live already (false), or resumed
+/// from its snapshot now (true) with `timeout_s` to live (its old timeout
+/// when None). Not found when it is neither live nor paused.
+pub async fn resume(
+    state: &Arc<AppState>,
+    tenant: &Tenant,
+    id: &str,
+    timeout_s: Option<i64>,
+) -> Result<(Arc<Live>, bool), ApiError> {
+    let _transition = state.transitions.lock(id).await;
+    if let Ok(live) = state.registry.of_tenant(&tenant.id, id) {
+        return Ok((live, false));
+    }
+    let row = match state.db.begin_resume(tenant, id)? {
+        None => return Err(ApiError::sandbox_not_found(id)),
+        Some(Err(over)) => return Err(quota_error(over)),
+        Some(Ok(row)) => row,
+    };
+    match resume_vm(state, tenant, &row, timeout_s).await {
+        Ok(live) => Ok((live, true)),
+        Err(e) => {
+            state.db.resume_failed(id)?;
+            tracing::error!(sandbox = %id, "resuming: {}", e.message);
+            Err(e)
+        }
+    }
+}
+
+/// VM `id` carrying on from snapshot `name`; an error (never a cold boot)
+/// when the snapshot will not restore.
+async fn from_snapshot(state: &AppState, name: &str, id: &str) -> Result<Sandbox, String> {
+    let snapshot = Template::open(&state.vm_root, name).map_err(|e| e.to_string())?;
+    let (memory, vcpus, assets, accel) = snapshot.shape();
+    let config = SandboxConfig {
+        memory_mib: memory,
+        vcpus,
+        assets,
+        accel,
+        block_root: snapshot.meta.block_root.clone(),
+        template: Some(snapshot),
+        ..vm_config(state, id, None).map_err(|e| e.message)?
+    };
+    let sb = Sandbox::start(config).await.map_err(|e| e.to_string())?;
+    // A snapshot that would not restore boots cold: that is not the
+    // sandbox it was any more.
+    if sb.cloned_from.is_none() {
+        let why = sb.fallback.clone().unwrap_or_default();
+        sb.destroy().await;
+        return Err(why);
+    }
+    Ok(sb)
+}
+
+/// The most forks one request makes (E2B's SDK sends 1 to 20).
+pub const MAX_FORKS: usize = 20;
+
+/// `count` copies of running sandbox `live`, each a new sandbox of
+/// `tenant` (admitted against its quotas, its own id, envd token and
+/// writable layers) carrying on from one snapshot taken now; the parent
+/// runs on, its id and deadline untouched. One result per fork.
+pub async fn fork(
+    state: &Arc<AppState>,
+    tenant: &Tenant,
+    live: &Arc<Live>,
+    count: usize,
+    timeout_s: i64,
+) -> Result<Vec<Result<Arc<Live>, ApiError>>, ApiError> {
+    let name = format!("podvisord-fork-{}-{}", live.id, crate::auth::random_hex(4));
+    {
+        let _transition = state.transitions.lock(&live.id).await;
+        let mut vm = live.vm.lock().await;
+        let Some(sb) = vm.as_mut() else {
+            return Err(ApiError::sandbox_not_found(&live.id));
+        };
+        if sb.is_pooled() {
+            return Err(ApiError::bad_request(
+                "a sandbox from a template's pool cannot be forked; create it with autoPause \
+                 (which leaves the pool out) to fork it",
+            ));
+        }
+        state.forking(&name, true);
+        let t0 = Instant::now();
+        if let Err(e) = sb.snapshot(&state.vm_root, &name, true).await {
+            state.forking(&name, false);
+            tracing::error!(sandbox = %live.id, "forking: {e}");
+            return Err(ApiError::internal(format!("snapshotting the sandbox: {e}")));
+        }
+        tracing::info!(sandbox = %live.id, ms = t0.elapsed().as_millis() as u64, "fork snapshot taken");
+    }
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        out.push(fork_one(state, tenant, live, &name, timeout_s).await);
+    }
+    state.forking(&name, false);
+    collect_forks(state);
+    Ok(out)
+}
+
+async fn fork_one(
+    state: &Arc<AppState>,
+    tenant: &Tenant,
+    parent: &Live,
+    snapshot: &str,
+    timeout_s: i64,
+) -> Result<Arc<Live>, ApiError> {
+    let token = crate::auth::random_hex(24);
+    let id = new_id();
+    let row = SandboxRow {
+        id: id.clone(),
+        tenant_id: tenant.id.clone(),
+        template: parent.template.name.clone(),
+        state: "creating".into(),
+        vcpus: parent.vcpus.into(),
+        memory_mib: parent.memory_mib as i64,
+        metadata: parent.metadata.clone(),
+        envd_token_hash: crate::auth::hash(&token),
+        created_ms: now_ms(),
+        started_ms: None,
+        end_ms: now_ms() + timeout_s * 1000,
+        ended_ms: None,
+        end_reason: None,
+        paused: None,
+    };
+    state
+        .db
+        .admit(tenant, db::Ask { sandbox: &row })?
+        .map_err(quota_error)?;
+    let t0 = Instant::now();
+    let sb = match from_snapshot(state, snapshot, &id).await {
+        Ok(sb) => sb,
+        Err(e) => {
+            state.db.mark_ended(&id, "failed")?;
+            return Err(ApiError::internal(format!("starting the fork: {e}")));
+        }
+    };
+    let started = now_ms();
+    let end_ms = started + timeout_s * 1000;
+    let mut bases = parent.bases.clone();
+    bases.push(snapshot.to_string());
+    let live = Arc::new(Live {
+        id: id.clone(),
+        tenant: tenant.id.clone(),
+        template: parent.template.clone(),
+        envd_token: token,
+        traffic_token: parent
+            .traffic_token
+            .as_ref()
+            .map(|_| crate::auth::random_hex(16)),
+        agent: sb.agent.clone(),
+        env: parent.env.clone(),
+        metadata: parent.metadata.clone(),
+        started_ms: started,
+        vcpus: parent.vcpus,
+        memory_mib: parent.memory_mib,
+        end_ms: Mutex::new(end_ms),
+        processes: Processes::default(),
+        watchers: Default::default(),
+        auto_pause: parent.auto_pause,
+        auto_resume: parent.auto_resume,
+        pauses: 0,
+        bases,
+        vm: tokio::sync::Mutex::new(Some(sb)),
+    });
+    state.registry.insert(Arc::clone(&live));
+    state.db.mark_running(&id, "fork", end_ms)?;
+    state.metrics.created("fork", t0.elapsed());
+    state.db.event(
+        Some(&tenant.id),
+        Some(&id),
+        "created",
+        &format!("fork of {}", parent.id),
+    );
+    tracing::info!(tenant = %tenant.id, sandbox = %id, parent = %parent.id, ms = t0.elapsed().as_millis() as u64, "sandbox forked");
+    Ok(live)
+}
+
+/// Removes fork snapshots that no live or paused sandbox is built on and
+/// no fork under way uses.
+pub fn collect_forks(state: &AppState) {
+    let mut kept: std::collections::HashSet<String> = state
+        .registry
+        .all()
+        .iter()
+        .flat_map(|l| l.bases.clone())
+        .collect();
+    match state.db.paused_sandboxes(None) {
+        Ok(rows) => kept.extend(rows.iter().flat_map(|r| {
+            r.paused
+                .as_deref()
+                .and_then(|p| serde_json::from_str::<Paused>(p).ok())
+                .map(|p| p.bases)
+                .unwrap_or_default()
+        })),
+        // Unsure what is used: keep everything.
+        Err(_) => return,
+    }
+    kept.extend(state.forks_under_way());
+    let Ok(entries) = std::fs::read_dir(state.vm_root.join("templates")) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("podvisord-fork-") && !kept.contains(&name) {
+            if let Err(e) = Template::remove(&state.vm_root, &name) {
+                tracing::warn!("removing fork snapshot {name}: {e}");
+            }
+        }
+    }
+}
+
+async fn resume_vm(
+    state: &Arc<AppState>,
+    tenant: &Tenant,
+    row: &SandboxRow,
+    timeout_s: Option<i64>,
+) -> Result<Arc<Live>, ApiError> {
+    let t0 = Instant::now();
+    let paused: Paused = row
+        .paused
+        .as_deref()
+        .and_then(|p| serde_json::from_str(p).ok())
+        .ok_or_else(|| ApiError::internal("the paused sandbox's record is unreadable"))?;
+    let template = state.template(&row.template).ok_or_else(|| {
+        ApiError::internal(format!(
+            "the sandbox's template {:?} is gone; it cannot be resumed",
+            row.template
+        ))
+    })?;
+    let damaged = |e: &dyn std::fmt::Display| {
+        ApiError::internal(format!(
+            "the sandbox's snapshot cannot be resumed (damaged or removed): {e}"
+        ))
+    };
+    let sb = from_snapshot(state, &paused.snapshot, &row.id)
+        .await
+        .map_err(|e| damaged(&e))?;
+    crate::crash::point("resume.booted");
+    let timeout_s = timeout_s.unwrap_or(state.config.default_timeout_s);
+    let end_ms = now_ms() + timeout_s * 1000;
+    let live = Arc::new(Live {
+        id: row.id.clone(),
+        tenant: tenant.id.clone(),
+        template,
+        envd_token: paused.envd_token,
+        traffic_token: paused.traffic_token,
+        agent: sb.agent.clone(),
+        env: paused.env,
+        metadata: row.metadata.clone(),
+        started_ms: paused.started_ms,
+        vcpus: row.vcpus as u32,
+        memory_mib: row.memory_mib as u64,
+        end_ms: Mutex::new(end_ms),
+        processes: Processes::default(),
+        watchers: Default::default(),
+        auto_pause: paused.auto_pause,
+        auto_resume: paused.auto_resume,
+        pauses: paused.pauses,
+        bases: paused.bases,
+        vm: tokio::sync::Mutex::new(Some(sb)),
+    });
+    state.registry.insert(Arc::clone(&live));
+    state.db.mark_resumed(&row.id, end_ms)?;
+    let ms = t0.elapsed().as_millis() as u64;
+    state.db.event(
+        Some(&tenant.id),
+        Some(&row.id),
+        "resumed",
+        &format!("{ms} ms"),
+    );
+    tracing::info!(tenant = %tenant.id, sandbox = %row.id, ms, "sandbox resumed");
+    Ok(live)
+}
+
+/// Paused sandbox `id` resumed for a request to its envd that carries its
+/// envd token, when it was made with `autoResume`; None otherwise (the
+/// caller answers as for a sandbox that does not exist).
+pub async fn auto_resume(
+    state: &Arc<AppState>,
+    id: &str,
+    envd_token: Option<&[u8]>,
+) -> Option<Arc<Live>> {
+    auto_resume_if(state, id, |p| {
+        envd_token.is_some_and(|t| crate::auth::same(t, p.envd_token.as_bytes()))
+    })
+    .await
+}
+
+/// `auto_resume` for traffic to one of the sandbox's own ports: its
+/// traffic token, when it was made with one, must be given.
+pub async fn auto_resume_for_traffic(
+    state: &Arc<AppState>,
+    id: &str,
+    traffic_token: Option<&[u8]>,
+) -> Option<Arc<Live>> {
+    auto_resume_if(state, id, |p| match &p.traffic_token {
+        None => true,
+        Some(want) => traffic_token.is_some_and(|t| crate::auth::same(t, want.as_bytes())),
+    })
+    .await
+}
+
+async fn auto_resume_if(
+    state: &Arc<AppState>,
+    id: &str,
+    allowed: impl FnOnce(&Paused) -> bool,
+) -> Option<Arc<Live>> {
+    let row = state.db.sandbox(id).ok()??;
+    if row.state != "paused" && row.state != "resuming" {
+        return None;
+    }
+    let paused: Paused = serde_json::from_str(row.paused.as_deref()?).ok()?;
+    if !paused.auto_resume || !allowed(&paused) {
+        return None;
+    }
+    let tenant = state.db.tenant(&row.tenant_id).ok()??;
+    match resume(state, &tenant, id, None).await {
+        Ok((live, _)) => Some(live),
+        Err(e) => {
+            tracing::warn!(sandbox = %id, "auto-resume failed: {}", e.message);
+            None
+        }
+    }
 }
 
 /// Sets the sandbox's deadline `timeout_s` from now.
@@ -412,25 +939,41 @@ pub fn set_timeout(state: &AppState, live: &Live, timeout_s: i64) -> Result<(), 
     Ok(())
 }
 
-/// Kills sandboxes past their deadline, every second, for ever.
+/// Kills (or, with `autoPause`, pauses) sandboxes past their deadline,
+/// every second, for ever.
 pub async fn reap(state: Arc<AppState>) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let now = now_ms();
         for live in state.registry.all() {
-            if live.end_ms() <= now {
-                kill(&state, &live.id, "timeout").await;
+            if live.end_ms() > now {
+                continue;
             }
+            if live.auto_pause {
+                match pause(&state, &live).await {
+                    Ok(_) => continue,
+                    Err(e) => {
+                        tracing::error!(sandbox = %live.id, "auto-pause failed, killing it: {}", e.message)
+                    }
+                }
+            }
+            kill(&state, &live.id, "timeout").await;
         }
     }
 }
 
 /// At start: sandboxes the database holds as live died with the podvisord
-/// that held them (their supervisors end with its connections).
+/// that held them (their supervisors end with its connections); paused
+/// ones stay paused (a resume under way is undone: its snapshot is whole).
 pub fn recover(state: &AppState) -> Result<usize, db::DbError> {
     let rows = state.db.live_sandboxes(None)?;
     for r in &rows {
+        if r.state == "resuming" {
+            state.db.resume_failed(&r.id)?;
+            continue;
+        }
         state.db.mark_ended(&r.id, "podvisord restarted")?;
+        remove_snapshots(state, &r.id);
         state.db.event(
             Some(&r.tenant_id),
             Some(&r.id),
@@ -438,5 +981,6 @@ pub fn recover(state: &AppState) -> Result<usize, db::DbError> {
             "podvisord restarted",
         );
     }
+    collect_forks(state);
     Ok(rows.len())
 }

@@ -602,8 +602,8 @@ fn a_killed_podvisord_leaves_no_vm_and_its_restart_agrees_with_the_host() {
     again.run_args(&args, &env, "service_restart.py");
 }
 
-/// kill -9 of podvisord at each crash point of a create and of a kill
-/// (`PODVISORD_CRASH_AT`, see src/crash.rs), then a restart on the same
+/// kill -9 of podvisord at each crash point of a create, a kill, a pause
+/// and a resume (`PODVISORD_CRASH_AT`, see src/crash.rs), then a restart on the same
 /// state: no VM outlives it, no row is left creating or running, no VM
 /// directory is left once the restart has cleaned up, and it serves again.
 #[test]
@@ -616,6 +616,9 @@ fn kill_9_at_each_point_of_create_and_kill_leaves_the_database_and_host_agreeing
         "create.started",
         "kill.begun",
         "kill.destroyed",
+        "pause.begun",
+        "pause.saved",
+        "resume.booted",
     ];
     for point in points {
         let dir = PathBuf::from(format!("/tmp/pvd-crash-{}", std::process::id()));
@@ -626,10 +629,12 @@ fn kill_9_at_each_point_of_create_and_kill_leaves_the_database_and_host_agreeing
         let mut s = Service::start_with(dir.clone(), port, "", &[], &crash);
         let state = dir.join("client.json").display().to_string();
         let db = dir.join("state/podvisord.db").display().to_string();
+        let snapshots = dir.join("state/vm/templates").display().to_string();
         let env = [
             ("CRASH_POINT", point),
             ("CRASH_STATE", state.as_str()),
             ("PODVISORD_DB", db.as_str()),
+            ("SNAPSHOT_DIR", snapshots.as_str()),
         ];
         s.run("service_crash.py", &env);
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -683,4 +688,100 @@ fn ten_clients_and_two_hundred_sandboxes() {
     let s = Service::start("load", "");
     let db = s.dir.join("state/podvisord.db");
     s.run("service_load.py", &[("PODVISORD_DB", db.to_str().unwrap())]);
+}
+
+/// Pause and resume through E2B's SDK around a restart of podvisord
+/// (tests/podvisord/sdk_pause.py): a process's memory, open file and
+/// listening socket survive; two connects at once resume once; a damaged
+/// snapshot (its saved device state cut short here) is refused and stays
+/// paused; `on_timeout: pause` and `auto_resume` work; killed sandboxes
+/// leave no snapshot behind.
+#[test]
+fn paused_sandboxes_survive_a_restart_and_resume_with_their_processes() {
+    let s = Service::start("pause", "");
+    let saved = s.dir.join("pause.json");
+    let env = [("PAUSE_STATE", saved.to_str().unwrap())];
+    s.run("sdk_pause.py", &env);
+    let ids: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&saved).unwrap()).unwrap();
+    let templates = s.dir.join("state/vm/templates");
+    let damaged = templates
+        .join(format!(
+            "podvisord-paused-{}-1",
+            ids["damaged"].as_str().unwrap()
+        ))
+        .join("state");
+    let len = std::fs::metadata(&damaged).unwrap().len();
+    // The snapshot is sealed read-only; root cuts it short all the same.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&damaged)
+        .unwrap();
+    f.set_len(len / 2).unwrap();
+    drop(f);
+    {
+        // A disk too small for a snapshot, over the snapshots' directory
+        // (hiding the others until it is unmounted).
+        let _full = Tmpfs::mount(&templates, "64m");
+        let dir = templates.display().to_string();
+        let args = [
+            scripts().join("sdk_pause.py").display().to_string(),
+            "full".to_string(),
+        ];
+        s.run_args(&args, &[env[0], ("SNAPSHOT_DIR", &dir)], "sdk_pause.py");
+    }
+    let s = s.restart();
+    let args = [
+        scripts().join("sdk_pause.py").display().to_string(),
+        "after".to_string(),
+    ];
+    s.run_args(&args, &env, "sdk_pause.py");
+    let left: Vec<String> = test_utils::names_in(&templates)
+        .into_iter()
+        .filter(|n| n.contains("paused"))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "snapshots outlived their sandboxes: {left:?}"
+    );
+}
+
+/// Fork through E2B's SDK (tests/podvisord/sdk_fork.py): five forks see
+/// the parent's state as of the fork and then diverge; a fork over quota
+/// fails alone; forks outlive their parent; once every sandbox is killed
+/// no fork snapshot is left.
+#[test]
+fn forks_diverge_from_their_parent_and_leave_nothing_behind() {
+    let s = Service::start("fork", "");
+    s.run("sdk_fork.py", &[]);
+    let left: Vec<String> = test_utils::names_in(&s.dir.join("state/vm/templates"))
+        .into_iter()
+        .filter(|n| n.contains("fork") || n.contains("paused"))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "snapshots outlived their sandboxes: {left:?}"
+    );
+}
+
+/// A tmpfs mounted for a test, unmounted when dropped.
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("mount(8)")
+            .success();
+        assert!(ok, "mounting a tmpfs on {}", dir.display());
+        Tmpfs(dir.to_path_buf())
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
 }

@@ -17,7 +17,9 @@ pub mod state;
 pub mod supervisor;
 pub mod template;
 
-pub use sandbox::{BlockRoot, Sandbox, SandboxConfig, Timings, IMAGE_SERIAL, LAYER_SERIAL};
+pub use sandbox::{
+    jail_enabled, BlockRoot, Sandbox, SandboxConfig, Timings, IMAGE_SERIAL, LAYER_SERIAL,
+};
 
 use hypervisor::{Accel, HostVirt};
 

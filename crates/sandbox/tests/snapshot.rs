@@ -45,6 +45,21 @@ async fn a_running_sandbox_is_snapshotted_and_forked_with_its_memory_and_disk() 
         }
     }
     assert!(n >= 3, "the counter never ran");
+    // A jailed QEMU writes no file larger than its RAM (or its 64 MiB
+    // disk) and slack: a QEMU the guest took over cannot fill the host's
+    // disk through the snapshot's file.
+    if podvisor_sandbox::jail_enabled() {
+        let limits = std::fs::read_to_string(format!("/proc/{}/limits", parent.vmm_pid())).unwrap();
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max file size"))
+            .unwrap();
+        let cap: u64 = line.split_whitespace().nth(3).unwrap().parse().unwrap_or(0);
+        assert!(
+            (256 << 20..=(256 + 256) << 20).contains(&cap),
+            "QEMU's file size cap: {line}"
+        );
+    }
 
     // Saved whole, the parent running on.
     let t0 = std::time::Instant::now();

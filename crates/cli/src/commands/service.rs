@@ -142,6 +142,9 @@ enum TemplateCommand {
         vcpus: u32,
         #[arg(long, default_value_t = 512)]
         memory_mib: u64,
+        /// Each sandbox's writable disk, in MiB.
+        #[arg(long, default_value_t = 2048)]
+        disk_mib: u64,
         /// Ready clones to keep.
         #[arg(long, default_value_t = 0)]
         pool: usize,
@@ -369,6 +372,7 @@ pub async fn run(args: ServiceArgs) -> anyhow::Result<u8> {
                 rootfs,
                 vcpus,
                 memory_mib,
+                disk_mib,
                 pool,
             } => {
                 let rootfs = match rootfs {
@@ -378,7 +382,7 @@ pub async fn run(args: ServiceArgs) -> anyhow::Result<u8> {
                 };
                 let body = json!({
                     "name": name, "rootfs": rootfs, "vcpus": vcpus,
-                    "memoryMB": memory_mib, "pool": pool,
+                    "memoryMB": memory_mib, "diskSizeMB": disk_mib, "pool": pool,
                 });
                 print(&c.call(Method::POST, "/admin/templates", Some(body)).await?);
             }
@@ -392,6 +396,7 @@ pub async fn run(args: ServiceArgs) -> anyhow::Result<u8> {
                         ("SOURCE", "/source"),
                         ("VCPUS", "/vcpus"),
                         ("MEMORY MB", "/memoryMB"),
+                        ("DISK MB", "/diskSizeMB"),
                         ("POOL", "/poolSize"),
                         ("READY", "/pool/ready"),
                         ("ROOTFS", "/rootfs"),

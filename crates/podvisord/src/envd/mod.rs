@@ -52,25 +52,30 @@ pub fn target(req: &Request) -> Option<(String, u16)> {
     Some((id.to_string(), port))
 }
 
-/// The live sandbox a request is for, its token checked.
-fn sandbox_of(
-    state: &AppState,
+/// The live sandbox a request is for, its token checked; a paused one made
+/// with `autoResume` is resumed for a request that carries its token.
+async fn sandbox_of(
+    state: &Arc<AppState>,
     req_target: Option<(String, u16)>,
     headers: &HeaderMap,
 ) -> Result<Arc<Live>, RpcError> {
     let Some((id, port)) = req_target else {
         return Err(RpcError::not_found("no sandbox named"));
     };
-    // The same answer for a sandbox that does not exist and one whose
-    // token is wrong: ids are not secrets, but nothing is told.
-    let live = state
-        .registry
-        .get(&id)
-        .ok_or_else(|| RpcError::not_found(format!("sandbox {id:?} not found")))?;
     let token = headers
         .get("x-access-token")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
+    let live = match state.registry.get(&id) {
+        Some(live) => Some(live),
+        None if port == ENVD_PORT => {
+            crate::sandboxes::auto_resume(state, &id, Some(token.as_bytes())).await
+        }
+        None => None,
+    };
+    // The same answer for a sandbox that does not exist and one whose
+    // token is wrong: ids are not secrets, but nothing is told.
+    let live = live.ok_or_else(|| RpcError::not_found(format!("sandbox {id:?} not found")))?;
     if !crate::auth::same(token.as_bytes(), live.envd_token.as_bytes()) {
         return Err(RpcError::new(
             Code::Unauthenticated,
@@ -100,7 +105,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 async fn health(State(state): State<Arc<AppState>>, req: Request) -> Response {
-    match sandbox_of(&state, target(&req), req.headers()) {
+    match sandbox_of(&state, target(&req), req.headers()).await {
         Ok(_) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => e.into_response(),
     }
@@ -124,7 +129,7 @@ async fn process_call(
     let t = target(&req);
     let (parts, body) = req.into_parts();
     let headers = parts.headers;
-    let live = match sandbox_of(&state, t, &headers) {
+    let live = match sandbox_of(&state, t, &headers).await {
         Ok(l) => l,
         Err(e) => return e.into_response(),
     };
@@ -161,7 +166,7 @@ async fn process_call(
 }
 
 async fn files_call(State(state): State<Arc<AppState>>, req: Request) -> Response {
-    let live = match sandbox_of(&state, target(&req), req.headers()) {
+    let live = match sandbox_of(&state, target(&req), req.headers()).await {
         Ok(l) => l,
         Err(e) => return e.into_response(),
     };
@@ -180,7 +185,7 @@ async fn filesystem_call(
     let t = target(&req);
     let (parts, body) = req.into_parts();
     let headers = parts.headers;
-    let live = match sandbox_of(&state, t, &headers) {
+    let live = match sandbox_of(&state, t, &headers).await {
         Ok(l) => l,
         Err(e) => return e.into_response(),
     };

@@ -147,10 +147,22 @@ impl Proc {
     }
 }
 
-#[derive(Default)]
 pub struct Processes {
     by_pid: Mutex<HashMap<u32, Arc<Proc>>>,
     next: AtomicU64,
+    /// In every exec id: a guest resumed or forked from a snapshot still
+    /// holds the execs of the host session before, numbered from 0 too.
+    session: String,
+}
+
+impl Default for Processes {
+    fn default() -> Self {
+        Processes {
+            by_pid: Mutex::default(),
+            next: AtomicU64::new(0),
+            session: crate::auth::random_hex(4),
+        }
+    }
 }
 
 impl Processes {
@@ -508,7 +520,7 @@ async fn spawn(
         ..Default::default()
     };
     let n = live.processes.next.fetch_add(1, Ordering::Relaxed);
-    let exec_id = format!("envd-{n}");
+    let exec_id = format!("envd-{}-{n}", live.processes.session);
     let mut agent = live.agent.clone();
     let pid = agent
         .exec_process(ExecProcessRequest {
