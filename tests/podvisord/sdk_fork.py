@@ -1,13 +1,15 @@
 """Fork through E2B's SDK: five forks of a running sandbox each see the
 parent's memory and files as of the fork, then diverge (a process's memory
 and a file), each reading back only its own; each draws its own random
-bytes; the parent runs on with its id. Over the tenant's quota a fork
-fails alone (429 in its slot). A fork outlives its parent, and pauses and
-resumes on its own."""
+bytes; the parent runs on with its id. A snapshot of the parent is a
+template of the tenant's own. Over the tenant's quota a fork fails alone
+(429 in its slot). A fork outlives its parent, and pauses and resumes on
+its own."""
+import os
 import time
 
 from e2b import Sandbox
-from e2b.exceptions import RateLimitException
+from e2b.exceptions import RateLimitException, SandboxException
 
 from common import check, tenant
 
@@ -81,10 +83,44 @@ check(ask(parent, "get") == "parent2" and parent.files.read("/tmp/file") == "par
 draws = {random_bytes(s) for s in forks + [parent]}
 check(len(draws) == 6, "each draws its own random bytes (the guest's RNG reseeded per fork)")
 
+# A snapshot of the parent is a template of this tenant's: sandboxes made
+# from it carry on from the moment it was taken; another tenant's key
+# does not find it; it cannot be deleted while a sandbox runs from it.
+for f in forks[1:]:
+    f.kill()
+snap = parent.create_snapshot()
+check(snap.snapshot_id in [x.snapshot_id for x in Sandbox.list_snapshots().next_items()],
+      f"snapshot {snap.snapshot_id} listed")
+ask(parent, "set", "parent3")
+child = Sandbox.create(snap.snapshot_id, timeout=300)
+check(ask(child, "get") == "parent2" and child.files.read("/tmp/file") == "parent2\n",
+      "a sandbox made from the snapshot has the parent's memory and files as of then")
+check(ask(parent, "get") == "parent3", "and the parent runs on")
+mine = os.environ["E2B_API_KEY"]
+tenant("fork-other")
+try:
+    Sandbox.create(snap.snapshot_id)
+    check(False, "another tenant cannot start the snapshot")
+except SandboxException as e:
+    check("not found" in str(e), f"another tenant cannot start the snapshot: {str(e)[:80]}")
+os.environ["E2B_API_KEY"] = mine
+try:
+    Sandbox.delete_snapshot(snap.snapshot_id)
+    check(False, "a snapshot in use is not deleted")
+except SandboxException as e:
+    check("in use" in str(e), f"a snapshot in use is not deleted: {str(e)[:100]}")
+child.kill()
+check(Sandbox.delete_snapshot(snap.snapshot_id) is True, "then it is")
+check(Sandbox.list_snapshots().next_items() == [], "and listed no more")
+forks = forks[:1]
+
 # Over the quota (6): the slot of each fork that would break it holds a 429.
-more = parent.fork(count=1)
-check(len(more) == 1 and isinstance(more[0], RateLimitException),
-      f"a fork over the quota fails alone ({type(more[0]).__name__})")
+more = parent.fork(count=5)
+check(len(more) == 5 and sum(isinstance(m, Sandbox) for m in more) == 4
+      and isinstance(more[4], RateLimitException),
+      f"forks over the quota fail alone: {[type(m).__name__ for m in more]}")
+for m in more[:4]:
+    m.kill()
 
 # A fork outlives its parent, then pauses and resumes on its own.
 parent.kill()

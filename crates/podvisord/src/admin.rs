@@ -74,6 +74,21 @@ fn merged_quotas(base: &Quotas, over: Option<serde_json::Value>) -> Result<Quota
             "quotas must not be negative, and maxLifetimeS must be positive",
         ));
     }
+    // What a JSON number holds exactly (the schema's maximum).
+    const MAX: i64 = (1 << 53) - 1;
+    if [
+        q.max_sandboxes,
+        q.max_vcpus,
+        q.max_memory_mib,
+        q.max_lifetime_s,
+    ]
+    .iter()
+    .any(|&n| n > MAX)
+    {
+        return Err(ApiError::bad_request(format!(
+            "quotas must be at most {MAX}"
+        )));
+    }
     Ok(q)
 }
 
@@ -350,6 +365,7 @@ async fn create_template(
         memory_mib: req.memory_mib,
         pool: req.pool,
         disk_mib: req.disk_mib,
+        snapshot_of: None,
     };
     // The row claims the name: of two creates at once, one makes it.
     if !state.db.add_template(&t)? {
@@ -427,7 +443,7 @@ async fn delete_template(
             .count();
     if using > 0 {
         return Err(ApiError::conflict(format!(
-            "template {name:?} has {using} live or paused sandbox(es): kill them first"
+            "template {name:?} has {using} live sandbox(es), paused ones counted: kill them first"
         )));
     }
     state

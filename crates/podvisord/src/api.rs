@@ -69,6 +69,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v2/sandboxes/{id}/connect", post(connect))
         .route("/sandboxes/{id}/pause", post(pause))
         .route("/sandboxes/{id}/fork", post(fork))
+        .route("/sandboxes/{id}/snapshots", post(snapshot))
+        .route("/snapshots", get(list_snapshots))
+        .route("/templates/{id}", axum::routing::delete(delete_snapshot))
         .route("/sandboxes/{id}/resume", post(resume))
         .route("/sandboxes/{id}/metrics", get(metrics))
         .route("/sandboxes/{id}/logs", get(logs))
@@ -509,6 +512,15 @@ async fn get_sandbox(
     }
 }
 
+/// Not found unless `id` is one of the tenant's sandboxes, live or paused.
+fn known(state: &AppState, tenant: &crate::db::Tenant, id: &str) -> Result<(), ApiError> {
+    if state.registry.of_tenant(&tenant.id, id).is_ok() || paused_row(state, tenant, id)?.is_some()
+    {
+        return Ok(());
+    }
+    Err(ApiError::sandbox_not_found(id))
+}
+
 /// The tenant's paused sandbox `id`.
 fn paused_row(
     state: &AppState,
@@ -526,11 +538,7 @@ async fn kill(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    if state.registry.of_tenant(&tenant.id, &id).is_err()
-        && paused_row(&state, &tenant, &id)?.is_none()
-    {
-        return Err(ApiError::sandbox_not_found(&id));
-    }
+    known(&state, &tenant, &id)?;
     if !sandboxes::kill(&state, &id, "killed").await {
         return Err(ApiError::sandbox_not_found(&id));
     }
@@ -620,6 +628,7 @@ async fn connect(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let req = optional_json::<ConnectRequest>(&body)?;
+    known(&state, &tenant, &id)?;
     if let Some(t) = req.timeout {
         check_timeout(&tenant, t)?;
     }
@@ -697,6 +706,85 @@ async fn pause(
 }
 
 #[derive(Deserialize, Default)]
+struct SnapshotRequest {
+    name: Option<String>,
+    /// false: the disk only (not done here).
+    memory: Option<bool>,
+}
+
+fn snapshot_json(name: &str) -> Value {
+    json!({"snapshotID": name, "names": [name]})
+}
+
+/// Saves a running sandbox as a template of the tenant's own (201
+/// `{"snapshotID", "names"}`); `Sandbox.create(snapshotID)` starts copies of
+/// it, the sandbox runs on.
+async fn snapshot(
+    TenantAuth(tenant): TenantAuth,
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let req = optional_json::<SnapshotRequest>(&body)?;
+    if req.memory == Some(false) {
+        return Err(ApiError::bad_request(
+            "memory false (a filesystem-only snapshot) is not supported: \
+             podvisord snapshots memory and disk together",
+        ));
+    }
+    let name = req
+        .name
+        .unwrap_or_else(|| format!("snapshot-{}", crate::auth::random_hex(6)));
+    if !crate::config::sandbox_template_name_ok(&name) {
+        return Err(ApiError::bad_request(
+            "a snapshot's name is 1 to 64 letters, digits, '-' and '_'",
+        ));
+    }
+    let live = state.registry.of_tenant(&tenant.id, &id)?;
+    sandboxes::snapshot_template(&state, &tenant, &live, &name).await?;
+    Ok((StatusCode::CREATED, Json(snapshot_json(&name))).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SnapshotQuery {
+    #[serde(rename = "sandboxID")]
+    sandbox_id: Option<String>,
+    #[serde(flatten)]
+    _rest: HashMap<String, String>,
+}
+
+/// The tenant's snapshots (of one sandbox with `sandboxID`).
+async fn list_snapshots(
+    TenantAuth(tenant): TenantAuth,
+    State(state): State<Arc<AppState>>,
+    q: Result<Query<SnapshotQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let out: Vec<Value> = state
+        .template_list()
+        .iter()
+        .filter(|t| {
+            t.snapshot_of.as_ref().is_some_and(|o| {
+                o.tenant == tenant.id && q.sandbox_id.as_ref().is_none_or(|s| s == &o.sandbox)
+            })
+        })
+        .map(|t| snapshot_json(&t.name))
+        .collect();
+    Ok(Json(out).into_response())
+}
+
+/// Removes one of the tenant's snapshots (204).
+async fn delete_snapshot(
+    TenantAuth(tenant): TenantAuth,
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    sandboxes::delete_snapshot(&state, &tenant, &id)?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Deserialize, Default)]
 struct ForkRequest {
     timeout: Option<i64>,
     count: Option<usize>,
@@ -719,7 +807,6 @@ async fn fork(
         )));
     }
     let timeout = req.timeout.unwrap_or(state.config.default_timeout_s);
-    check_timeout(&tenant, timeout)?;
     let live = match state.registry.of_tenant(&tenant.id, &id) {
         Ok(live) => live,
         Err(e) => {
@@ -731,6 +818,7 @@ async fn fork(
             }
         }
     };
+    check_timeout(&tenant, timeout)?;
     let forks = sandboxes::fork(&state, &tenant, &live, count, timeout).await?;
     let out: Vec<Value> = forks
         .into_iter()
@@ -759,6 +847,7 @@ async fn resume(
 ) -> Result<Response, ApiError> {
     let req = optional_json::<ResumeRequest>(&body)?;
     let _ = req.auto_pause;
+    known(&state, &tenant, &id)?;
     if let Some(t) = req.timeout {
         check_timeout(&tenant, t)?;
     }

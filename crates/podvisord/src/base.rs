@@ -148,6 +148,38 @@ fn block_root(
     Ok(BlockRoot { image, empty })
 }
 
+/// A tenant's snapshot as a template: its VM template is the snapshot
+/// (made already; never made again), its disks the snapshot's.
+pub fn snapshot_spec(
+    t: &TemplateConfig,
+    of: &crate::config::SnapshotOf,
+    vm_root: &Path,
+) -> anyhow::Result<TemplateSpec> {
+    let vm = format!("podvisord-{}", t.name);
+    let snapshot = Template::open(vm_root, &vm)
+        .with_context(|| format!("the snapshot {} is unusable", t.name))?;
+    let block = snapshot
+        .meta
+        .block_root
+        .clone()
+        .with_context(|| format!("the snapshot {} has no block root", t.name))?;
+    let rootfs = t.rootfs.clone().unwrap_or_default();
+    let users =
+        parse_passwd(&std::fs::read_to_string(rootfs.join("etc/passwd")).unwrap_or_default());
+    Ok(TemplateSpec {
+        name: t.name.clone(),
+        rootfs,
+        block,
+        disk_mib: t.disk_mib,
+        snapshot_of: Some(of.clone()),
+        vcpus: t.vcpus,
+        memory_mib: t.memory_mib,
+        pool: 0,
+        from_api: true,
+        users,
+    })
+}
+
 fn short_hash(s: &str) -> String {
     use sha2::Digest;
     let d = sha2::Sha256::digest(s.as_bytes());
@@ -177,8 +209,15 @@ pub async fn prepare(
         }
         let spec = prepare_one(t, true, &config.base_cache, vm_root, images, assets, accel)
             .await
-            .with_context(|| format!("the stored template {}", t.name))?;
-        out.insert(t.name.clone(), spec);
+            .with_context(|| format!("the stored template {}", t.name));
+        match spec {
+            Ok(spec) => {
+                out.insert(t.name.clone(), spec);
+            }
+            // A snapshot damaged or removed meanwhile is not served.
+            Err(e) if t.snapshot_of.is_some() => tracing::warn!("{e:#}"),
+            Err(e) => return Err(e),
+        }
     }
     Ok(out)
 }
@@ -194,6 +233,9 @@ pub async fn prepare_one(
     assets: &GuestAssets,
     accel: Accel,
 ) -> anyhow::Result<TemplateSpec> {
+    if let Some(of) = &t.snapshot_of {
+        return snapshot_spec(t, of, vm_root);
+    }
     let rootfs = match &t.rootfs {
         Some(p) => p.clone(),
         None => {
@@ -220,6 +262,7 @@ pub async fn prepare_one(
         rootfs,
         block: block.clone(),
         disk_mib: t.disk_mib,
+        snapshot_of: None,
         vcpus: t.vcpus,
         memory_mib: t.memory_mib,
         pool: t.pool,

@@ -41,6 +41,18 @@ pub struct TemplateConfig {
     /// Each sandbox's writable disk (what it may write over its root).
     #[serde(default = "default_disk")]
     pub disk_mib: u64,
+    /// Set by podvisord for a tenant's snapshot of a sandbox (E2B's
+    /// `create_snapshot`): its VM template is that snapshot, and only that
+    /// tenant sees it. Never in a config file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_of: Option<SnapshotOf>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotOf {
+    pub tenant: String,
+    pub sandbox: String,
 }
 
 pub fn default_disk() -> u64 {
@@ -94,6 +106,7 @@ fn default_templates() -> Vec<TemplateConfig> {
         memory_mib: default_memory(),
         pool: 0,
         disk_mib: default_disk(),
+        snapshot_of: None,
     }]
 }
 
@@ -123,6 +136,13 @@ impl Config {
             }
             if t.rootfs.is_none() && t.name != "base" {
                 anyhow::bail!("{}: template {:?} needs a rootfs", path.display(), t.name);
+            }
+            if t.snapshot_of.is_some() {
+                anyhow::bail!(
+                    "{}: template {:?}: snapshot_of is podvisord's own",
+                    path.display(),
+                    t.name
+                );
             }
         }
         Ok(c)

@@ -61,9 +61,9 @@ pub struct AppState {
     pub registry: Registry,
     /// Pauses, resumes and kills, one at a time per sandbox.
     pub transitions: sandboxes::Transitions,
-    /// Fork snapshots whose forks are being started (no sandbox holds
-    /// them yet).
-    pub forks: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Snapshots being made or started from (a pause's before its row says
+    /// paused, a fork's before its forks run): kept by `collect_snapshots`.
+    pub in_use: std::sync::Mutex<std::collections::HashSet<String>>,
     /// The config's templates and those made through the admin API.
     pub templates: std::sync::RwLock<HashMap<String, TemplateSpec>>,
     /// The pool daemon, restarted when the templates' pools change.
@@ -85,17 +85,17 @@ impl AppState {
         t.get(name).cloned()
     }
 
-    /// Marks fork snapshot `name` in use by a fork under way, or not.
-    pub fn forking(&self, name: &str, on: bool) {
-        let mut f = self.forks.lock().unwrap_or_else(|e| e.into_inner());
+    /// Marks snapshot `name` in use by a pause or a fork under way, or not.
+    pub fn snapshot_in_use(&self, name: &str, on: bool) {
+        let mut f = self.in_use.lock().unwrap_or_else(|e| e.into_inner());
         match on {
             true => f.insert(name.to_string()),
             false => f.remove(name),
         };
     }
 
-    pub fn forks_under_way(&self) -> Vec<String> {
-        let f = self.forks.lock().unwrap_or_else(|e| e.into_inner());
+    pub fn snapshots_in_use(&self) -> Vec<String> {
+        let f = self.in_use.lock().unwrap_or_else(|e| e.into_inner());
         f.iter().cloned().collect()
     }
 
@@ -191,7 +191,7 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         admin_token_hash: auth::hash(&token),
         registry: Registry::default(),
         transitions: Default::default(),
-        forks: Default::default(),
+        in_use: Default::default(),
         templates: std::sync::RwLock::new(templates),
         pools: std::sync::Mutex::new(None),
         config,

@@ -44,6 +44,10 @@ pub struct TemplateSpec {
     /// save a guest that holds 9p files).
     pub block: sandbox::BlockRoot,
     pub disk_mib: u64,
+    /// A tenant's snapshot of a sandbox: its VM template restores the
+    /// sandbox as it was (its container running), and only that tenant
+    /// may start it.
+    pub snapshot_of: Option<crate::config::SnapshotOf>,
     pub vcpus: u32,
     pub memory_mib: u64,
     /// Ready clones kept for it.
@@ -109,8 +113,9 @@ pub struct Live {
     pub auto_resume: bool,
     /// How many times it was paused before (its snapshots' generations).
     pub pauses: u32,
-    /// The fork snapshots its disk chain is built on (kept while it is).
-    pub bases: Vec<String>,
+    /// The disk layers under its own (templates' and snapshots' layers,
+    /// which are kept while it runs).
+    pub chain: Vec<PathBuf>,
     /// Taken by whoever ends it.
     vm: tokio::sync::Mutex<Option<Sandbox>>,
 }
@@ -131,8 +136,6 @@ pub struct Paused {
     pub auto_resume: bool,
     pub started_ms: i64,
     pub paused_ms: i64,
-    #[serde(default)]
-    pub bases: Vec<String>,
 }
 
 /// The name of a sandbox's `n`th snapshot. Each resume's writable layer is
@@ -252,8 +255,18 @@ pub async fn create(
     let template = state
         .template(&ask.template)
         .ok_or_else(|| ApiError::not_found(format!("template '{}' not found", ask.template)))?;
+    let others = template
+        .snapshot_of
+        .as_ref()
+        .is_some_and(|of| of.tenant != tenant.id);
+    if others {
+        return Err(ApiError::not_found(format!(
+            "template '{}' not found",
+            ask.template
+        )));
+    }
     if let Some(allowed) = &tenant.quotas.templates {
-        if !allowed.contains(&template.name) {
+        if !allowed.contains(&template.name) && template.snapshot_of.is_none() {
             return Err(ApiError::not_found(format!(
                 "template '{}' not found",
                 ask.template
@@ -298,6 +311,19 @@ pub async fn create(
     // A pool's clones cannot be paused (yet): one that may be does not
     // come from the pool.
     let made = start_vm(state, &template, &id, !ask.auto_pause).await;
+    // A snapshot carries its container; one that would not restore booted
+    // cold, without it.
+    let made = match made {
+        Ok((vm, _)) if template.snapshot_of.is_some() && vm.cloned_from.is_none() => {
+            let why = vm.fallback.clone().unwrap_or_default();
+            vm.destroy().await;
+            Err(ApiError::internal(format!(
+                "the snapshot '{}' would not restore: {why}",
+                template.name
+            )))
+        }
+        other => other,
+    };
     let (vm, path) = match made {
         Ok(v) => v,
         Err(e) => {
@@ -308,7 +334,11 @@ pub async fn create(
     };
     crate::crash::point("create.booted");
     let agent = vm.agent.clone();
-    if let Err(e) = start_container(agent.clone()).await {
+    let started = match template.snapshot_of {
+        Some(_) => Ok(()),
+        None => start_container(agent.clone()).await,
+    };
+    if let Err(e) = started {
         vm.destroy().await;
         state.db.mark_ended(&id, "failed")?;
         state.metrics.create_failed();
@@ -335,7 +365,7 @@ pub async fn create(
         auto_pause: ask.auto_pause,
         auto_resume: ask.auto_resume,
         pauses: 0,
-        bases: Vec::new(),
+        chain: vm.disk_chain(),
         vm: tokio::sync::Mutex::new(Some(vm)),
     });
     state.registry.insert(Arc::clone(&live));
@@ -498,11 +528,10 @@ pub async fn kill(state: &AppState, id: &str, reason: &str) -> bool {
         vm.destroy().await;
     }
     crate::crash::point("kill.destroyed");
-    remove_snapshots(state, id);
     if let Err(e) = state.db.mark_ended(id, reason) {
         tracing::error!(sandbox = %id, "{e}");
     }
-    collect_forks(state);
+    collect_snapshots(state);
     state
         .db
         .event(Some(&live.tenant), Some(id), "ended", reason);
@@ -510,31 +539,12 @@ pub async fn kill(state: &AppState, id: &str, reason: &str) -> bool {
     true
 }
 
-/// Removes every snapshot of sandbox `id`.
-fn remove_snapshots(state: &AppState, id: &str) {
-    let prefix = snapshot_prefix(id);
-    let Ok(entries) = std::fs::read_dir(state.vm_root.join("templates")) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if let Some(n) = name.strip_prefix(&prefix) {
-            if n.parse::<u32>().is_ok() {
-                if let Err(e) = Template::remove(&state.vm_root, &name) {
-                    tracing::warn!(sandbox = %id, "removing snapshot {name}: {e}");
-                }
-            }
-        }
-    }
-}
-
 /// Ends paused sandbox `row`: its snapshots removed, its row ended.
 pub fn discard_paused(state: &AppState, row: &SandboxRow, reason: &str) {
-    remove_snapshots(state, &row.id);
     if let Err(e) = state.db.mark_ended(&row.id, reason) {
         tracing::error!(sandbox = %row.id, "{e}");
     }
-    collect_forks(state);
+    collect_snapshots(state);
     state
         .db
         .event(Some(&row.tenant_id), Some(&row.id), "ended", reason);
@@ -562,6 +572,7 @@ pub async fn pause(state: &AppState, live: &Arc<Live>) -> Result<bool, ApiError>
     }
     let n = live.pauses + 1;
     let name = snapshot_name(&live.id, n);
+    let _in_use = InUse::new(state, &name);
     // What a pause killed before it finished left.
     let _ = Template::remove(&state.vm_root, &name);
     crate::crash::point("pause.begun");
@@ -582,7 +593,6 @@ pub async fn pause(state: &AppState, live: &Arc<Live>) -> Result<bool, ApiError>
         auto_resume: live.auto_resume,
         started_ms: live.started_ms,
         paused_ms: now_ms(),
-        bases: live.bases.clone(),
     };
     let json = serde_json::to_string(&paused).map_err(|e| ApiError::internal(e.to_string()))?;
     if !state.db.mark_paused(&live.id, &json)? {
@@ -660,6 +670,28 @@ async fn from_snapshot(state: &AppState, name: &str, id: &str) -> Result<Sandbox
     Ok(sb)
 }
 
+/// Snapshot `name` kept by `collect_snapshots` while this lives.
+struct InUse<'a> {
+    state: &'a AppState,
+    name: String,
+}
+
+impl<'a> InUse<'a> {
+    fn new(state: &'a AppState, name: &str) -> InUse<'a> {
+        state.snapshot_in_use(name, true);
+        InUse {
+            state,
+            name: name.to_string(),
+        }
+    }
+}
+
+impl Drop for InUse<'_> {
+    fn drop(&mut self) {
+        self.state.snapshot_in_use(&self.name, false);
+    }
+}
+
 /// The most forks one request makes (E2B's SDK sends 1 to 20).
 pub const MAX_FORKS: usize = 20;
 
@@ -675,6 +707,7 @@ pub async fn fork(
     timeout_s: i64,
 ) -> Result<Vec<Result<Arc<Live>, ApiError>>, ApiError> {
     let name = format!("podvisord-fork-{}-{}", live.id, crate::auth::random_hex(4));
+    let in_use = InUse::new(state, &name);
     {
         let _transition = state.transitions.lock(&live.id).await;
         let mut vm = live.vm.lock().await;
@@ -687,10 +720,8 @@ pub async fn fork(
                  (which leaves the pool out) to fork it",
             ));
         }
-        state.forking(&name, true);
         let t0 = Instant::now();
         if let Err(e) = sb.snapshot(&state.vm_root, &name, true).await {
-            state.forking(&name, false);
             tracing::error!(sandbox = %live.id, "forking: {e}");
             return Err(ApiError::internal(format!("snapshotting the sandbox: {e}")));
         }
@@ -700,8 +731,8 @@ pub async fn fork(
     for _ in 0..count {
         out.push(fork_one(state, tenant, live, &name, timeout_s).await);
     }
-    state.forking(&name, false);
-    collect_forks(state);
+    drop(in_use);
+    collect_snapshots(state);
     Ok(out)
 }
 
@@ -744,8 +775,6 @@ async fn fork_one(
     };
     let started = now_ms();
     let end_ms = started + timeout_s * 1000;
-    let mut bases = parent.bases.clone();
-    bases.push(snapshot.to_string());
     let live = Arc::new(Live {
         id: id.clone(),
         tenant: tenant.id.clone(),
@@ -767,7 +796,7 @@ async fn fork_one(
         auto_pause: parent.auto_pause,
         auto_resume: parent.auto_resume,
         pauses: 0,
-        bases,
+        chain: sb.disk_chain(),
         vm: tokio::sync::Mutex::new(Some(sb)),
     });
     state.registry.insert(Arc::clone(&live));
@@ -783,35 +812,198 @@ async fn fork_one(
     Ok(live)
 }
 
-/// Removes fork snapshots that no live or paused sandbox is built on and
-/// no fork under way uses.
-pub fn collect_forks(state: &AppState) {
-    let mut kept: std::collections::HashSet<String> = state
+/// Saves running sandbox `live` as template `name` of `tenant` (E2B's
+/// `create_snapshot`): sandboxes created from it carry on from now, the
+/// sandbox runs on. Kept in the database; only `tenant` sees it.
+pub async fn snapshot_template(
+    state: &Arc<AppState>,
+    tenant: &Tenant,
+    live: &Arc<Live>,
+    name: &str,
+) -> Result<(), ApiError> {
+    if state.template(name).is_some() {
+        return Err(ApiError::conflict(format!(
+            "a template named {name:?} exists"
+        )));
+    }
+    let parent = &live.template;
+    let of = crate::config::SnapshotOf {
+        tenant: tenant.id.clone(),
+        sandbox: live.id.clone(),
+    };
+    let config = crate::config::TemplateConfig {
+        name: name.to_string(),
+        rootfs: Some(parent.rootfs.clone()),
+        vcpus: parent.vcpus,
+        memory_mib: parent.memory_mib,
+        pool: 0,
+        disk_mib: parent.disk_mib,
+        snapshot_of: Some(of.clone()),
+    };
+    // The row claims the name: of two snapshots at once, one makes it.
+    if !state.db.add_template(&config)? {
+        return Err(ApiError::conflict(format!(
+            "a template named {name:?} exists"
+        )));
+    }
+    let vm_name = format!("podvisord-{name}");
+    let made = async {
+        let _transition = state.transitions.lock(&live.id).await;
+        let mut vm = live.vm.lock().await;
+        let sb = vm
+            .as_mut()
+            .ok_or_else(|| ApiError::sandbox_not_found(&live.id))?;
+        if sb.is_pooled() {
+            return Err(ApiError::bad_request(
+                "a sandbox from a template's pool cannot be snapshotted; create it with \
+                 autoPause (which leaves the pool out)",
+            ));
+        }
+        let _ = Template::remove(&state.vm_root, &vm_name);
+        sb.snapshot(&state.vm_root, &vm_name, true)
+            .await
+            .map_err(|e| ApiError::internal(format!("snapshotting the sandbox: {e}")))?;
+        crate::base::snapshot_spec(&config, &of, &state.vm_root)
+            .map_err(|e| ApiError::internal(format!("{e:#}")))
+    }
+    .await;
+    match made {
+        Ok(spec) => {
+            state
+                .templates
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(name.to_string(), spec);
+            state
+                .db
+                .event(Some(&tenant.id), Some(&live.id), "snapshot", name);
+            tracing::info!(tenant = %tenant.id, sandbox = %live.id, snapshot = name, "snapshot made");
+            Ok(())
+        }
+        Err(e) => {
+            let _ = state.db.remove_template(name);
+            let _ = Template::remove(&state.vm_root, &vm_name);
+            Err(e)
+        }
+    }
+}
+
+/// How many live or paused sandboxes read template `vm_name`'s files.
+fn template_users(state: &AppState, vm_name: &str) -> usize {
+    let dir = state.vm_root.join("templates").join(vm_name);
+    let live = state
         .registry
         .all()
         .iter()
-        .flat_map(|l| l.bases.clone())
-        .collect();
-    match state.db.paused_sandboxes(None) {
-        Ok(rows) => kept.extend(rows.iter().flat_map(|r| {
-            r.paused
-                .as_deref()
-                .and_then(|p| serde_json::from_str::<Paused>(p).ok())
-                .map(|p| p.bases)
-                .unwrap_or_default()
-        })),
-        // Unsure what is used: keep everything.
-        Err(_) => return,
+        .filter(|l| l.chain.iter().any(|p| p.starts_with(&dir)))
+        .count();
+    let paused = state.db.paused_sandboxes(None).unwrap_or_default();
+    let paused = paused
+        .iter()
+        .filter_map(|r| serde_json::from_str::<Paused>(r.paused.as_deref()?).ok())
+        .filter(|p| {
+            let meta = std::fs::read(
+                state
+                    .vm_root
+                    .join("templates")
+                    .join(&p.snapshot)
+                    .join("template.json"),
+            )
+            .ok()
+            .and_then(|b| serde_json::from_slice::<sandbox::template::TemplateMeta>(&b).ok());
+            meta.is_some_and(|m| m.base_layers.iter().any(|l| l.starts_with(&dir)))
+        })
+        .count();
+    live + paused
+}
+
+/// Removes `tenant`'s snapshot `name` (E2B's `delete_snapshot`): 409 while
+/// sandboxes made from it run or are paused.
+pub fn delete_snapshot(state: &AppState, tenant: &Tenant, name: &str) -> Result<(), ApiError> {
+    let t = state
+        .template(name)
+        .filter(|t| {
+            t.snapshot_of
+                .as_ref()
+                .is_some_and(|o| o.tenant == tenant.id)
+        })
+        .ok_or_else(|| ApiError::not_found(format!("template '{name}' not found")))?;
+    let vm_name = t.vm_template();
+    let users = template_users(state, &vm_name);
+    if users > 0 {
+        return Err(ApiError::conflict(format!(
+            "snapshot {name:?} is in use by {users} sandbox(es): kill them first"
+        )));
     }
-    kept.extend(state.forks_under_way());
-    let Ok(entries) = std::fs::read_dir(state.vm_root.join("templates")) else {
+    state
+        .templates
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(name);
+    state.db.remove_template(name)?;
+    let _ = Template::remove(&state.vm_root, &vm_name);
+    collect_snapshots(state);
+    state
+        .db
+        .event(Some(&tenant.id), None, "snapshot deleted", name);
+    Ok(())
+}
+
+/// Whether template `name` is one of podvisord's own snapshots (of a
+/// pause or a fork), removed once nothing needs it.
+fn own_snapshot(name: &str) -> bool {
+    name.starts_with("podvisord-paused-") || name.starts_with("podvisord-fork-")
+}
+
+/// Removes podvisord's own snapshots that nothing needs any more: needed
+/// are a paused sandbox's snapshot, one that forks under way start from,
+/// every template a running sandbox's disk chain reads, and, for each
+/// template kept, those its own layers are built on (a pause of a resumed
+/// or forked sandbox, a fork of one, is a layer over another snapshot's).
+pub fn collect_snapshots(state: &AppState) {
+    let dir = state.vm_root.join("templates");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
         return;
     };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with("podvisord-fork-") && !kept.contains(&name) {
+    let names: Vec<String> = entries
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    // The template a layer file lives in.
+    let owner = |p: &std::path::Path| {
+        let rest = p.strip_prefix(&dir).ok()?;
+        Some(rest.components().next()?.as_os_str().to_str()?.to_string())
+    };
+    let mut todo: Vec<String> = names.iter().filter(|n| !own_snapshot(n)).cloned().collect();
+    let Ok(paused) = state.db.paused_sandboxes(None) else {
+        // Unsure what is needed: keep everything.
+        return;
+    };
+    todo.extend(paused.iter().filter_map(|r| {
+        let p: Paused = serde_json::from_str(r.paused.as_deref()?).ok()?;
+        Some(p.snapshot)
+    }));
+    todo.extend(state.snapshots_in_use());
+    for live in state.registry.all() {
+        todo.extend(live.chain.iter().filter_map(|p| owner(p)));
+    }
+    let mut keep = std::collections::HashSet::new();
+    while let Some(name) = todo.pop() {
+        if !keep.insert(name.clone()) {
+            continue;
+        }
+        let meta = std::fs::read(dir.join(&name).join("template.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<sandbox::template::TemplateMeta>(&b).ok());
+        if let Some(meta) = meta {
+            todo.extend(meta.base_layers.iter().filter_map(|p| owner(p)));
+        }
+    }
+    for name in names {
+        if own_snapshot(&name) && !keep.contains(&name) {
             if let Err(e) = Template::remove(&state.vm_root, &name) {
-                tracing::warn!("removing fork snapshot {name}: {e}");
+                tracing::warn!("removing snapshot {name}: {e}");
             }
         }
     }
@@ -864,7 +1056,7 @@ async fn resume_vm(
         auto_pause: paused.auto_pause,
         auto_resume: paused.auto_resume,
         pauses: paused.pauses,
-        bases: paused.bases,
+        chain: sb.disk_chain(),
         vm: tokio::sync::Mutex::new(Some(sb)),
     });
     state.registry.insert(Arc::clone(&live));
@@ -973,7 +1165,6 @@ pub fn recover(state: &AppState) -> Result<usize, db::DbError> {
             continue;
         }
         state.db.mark_ended(&r.id, "podvisord restarted")?;
-        remove_snapshots(state, &r.id);
         state.db.event(
             Some(&r.tenant_id),
             Some(&r.id),
@@ -981,6 +1172,6 @@ pub fn recover(state: &AppState) -> Result<usize, db::DbError> {
             "podvisord restarted",
         );
     }
-    collect_forks(state);
+    collect_snapshots(state);
     Ok(rows.len())
 }

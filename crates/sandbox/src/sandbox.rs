@@ -612,6 +612,15 @@ impl Sandbox {
 
     /// Whether the VM has a block root's disks: its containers' roots are
     /// on them (`agent_proto::BlockRoot`), not on a share.
+    /// The disk layers under this sandbox's own writable one (its
+    /// template's, and theirs): files it reads as long as it runs.
+    pub fn disk_chain(&self) -> Vec<PathBuf> {
+        self.origin
+            .as_ref()
+            .map(|o| o.base_layers.clone())
+            .unwrap_or_default()
+    }
+
     pub fn has_block_root(&self) -> bool {
         self.block_root
     }
