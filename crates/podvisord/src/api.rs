@@ -265,7 +265,7 @@ fn paused_json(state: &AppState, row: &crate::db::SandboxRow, detail: bool) -> V
         "templateID": row.template,
         "sandboxID": row.id,
         "clientID": "podvisord",
-        "startedAt": rfc3339(paused.as_ref().map_or(row.created_ms, |p| p.started_ms)),
+        "startedAt": rfc3339(paused.as_ref().map_or(row.created_ms, |p| p.carried.started_ms)),
         "endAt": rfc3339(row.end_ms),
         "cpuCount": row.vcpus,
         "memoryMB": row.memory_mib,
@@ -275,7 +275,7 @@ fn paused_json(state: &AppState, row: &crate::db::SandboxRow, detail: bool) -> V
         "envdVersion": ENVD_VERSION,
     });
     if detail {
-        v["envdAccessToken"] = json!(paused.map(|p| p.envd_token));
+        v["envdAccessToken"] = json!(paused.map(|p| p.carried.envd_token));
         v["domain"] = json!(state.config.domain);
     }
     v
@@ -521,6 +521,25 @@ fn known(state: &AppState, tenant: &crate::db::Tenant, id: &str) -> Result<(), A
     Err(ApiError::sandbox_not_found(id))
 }
 
+/// The tenant's running sandbox `id`; 409 (`paused_says` after its id)
+/// when it is paused, 404 when it is neither.
+fn running(
+    state: &AppState,
+    tenant: &crate::db::Tenant,
+    id: &str,
+    paused_says: &str,
+) -> Result<Arc<Live>, ApiError> {
+    if let Ok(live) = state.registry.of_tenant(&tenant.id, id) {
+        return Ok(live);
+    }
+    match paused_row(state, tenant, id)? {
+        Some(_) => Err(ApiError::conflict(format!(
+            "sandbox \"{id}\" {paused_says}"
+        ))),
+        None => Err(ApiError::sandbox_not_found(id)),
+    }
+}
+
 /// The tenant's paused sandbox `id`.
 fn paused_row(
     state: &AppState,
@@ -671,14 +690,7 @@ async fn pause(
              podvisord pauses memory and disk together",
         ));
     }
-    let Ok(live) = state.registry.of_tenant(&tenant.id, &id) else {
-        return match paused_row(&state, &tenant, &id)? {
-            Some(_) => Err(ApiError::conflict(format!(
-                "sandbox \"{id}\" is already paused"
-            ))),
-            None => Err(ApiError::sandbox_not_found(&id)),
-        };
-    };
+    let live = running(&state, &tenant, &id, "is already paused")?;
     if req.require_healthy_guest == Some(true) {
         let mut agent = live.agent.clone();
         let ping = tokio::time::timeout(
@@ -696,12 +708,9 @@ async fn pause(
     match sandboxes::pause(&state, &live).await? {
         true => Ok(StatusCode::NO_CONTENT),
         // Ended or paused by another request meanwhile.
-        false => match paused_row(&state, &tenant, &id)? {
-            Some(_) => Err(ApiError::conflict(format!(
-                "sandbox \"{id}\" is already paused"
-            ))),
-            None => Err(ApiError::sandbox_not_found(&id)),
-        },
+        false => Err(running(&state, &tenant, &id, "is already paused")
+            .err()
+            .unwrap_or_else(|| ApiError::sandbox_not_found(&id))),
     }
 }
 
@@ -807,17 +816,7 @@ async fn fork(
         )));
     }
     let timeout = req.timeout.unwrap_or(state.config.default_timeout_s);
-    let live = match state.registry.of_tenant(&tenant.id, &id) {
-        Ok(live) => live,
-        Err(e) => {
-            return match paused_row(&state, &tenant, &id)? {
-                Some(_) => Err(ApiError::conflict(format!(
-                    "sandbox \"{id}\" is paused: connect to it first"
-                ))),
-                None => Err(e),
-            }
-        }
-    };
+    let live = running(&state, &tenant, &id, "is paused: connect to it first")?;
     check_timeout(&tenant, timeout)?;
     let forks = sandboxes::fork(&state, &tenant, &live, count, timeout).await?;
     let out: Vec<Value> = forks

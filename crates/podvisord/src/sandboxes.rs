@@ -128,25 +128,82 @@ pub struct Live {
 pub struct Paused {
     /// The podvisor template (a snapshot) in the VM root.
     pub snapshot: String,
-    pub pauses: u32,
+    #[serde(flatten)]
+    pub carried: Carried,
+    pub paused_ms: i64,
+}
+
+/// What a sandbox is besides its VM: kept across its pauses, copied by its
+/// forks (each with tokens of its own).
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Carried {
     pub envd_token: String,
     pub traffic_token: Option<String>,
     pub env: HashMap<String, String>,
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+    pub started_ms: i64,
+    pub vcpus: u32,
+    pub memory_mib: u64,
     pub auto_pause: bool,
     pub auto_resume: bool,
-    pub started_ms: i64,
-    pub paused_ms: i64,
+    pub pauses: u32,
+}
+
+impl Live {
+    /// Sandbox `id` of `tenant`, running in `vm` until `end_ms`.
+    fn hold(
+        id: &str,
+        tenant: &str,
+        template: TemplateSpec,
+        c: Carried,
+        vm: Sandbox,
+        end_ms: i64,
+    ) -> Arc<Live> {
+        Arc::new(Live {
+            id: id.to_string(),
+            tenant: tenant.to_string(),
+            template,
+            envd_token: c.envd_token,
+            traffic_token: c.traffic_token,
+            agent: vm.agent.clone(),
+            env: c.env,
+            metadata: c.metadata,
+            started_ms: c.started_ms,
+            vcpus: c.vcpus,
+            memory_mib: c.memory_mib,
+            end_ms: Mutex::new(end_ms),
+            processes: Processes::default(),
+            watchers: Default::default(),
+            auto_pause: c.auto_pause,
+            auto_resume: c.auto_resume,
+            pauses: c.pauses,
+            chain: vm.disk_chain(),
+            vm: tokio::sync::Mutex::new(Some(vm)),
+        })
+    }
+
+    fn carried(&self) -> Carried {
+        Carried {
+            envd_token: self.envd_token.clone(),
+            traffic_token: self.traffic_token.clone(),
+            env: self.env.clone(),
+            metadata: self.metadata.clone(),
+            started_ms: self.started_ms,
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            auto_pause: self.auto_pause,
+            auto_resume: self.auto_resume,
+            pauses: self.pauses,
+        }
+    }
 }
 
 /// The name of a sandbox's `n`th snapshot. Each resume's writable layer is
 /// an overlay of the snapshot's, so a sandbox's snapshots are kept until
 /// it ends.
 fn snapshot_name(id: &str, n: u32) -> String {
-    format!("{}{n}", snapshot_prefix(id))
-}
-
-fn snapshot_prefix(id: &str) -> String {
-    format!("podvisord-paused-{id}-")
+    format!("podvisord-paused-{id}-{n}")
 }
 
 /// One lock per sandbox id, held by whoever pauses, resumes or kills it:
@@ -347,27 +404,19 @@ pub async fn create(
     crate::crash::point("create.started");
     let started = now_ms();
     let end_ms = started + ask.timeout_s * 1000;
-    let live = Arc::new(Live {
-        id: id.clone(),
-        tenant: tenant.id.clone(),
-        template,
+    let carried = Carried {
         envd_token: token,
         traffic_token: (!ask.public).then(|| crate::auth::random_hex(16)),
-        agent,
         env: ask.env,
         metadata: ask.metadata,
         started_ms: started,
         vcpus: row.vcpus as u32,
         memory_mib: row.memory_mib as u64,
-        end_ms: Mutex::new(end_ms),
-        processes: Processes::default(),
-        watchers: Default::default(),
         auto_pause: ask.auto_pause,
         auto_resume: ask.auto_resume,
         pauses: 0,
-        chain: vm.disk_chain(),
-        vm: tokio::sync::Mutex::new(Some(vm)),
-    });
+    };
+    let live = Live::hold(&id, &tenant.id, template, carried, vm, end_ms);
     state.registry.insert(Arc::clone(&live));
     state.db.mark_running(&id, path, end_ms)?;
     state.metrics.created(path, t0.elapsed());
@@ -585,13 +634,10 @@ pub async fn pause(state: &AppState, live: &Arc<Live>) -> Result<bool, ApiError>
     crate::crash::point("pause.saved");
     let paused = Paused {
         snapshot: name.clone(),
-        pauses: n,
-        envd_token: live.envd_token.clone(),
-        traffic_token: live.traffic_token.clone(),
-        env: live.env.clone(),
-        auto_pause: live.auto_pause,
-        auto_resume: live.auto_resume,
-        started_ms: live.started_ms,
+        carried: Carried {
+            pauses: n,
+            ..live.carried()
+        },
         paused_ms: now_ms(),
     };
     let json = serde_json::to_string(&paused).map_err(|e| ApiError::internal(e.to_string()))?;
@@ -606,15 +652,18 @@ pub async fn pause(state: &AppState, live: &Arc<Live>) -> Result<bool, ApiError>
     if let Some(sb) = sb {
         sb.destroy().await;
     }
-    let ms = t0.elapsed().as_millis() as u64;
-    state.db.event(
-        Some(&live.tenant),
-        Some(&live.id),
-        "paused",
-        &format!("{ms} ms"),
-    );
-    tracing::info!(tenant = %live.tenant, sandbox = %live.id, ms, "sandbox paused");
+    record(state, &live.tenant, &live.id, "paused", t0);
     Ok(true)
+}
+
+/// Sandbox `id` became `kind` ("paused", "resumed") in the time since
+/// `t0`: an event and a log line.
+fn record(state: &AppState, tenant: &str, id: &str, kind: &str, t0: Instant) {
+    let ms = t0.elapsed().as_millis() as u64;
+    state
+        .db
+        .event(Some(tenant), Some(id), kind, &format!("{ms} ms"));
+    tracing::info!(tenant, sandbox = id, ms, "sandbox {kind}");
 }
 
 /// Sandbox `id` of `tenant`, running: live already (false), or resumed
@@ -775,30 +824,24 @@ async fn fork_one(
     };
     let started = now_ms();
     let end_ms = started + timeout_s * 1000;
-    let live = Arc::new(Live {
-        id: id.clone(),
-        tenant: tenant.id.clone(),
-        template: parent.template.clone(),
+    let carried = Carried {
         envd_token: token,
         traffic_token: parent
             .traffic_token
             .as_ref()
             .map(|_| crate::auth::random_hex(16)),
-        agent: sb.agent.clone(),
-        env: parent.env.clone(),
-        metadata: parent.metadata.clone(),
         started_ms: started,
-        vcpus: parent.vcpus,
-        memory_mib: parent.memory_mib,
-        end_ms: Mutex::new(end_ms),
-        processes: Processes::default(),
-        watchers: Default::default(),
-        auto_pause: parent.auto_pause,
-        auto_resume: parent.auto_resume,
         pauses: 0,
-        chain: sb.disk_chain(),
-        vm: tokio::sync::Mutex::new(Some(sb)),
-    });
+        ..parent.carried()
+    };
+    let live = Live::hold(
+        &id,
+        &tenant.id,
+        parent.template.clone(),
+        carried,
+        sb,
+        end_ms,
+    );
     state.registry.insert(Arc::clone(&live));
     state.db.mark_running(&id, "fork", end_ms)?;
     state.metrics.created("fork", t0.elapsed());
@@ -1038,37 +1081,10 @@ async fn resume_vm(
     crate::crash::point("resume.booted");
     let timeout_s = timeout_s.unwrap_or(state.config.default_timeout_s);
     let end_ms = now_ms() + timeout_s * 1000;
-    let live = Arc::new(Live {
-        id: row.id.clone(),
-        tenant: tenant.id.clone(),
-        template,
-        envd_token: paused.envd_token,
-        traffic_token: paused.traffic_token,
-        agent: sb.agent.clone(),
-        env: paused.env,
-        metadata: row.metadata.clone(),
-        started_ms: paused.started_ms,
-        vcpus: row.vcpus as u32,
-        memory_mib: row.memory_mib as u64,
-        end_ms: Mutex::new(end_ms),
-        processes: Processes::default(),
-        watchers: Default::default(),
-        auto_pause: paused.auto_pause,
-        auto_resume: paused.auto_resume,
-        pauses: paused.pauses,
-        chain: sb.disk_chain(),
-        vm: tokio::sync::Mutex::new(Some(sb)),
-    });
+    let live = Live::hold(&row.id, &tenant.id, template, paused.carried, sb, end_ms);
     state.registry.insert(Arc::clone(&live));
     state.db.mark_resumed(&row.id, end_ms)?;
-    let ms = t0.elapsed().as_millis() as u64;
-    state.db.event(
-        Some(&tenant.id),
-        Some(&row.id),
-        "resumed",
-        &format!("{ms} ms"),
-    );
-    tracing::info!(tenant = %tenant.id, sandbox = %row.id, ms, "sandbox resumed");
+    record(state, &tenant.id, &row.id, "resumed", t0);
     Ok(live)
 }
 
@@ -1103,14 +1119,14 @@ pub async fn auto_resume_for_traffic(
 async fn auto_resume_if(
     state: &Arc<AppState>,
     id: &str,
-    allowed: impl FnOnce(&Paused) -> bool,
+    allowed: impl FnOnce(&Carried) -> bool,
 ) -> Option<Arc<Live>> {
     let row = state.db.sandbox(id).ok()??;
     if row.state != "paused" && row.state != "resuming" {
         return None;
     }
     let paused: Paused = serde_json::from_str(row.paused.as_deref()?).ok()?;
-    if !paused.auto_resume || !allowed(&paused) {
+    if !paused.carried.auto_resume || !allowed(&paused.carried) {
         return None;
     }
     let tenant = state.db.tenant(&row.tenant_id).ok()??;
